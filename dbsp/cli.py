@@ -1,66 +1,48 @@
-"""Command line: ``python -m dbsp demo``.
+"""Command line: ``python -m dbsp COMMAND [options]``.
 
-This is the only module that reads environment variables (``DBSP_LOG``: the log level).
+Each command lives in its own module, imported only when it runs, which provides
+``add_cli_arguments(parser)`` and ``run_cli(args) -> int``. This is the only module that reads
+environment variables (``DBSP_LOG``: the log level, default WARNING).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
-import time
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("dbsp.demo", "a small end-to-end run on CPU (or GPU where present), checked against an oracle"),
+}
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import torch
-    import torch.nn.functional as F
-
-    from . import SparseMask, sparse_attention
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    B, S, H, D = 1, args.seq_len, args.heads, 64
-    q, k, v = (torch.randn(B, S, H, D, device=device) for _ in range(3))
-    mq, nt = -(-S // args.q_block), -(-S // args.kv_tile)
-    dense = torch.rand(B, H, mq, nt, device=device) < args.density
-    mask = SparseMask.from_dense(dense, q_block=args.q_block, kv_tile=args.kv_tile, seq_len_q=S, seq_len_kv=S)
-    print(mask)
-
-    t0 = time.perf_counter()
-    out, lse = sparse_attention(q, k, v, mask, return_lse=True)
-    t1 = time.perf_counter()
-
-    # Independent oracle: torch SDPA in float64 with the equivalent token-level boolean mask.
-    tok = mask.to_dense().repeat_interleave(args.q_block, 2)[:, :, :S].repeat_interleave(args.kv_tile, 3)[..., :S]
-    empty_rows = ~tok.any(-1)
-    ref = F.scaled_dot_product_attention(
-        *(x.transpose(1, 2).double() for x in (q, k, v)), attn_mask=tok | empty_rows[..., None]
-    ).transpose(1, 2)
-    ref[empty_rows.transpose(1, 2)] = 0.0
-    err = (out.double() - ref).abs().max().item()
-    print(f"sparse_attention on {device}: out {tuple(out.shape)}, {1e3 * (t1 - t0):.1f} ms")
-    print(f"max |out - SDPA(float64, same mask)| = {err:.3e}  (rows with no key: {int(empty_rows.sum())})")
-    return 0 if err < 1e-4 else 1
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dbsp",
+        description="dbsp: sparse attention and sparsity-aware sequence parallelism for video DiTs",
+        epilog="commands:\n" + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), help="see below; COMMAND -h for its options")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("DBSP_LOG", "WARNING").upper(), format="%(name)s %(levelname)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m dbsp", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a small end-to-end sparse attention run, checked against an oracle")
-    demo.add_argument("--seq-len", type=int, default=1000)
-    demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--q-block", type=int, default=64)
-    demo.add_argument("--kv-tile", type=int, default=1)
-    demo.add_argument("--density", type=float, default=0.3)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default=None, help="cpu or cuda. Default: cuda where present")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    """Run one command; returns its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=os.environ.get("DBSP_LOG", "WARNING").upper(), format="%(name)s %(levelname)s: %(message)s"
+    )
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv[:1] or ["-h"])  # prints help or a clear error, then exits
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"python -m dbsp {name}", description=COMMANDS[name][1])
+    module.add_cli_arguments(parser)
+    return int(module.run_cli(parser.parse_args(argv[1:])) or 0)
 
 
 if __name__ == "__main__":
