@@ -1,31 +1,120 @@
-"""``sparse_attention``: dbsp's public attention entry point and its backend dispatch table."""
+"""``sparse_attention``: dbsp's public attention entry point and its backend dispatch table.
+
+Backends compute the same function and differ only in speed:
+
+* ``"reference"``: exact pure PyTorch (``reference_attention``); any device.
+* ``"triton"``: the Triton gather kernel (``dbsp/kernels``); CUDA, or CPU under ``TRITON_INTERPRET=1``.
+
+``backend="auto"`` picks ``"triton"`` on CUDA and ``"reference"`` elsewhere (logged once at INFO),
+and sends a fully dense mask, or the fully dense heads of a mask, to dense SDPA (cuDNN first),
+which computes the same attention faster.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import math
+import weakref
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from . import _alloc
 from ._checks import check_mask_matches, check_qkv, check_scale
 from .mask import SparseMask
 from .reference import reference_attention
 
 log = logging.getLogger("dbsp")
 
-# name -> fn(q, k, v, mask, scale) -> (out, lse). Every backend computes the same function.
-_BACKENDS: dict[str, Callable] = {
-    "reference": lambda q, k, v, mask, scale: reference_attention(q, k, v, mask, scale=scale),
-}
+_BACKENDS = ("reference", "triton")
+_logged: set[str] = set()
+
+
+@dataclass
+class _Schedule:
+    """What the kernel path derives from a mask once: launch order and the dense-head split."""
+
+    order: torch.Tensor  # (B * H * Mq,) int32: heaviest query blocks of each head first
+    n_dense: int  # heads whose every query block selects every key tile
+    dense: torch.Tensor | None = None  # (n_dense,) head ids, when 0 < n_dense < H
+    sparse: torch.Tensor | None = None  # the other head ids
+    sparse_mask: SparseMask | None = None  # mask.select_heads(sparse)
+
+
+_schedules: "weakref.WeakKeyDictionary[SparseMask, _Schedule]" = weakref.WeakKeyDictionary()
 
 
 def available_backends() -> tuple[str, ...]:
     """Names accepted by ``sparse_attention(backend=...)`` besides ``"auto"``."""
-    return tuple(_BACKENDS)
+    return _BACKENDS
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.info(message)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _auto_backend(q: torch.Tensor) -> str:
+    if q.device.type == "cuda":
+        if _triton_importable():
+            return "triton"
+        _log_once("sparse_attention: Triton is not installed, so CUDA inputs use the (slow, exact) reference backend")
+        return "reference"
+    _log_once(f"sparse_attention: inputs on {q.device.type}, using the exact reference backend (the kernel needs CUDA)")
     return "reference"
+
+
+def _schedule(mask: SparseMask) -> _Schedule:
+    """The mask's launch schedule, computed once per mask object."""
+    cached = _schedules.get(mask)
+    if cached is None:
+        counts = mask.row_counts()  # (B, H, Mq)
+        B, H, mq = counts.shape
+        within = torch.argsort(counts, dim=-1, descending=True, stable=True)
+        order = (within + torch.arange(B * H, device=counts.device).reshape(B, H, 1) * mq).reshape(-1)
+        dense_heads = (counts == mask.num_kv_tiles).all(dim=2).all(dim=0)  # (H,)
+        cached = _Schedule(order.to(torch.int32), int(dense_heads.sum()))
+        if 0 < cached.n_dense < H:
+            cached.dense = torch.nonzero(dense_heads).reshape(-1)
+            cached.sparse = torch.nonzero(~dense_heads).reshape(-1)
+            cached.sparse_mask = mask.select_heads(cached.sparse)
+        _schedules[mask] = cached
+    return cached
+
+
+def _triton(q, k, v, mask: SparseMask, scale: float):
+    from .kernels.op import sparse_attention_fwd
+    from .kernels.sparse_fwd import check_supported
+
+    check_supported(q, mask.q_block)
+    order = _schedule(mask).order
+    return sparse_attention_fwd(
+        q, k, v, mask.offsets, mask.indices, order, mask.q_block, mask.kv_tile, mask.seq_len_kv, scale
+    )
+
+
+def _dense_sdpa(q, k, v, scale: float) -> torch.Tensor:
+    """Dense SDPA in the (B, S, H, D) layout, preferring cuDNN."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        ctx = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch < 2.7 has no priority order; let SDPA choose among all of them
+        ctx = sdpa_kernel(order)
+    with ctx:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
 
 
 def sparse_attention(
@@ -41,15 +130,14 @@ def sparse_attention(
     """Attention of ``q`` over the keys that ``mask`` selects.
 
     Args:
-        q: ``(B, Sq, H, D)`` queries.
+        q: ``(B, Sq, H, D)`` queries (float16, bfloat16, float32; float64 on the reference backend).
         k: ``(B, Skv, H, D)`` keys, same dtype and device as ``q``.
         v: ``(B, Skv, H, D)`` values.
-        mask: ``SparseMask`` for this batch, head count and sequence lengths.
+        mask: ``SparseMask`` for this batch, head count and sequence lengths, on ``q``'s device.
         scale: softmax scale. Default: ``1 / sqrt(D)``.
-        return_lse: also return the ``(B, H, Sq)`` float32 log-sum-exp (natural log), which
-            partial results are merged with. Default: False.
-        backend: ``"auto"`` or one of :func:`available_backends`. Every backend computes the
-            same function; they differ only in speed. Default: ``"auto"``.
+        return_lse: also return the ``(B, H, Sq)`` log-sum-exp (natural log; float32, float64 for
+            float64 inputs), which partial results are merged with. Default: False.
+        backend: ``"auto"`` or one of :func:`available_backends`. Default: ``"auto"``.
 
     Returns:
         ``out`` ``(B, Sq, H, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
@@ -66,6 +154,27 @@ def sparse_attention(
     B, Sq, Skv, H, D = check_qkv(q, k, v)
     check_mask_matches(mask, B, Sq, Skv, H, q.device)
     scale = check_scale(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     name = _auto_backend(q) if backend == "auto" else backend
-    out, lse = _BACKENDS[name](q, k, v, mask, scale)
+    if name == "reference":
+        out, lse = reference_attention(q, k, v, mask, scale=scale)
+        return (out, lse) if return_lse else out
+    if q.dtype == torch.float64:
+        raise TypeError("the triton backend supports float16, bfloat16 and float32; got float64 (use backend='reference')")
+    if backend == "auto" and not return_lse:
+        plan = _schedule(mask)
+        if plan.n_dense == H:
+            return _dense_sdpa(q, k, v, scale)
+        if plan.n_dense:
+            return _split_dense_heads(q, k, v, scale, plan)
+    out, lse = _triton(q, k, v, mask, scale)
     return (out, lse) if return_lse else out
+
+
+def _split_dense_heads(q, k, v, scale: float, plan: _Schedule) -> torch.Tensor:
+    """Dense heads through SDPA, the others through the kernel, in one output."""
+    dense, sparse = plan.dense, plan.sparse
+    out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
+    out[:, :, dense] = _dense_sdpa(q[:, :, dense], k[:, :, dense], v[:, :, dense], scale)
+    out[:, :, sparse] = _triton(q[:, :, sparse], k[:, :, sparse], v[:, :, sparse], plan.sparse_mask, scale)[0]
+    return out

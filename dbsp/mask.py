@@ -364,43 +364,49 @@ class SparseMask:
 
     # ------------------------------------------------------------------ FlexAttention
 
-    def to_flex_block_mask(self):
+    def to_flex_block_mask(self, *, block_size: int | None = None):
         """The same mask as a torch FlexAttention ``BlockMask`` (for comparisons and benchmarks).
 
-        Block masks map one-to-one onto Flex's ``(q_block, q_block)`` blocks, all marked *full*
-        so compiled Flex skips ``mask_mod`` inside them (its fastest path). Fine-grained masks
-        (``kv_tile < q_block``) mark every key block holding a selected tile as *partial*, with a
-        token-level ``mask_mod``; Flex then computes each such block whole, so it cannot skip
-        work inside a block. The ``mask_mod`` (a lookup in the tile-level picture) is always
-        attached because Flex's eager, uncompiled path applies only ``mask_mod``. It reads
-        ``to_dense()``, so use this at benchmark sizes, not on the hot path.
+        Flex works on square blocks of ``block_size`` tokens (a multiple of ``q_block``).
+        Default: ``q_block``. A Flex block whose every tile is selected is marked *full*, so
+        compiled Flex skips ``mask_mod`` there (its fastest path); a block mask at its own block
+        size is all full blocks. A block with only some tiles selected is *partial*: Flex computes
+        it whole and applies a token-level ``mask_mod``, so it cannot skip work inside a block.
+        The ``mask_mod`` (a lookup in the tile-level picture) is always attached because Flex's
+        eager, uncompiled path applies only ``mask_mod``. This reads ``to_dense()``: use it at
+        benchmark sizes, not on the hot path.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
-        B, H, mq, mk = self.batch, self.heads, self.num_q_blocks, self.num_kv_blocks
-        per = self.q_block // self.kv_tile
+        F = self.q_block if block_size is None else check_positive_int("block_size", block_size)
+        if F % self.q_block:
+            raise ValueError(f"block_size must be a multiple of q_block={self.q_block}, got {F}")
+        B, H = self.batch, self.heads
+        mq, nt, M, N = self.num_q_blocks, self.num_kv_tiles, self.q_block, self.kv_tile
+        fq, fk = _cdiv(self.seq_len_q, F), _cdiv(self.seq_len_kv, F)
+        rows, cols = F // M, F // N  # mask rows and tiles per Flex block
         tiles = self.to_dense()  # (B, H, Mq, Nt)
-        padded = torch.zeros(B, H, mq, mk * per, dtype=torch.bool, device=self.device)
-        padded[..., : tiles.shape[-1]] = tiles
-        blocks = padded.reshape(B, H, mq, mk, per).any(-1)  # (B, H, Mq, Mk)
-        counts = blocks.sum(-1).to(torch.int32)
-        # Selected key blocks first, in ascending order, then the unused slots.
-        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        q_block, kv_tile = self.q_block, self.kv_tile
+
+        def grid(fill: bool) -> torch.Tensor:  # (B, H, fq, rows, fk, cols), padding set to fill
+            g = torch.full((B, H, fq * rows, fk * cols), fill, dtype=torch.bool, device=self.device)
+            g[:, :, :mq, :nt] = tiles
+            return g.reshape(B, H, fq, rows, fk, cols)
+
+        full = grid(True).all(dim=5).all(dim=3)  # (B, H, fq, fk)
+        partial = grid(False).any(dim=5).any(dim=3) & ~full
+
+        def as_kv_blocks(sel: torch.Tensor):
+            order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+            return sel.sum(-1).to(torch.int32), order
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return tiles[b, h, q_idx // q_block, kv_idx // kv_tile]
+            return tiles[b, h, q_idx // M, kv_idx // N]
 
         kwargs = {}
         if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters:
             kwargs["seq_lengths"] = (self.seq_len_q, self.seq_len_kv)
-        if self.is_block:
-            none = torch.zeros_like(counts)
-            return BlockMask.from_kv_blocks(
-                none, order, counts, order, BLOCK_SIZE=(self.q_block, self.q_block), mask_mod=mask_mod, **kwargs
-            )
         return BlockMask.from_kv_blocks(
-            counts, order, BLOCK_SIZE=(self.q_block, self.q_block), mask_mod=mask_mod, **kwargs
+            *as_kv_blocks(partial), *as_kv_blocks(full), BLOCK_SIZE=(F, F), mask_mod=mask_mod, **kwargs
         )
 
     # ------------------------------------------------------------------ printing

@@ -1,0 +1,37 @@
+"""The Triton forward kernel as a ``torch.library`` custom op, so ``torch.compile`` graphs keep it whole."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _alloc
+from .sparse_fwd import sparse_fwd
+
+
+@torch.library.custom_op("dbsp::sparse_attention_fwd", mutates_args=())
+def sparse_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    indices: torch.Tensor,
+    order: torch.Tensor,
+    q_block: int,
+    kv_tile: int,
+    seq_len_kv: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Sq, H, D), lse (B, H, Sq) float32)`` of attention under a CSR mask; see sparse_fwd."""
+    B, Sq, H, _ = q.shape
+    out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty((B, H, Sq), dtype=torch.float32, device=q.device)
+    return sparse_fwd(
+        q, k, v, offsets, indices, order,
+        q_block=q_block, kv_tile=kv_tile, seq_len_kv=seq_len_kv, scale=scale, out=out, lse=lse,
+    )
+
+
+@sparse_attention_fwd.register_fake
+def _(q, k, v, offsets, indices, order, q_block, kv_tile, seq_len_kv, scale):
+    B, Sq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)

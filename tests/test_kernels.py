@@ -1,0 +1,111 @@
+"""The Triton kernel (interpreter on CPU, native on CUDA) against reference_attention."""
+
+import pytest
+import torch
+
+from dbsp import SparseMask, reference_attention, sparse_attention
+from harness import max_abs_err, random_mask
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check(q, k, v, mask, *, atol=2e-5):
+    out, lse = sparse_attention(q, k, v, mask, return_lse=True, backend="triton")
+    ref, ref_lse = reference_attention(q, k, v, mask)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert lse.dtype == torch.float32 and out.dtype == q.dtype
+    assert max_abs_err(out, ref) < atol, max_abs_err(out, ref)
+    assert max_abs_err(lse, ref_lse) < atol, max_abs_err(lse, ref_lse)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    return out, lse
+
+
+@pytest.mark.parametrize(
+    "sq, skv, q_block, kv_tile, d",
+    [
+        (1, 1, 16, 1, 16),
+        (63, 63, 16, 2, 32),
+        (97, 97, 32, 16, 16),
+        (200, 97, 32, 1, 32),
+        (97, 200, 16, 16, 64),
+        (200, 200, 64, 64, 16),
+        (63, 200, 32, 32, 24),  # head dim that is not a power of two
+    ],
+)
+def test_kernel_matches_reference_fp32(sq, skv, q_block, kv_tile, d):
+    B, H = 2, 2
+    q = torch.randn(B, sq, H, d, device=DEVICE)
+    k, v = torch.randn(B, skv, H, d, device=DEVICE), torch.randn(B, skv, H, d, device=DEVICE)
+    mask = random_mask(B, H, sq, skv, q_block=q_block, kv_tile=kv_tile, density=0.4, device=DEVICE)
+    _check(q, k, v, mask)
+
+
+def test_empty_full_and_single_key_rows():
+    B, H, S, D, M = 1, 3, 100, 16, 32
+    tiles = torch.zeros(B, H, 4, S, dtype=torch.bool)
+    tiles[0, 0] = True  # head 0: every key for every query block
+    tiles[0, 1, 2, 57] = True  # head 1: one key for one block, the rest empty
+    tiles[0, 2, 3, -1] = True  # head 2: only the very last key
+    mask = SparseMask.from_dense(tiles, q_block=M, kv_tile=1, seq_len_q=S, seq_len_kv=S).to(DEVICE)
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE) for _ in range(3))
+    out, lse = _check(q, k, v, mask)
+    assert bool((out[0, :64, 1] == 0).all()) and bool((lse[0, 1, :64] == float("-inf")).all())
+    assert torch.allclose(out[0, 64:96, 1], v[0, 57, 1].expand(32, D))
+
+
+def test_partial_last_tile_and_strided_inputs():
+    # Skv = 70 with kv_tile 16: the last tile holds 6 keys. Inputs are non-contiguous views.
+    B, H, D = 1, 2, 32
+    base = torch.randn(B, 90, H, 2 * D, device=DEVICE)
+    q, k, v = base[:, :50, :, :D], base[:, 10:80, :, D:], base[:, 20:90, :, :D]
+    tiles = torch.rand(B, H, 4, 5) < 0.5
+    tiles[..., -1] = True
+    mask = SparseMask.from_dense(tiles, q_block=16, kv_tile=16, seq_len_q=50, seq_len_kv=70).to(DEVICE)
+    _check(q, k, v, mask)
+
+
+BF16_BROKEN_IN_INTERPRETER = pytest.mark.skipif(
+    DEVICE == "cpu", reason="Triton 3.6's interpreter computes bf16 tl.dot on raw bits (checked); bf16 runs on GPU"
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=BF16_BROKEN_IN_INTERPRETER)])
+def test_low_precision_within_twice_torch_error(dtype):
+    from harness import assert_lowp_close, sdpa_oracle, token_mask
+    import torch.nn.functional as F
+
+    B, S, H, D = 1, 97, 2, 32
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE) for _ in range(3))
+    mask = random_mask(B, H, S, S, q_block=32, kv_tile=4, density=0.5, empty_rows=False, device=DEVICE)
+    oracle, _ = sdpa_oracle(q, k, v, mask)
+    lq, lk, lv = (x.to(dtype) for x in (q, k, v))
+    out = sparse_attention(lq, lk, lv, mask, backend="triton")
+    torch_lowp = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (lq, lk, lv)), attn_mask=token_mask(mask)
+    ).transpose(1, 2)
+    assert_lowp_close(out, oracle, torch_lowp, atol=1e-3)
+
+
+def test_unsupported_inputs_raise():
+    q = torch.randn(1, 20, 1, 16, device=DEVICE)
+    mask = SparseMask.full(1, 1, 20, 20, q_block=12, kv_tile=4).to(DEVICE)
+    with pytest.raises(ValueError, match=r"q_block to be a power of two >= 16, got 12"):
+        sparse_attention(q, q, q, mask, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        sparse_attention(q.double(), q.double(), q.double(), SparseMask.full(1, 1, 20, 20, q_block=16).to(DEVICE), backend="triton")
+
+
+def test_custom_op_under_torch_compile_matches_eager():
+    from dbsp.kernels.op import sparse_attention_fwd  # noqa: F401  (registers torch.ops.dbsp)
+
+    B, S, H, D = 1, 64, 2, 16
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE) for _ in range(3))
+    mask = random_mask(B, H, S, S, q_block=16, kv_tile=4, density=0.5, device=DEVICE)
+
+    def f(q, k, v):
+        out = sparse_attention(q * 2.0, k, v, mask, backend="triton")
+        return out.sin() + 1.0
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    assert max_abs_err(compiled, eager) < 1e-6
