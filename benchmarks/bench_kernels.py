@@ -187,37 +187,52 @@ def main(argv=None) -> int:
     return 0
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, WARP_SPEC): the autotuner's list and neighbours.
+SWEEP = [
+    (128, 128, 8, 2, True, False), (128, 128, 8, 2, False, False), (128, 128, 8, 3, True, False),
+    (128, 64, 8, 3, True, False), (128, 64, 8, 2, True, False), (128, 128, 8, 2, True, True),
+    (64, 64, 4, 3, False, False), (64, 64, 4, 4, False, False), (64, 64, 4, 2, False, False),
+    (64, 64, 8, 3, False, False), (64, 32, 4, 3, False, False), (64, 64, 4, 3, False, True),
+    (64, 64, 4, 3, True, False),
+]
+
+
 def sweep(q, k, v, mask, shape, kind, flops, quick):
-    """Time every kernel configuration and two launch orders on one mask."""
+    """Time kernel configurations and three launch orders on one mask."""
     from dbsp.attention import _schedule
-    from dbsp.kernels.sparse_fwd import CONFIGS, sparse_fwd
+    from dbsp.kernels.sparse_fwd import sparse_fwd
 
     order_heavy = _schedule(mask).order
     order_natural = torch.arange(order_heavy.numel(), device=q.device, dtype=torch.int32)
     counts = mask.row_counts().reshape(-1)
     order_global = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
     scale = q.shape[-1] ** -0.5
+    # Every configuration must compute the same output: compare each to a pointer-path run.
+    check = dict(BLOCK_M=min(mask.q_block, 64), BLOCK_N=32, num_warps=4, num_stages=2, USE_TMA=False, WARP_SPEC=False)
+    expected = sparse_fwd(q, k, v, mask.offsets, mask.indices, order_heavy, q_block=mask.q_block,
+                          kv_tile=mask.kv_tile, seq_len_kv=mask.seq_len_kv, scale=scale, config=check)[0].float()
     out = []
-    for cfg in CONFIGS:
-        c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if c["BLOCK_M"] > mask.q_block:
+    for i, (bm, bn, w, st, tma, ws) in enumerate(SWEEP):
+        c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma, WARP_SPEC=ws)
+        if bm != min(mask.q_block, 128) or (tma and mask.kv_tile < bn):
             continue
         orders = {"heavy-per-head": order_heavy}
-        if cfg is CONFIGS[0] or c["BLOCK_M"] == mask.q_block:
+        if i in (0, 6):
             orders.update(natural=order_natural, global_heavy=order_global)
         for oname, order in orders.items():
             def fn():
                 return sparse_fwd(q, k, v, mask.offsets, mask.indices, order, q_block=mask.q_block,
                                   kv_tile=mask.kv_tile, seq_len_kv=mask.seq_len_kv, scale=scale, config=c)
             try:
-                fn()
+                diff = (fn()[0].float() - expected).abs().max().item()
                 ms = bench(fn, quick)
             except Exception as e:
                 print(f"  config {c} failed: {type(e).__name__}: {e}"[:300], flush=True)
-                ms = math.nan
+                ms = diff = math.nan
             out.append(dict(shape=shape, mask=kind, density=round(mask.density(), 4), order=oname, **c, ms=ms,
-                            tflops=flops / ms / 1e9 if ms == ms else math.nan))
-            print(f"  sweep {kind} d={mask.density():.3f} {c} {oname:15s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TF", flush=True)
+                            tflops=flops / ms / 1e9 if ms == ms else math.nan, max_diff=diff))
+            print(f"  sweep {kind} d={mask.density():.3f} {c} {oname:15s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TF"
+                  f" diff {diff:.1e}", flush=True)
     return out
 
 

@@ -86,6 +86,22 @@ def test_low_precision_within_twice_torch_error(dtype):
     assert_lowp_close(out, oracle, torch_lowp, atol=1e-3)
 
 
+@pytest.mark.parametrize("use_tma", [True, False])
+def test_contiguous_tile_paths_with_fixed_config(use_tma):
+    """Block tiles wider than BLOCK_N take the contiguous path (TMA descriptors or pointers)."""
+    from dbsp.attention import _schedule
+    from dbsp.kernels.sparse_fwd import sparse_fwd
+
+    B, H, S, D = 1, 2, 150, 32  # S not a multiple of the tile: the last tile is partial
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    mask = random_mask(B, H, S, S, q_block=64, kv_tile=64, density=0.6, device=DEVICE)
+    config = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2, USE_TMA=use_tma, WARP_SPEC=False)
+    out, lse = sparse_fwd(q, k, v, mask.offsets, mask.indices, _schedule(mask).order, q_block=64, kv_tile=64,
+                          seq_len_kv=S, scale=D**-0.5, config=config)
+    ref, ref_lse = reference_attention(q.float(), k.float(), v.float(), mask)
+    assert max_abs_err(out, ref) < 5e-3 and max_abs_err(lse, ref_lse) < 5e-3
+
+
 def test_unsupported_inputs_raise():
     q = torch.randn(1, 20, 1, 16, device=DEVICE)
     mask = SparseMask.full(1, 1, 20, 20, q_block=12, kv_tile=4).to(DEVICE)

@@ -37,23 +37,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_chunk(
-    q, acc, m_i, l_i, k_ptrs, v_ptrs, valid, qk_scale,
-    MASKED: tl.constexpr, D_MASK: tl.constexpr, d_ok, IEEE: tl.constexpr,
-):
-    """One BLOCK_N chunk of keys: scores, online-softmax update, P @ V."""
-    if MASKED:
-        kv_ok = valid[:, None]
-        if D_MASK:
-            kv_ok = kv_ok & d_ok[None, :]
-        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-    elif D_MASK:
-        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+def _softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """One chunk of BLOCK_N keys (``k``, ``v``: (BLOCK_N, BLOCK_D)): scores, online softmax, P @ V."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -74,18 +59,32 @@ def _attend_chunk(
 
 
 @triton.jit
+def _load_rows(ptrs, valid, d_ok, MASKED: tl.constexpr, D_MASK: tl.constexpr):
+    """Load (BLOCK_N, BLOCK_D) rows through a pointer tile (a gather when the rows are scattered)."""
+    if MASKED:
+        ok = valid[:, None]
+        if D_MASK:
+            ok = ok & d_ok[None, :]
+        return tl.load(ptrs, mask=ok, other=0.0)
+    elif D_MASK:
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _sparse_fwd_kernel(
-    Q, K, V, O, LSE, OFFSETS, INDICES, ORDER,
+    Q, K, V, O, LSE, OFFSETS, INDICES, ORDER, DESC_K, DESC_V,
     qk_scale,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
-    H, SEQ_Q, NUM_QB, NUM_KV_TILES, KV_PAD,
+    H, SEQ_Q, NUM_QB, NUM_KV_TILES, KV_PAD, DENSITY_BUCKET,
     Q_BLOCK: tl.constexpr, KV_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     SUB: tl.constexpr = Q_BLOCK // BLOCK_M
     CONTIG: tl.constexpr = KV_TILE >= BLOCK_N
@@ -127,28 +126,30 @@ def _sparse_fwd_kernel(
     o_n = tl.arange(0, BLOCK_N)
 
     n_full = n_keys // BLOCK_N
-    for j in range(0, n_full):
+    for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
         r0 = j * BLOCK_N
-        if CONTIG:
-            tile = tl.load(p_idx + r0 // KV_TILE).to(tl.int64)
-            keys = tile * KV_TILE + (r0 % KV_TILE) + o_n
+        if CONTIG and USE_TMA:
+            # A contiguous chunk through the tensor-memory accelerator: one coordinate, no pointers.
+            # TMA coordinates are int32.
+            key0 = (tl.load(p_idx + r0 // KV_TILE) * KV_TILE + (r0 % KV_TILE)).to(tl.int32)
+            k = DESC_K.load([i_b.to(tl.int32), key0, i_h.to(tl.int32), 0]).reshape(BLOCK_N, BLOCK_D)
+            v = DESC_V.load([i_b.to(tl.int32), key0, i_h.to(tl.int32), 0]).reshape(BLOCK_N, BLOCK_D)
         else:
-            r = r0 + o_n
-            keys = tl.load(p_idx + r // KV_TILE).to(tl.int64) * KV_TILE + r % KV_TILE
-        acc, m_i, l_i = _attend_chunk(
-            q, acc, m_i, l_i,
-            base_k + keys[:, None] * stride_ks, base_v + keys[:, None] * stride_vs,
-            o_n < BLOCK_N, qk_scale, False, D_MASK, d_ok, IEEE,
-        )
+            if CONTIG:
+                keys = tl.load(p_idx + r0 // KV_TILE).to(tl.int64) * KV_TILE + (r0 % KV_TILE) + o_n
+            else:
+                r = r0 + o_n
+                keys = tl.load(p_idx + r // KV_TILE).to(tl.int64) * KV_TILE + r % KV_TILE
+            k = _load_rows(base_k + keys[:, None] * stride_ks, o_n, d_ok, False, D_MASK)
+            v = _load_rows(base_v + keys[:, None] * stride_vs, o_n, d_ok, False, D_MASK)
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, o_n, qk_scale, False, IEEE)
     if n_full * BLOCK_N < n_keys:
         r = n_full * BLOCK_N + o_n
         valid = r < n_keys
         keys = tl.load(p_idx + r // KV_TILE, mask=valid, other=0).to(tl.int64) * KV_TILE + r % KV_TILE
-        acc, m_i, l_i = _attend_chunk(
-            q, acc, m_i, l_i,
-            base_k + keys[:, None] * stride_ks, base_v + keys[:, None] * stride_vs,
-            valid, qk_scale, True, D_MASK, d_ok, IEEE,
-        )
+        k = _load_rows(base_k + keys[:, None] * stride_ks, valid, d_ok, True, D_MASK)
+        v = _load_rows(base_v + keys[:, None] * stride_vs, valid, d_ok, True, D_MASK)
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, True, IEEE)
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -161,33 +162,60 @@ def _sparse_fwd_kernel(
     tl.store(LSE + i_bh * SEQ_Q + o_m, lse, mask=m_q)
 
 
-# Configurations the GPU autotuner chooses from (pruned to BLOCK_M dividing the mask's q_block).
-# BLOCK_N 128 with BLOCK_M 128 and 3 stages needs ~224 KB of shared memory at D = 128: dropped.
+# Configurations the GPU autotuner chooses from, by the sweeps of benchmarks/bench_kernels.py --sweep
+# on H100 (bf16, D = 128, S = 32760, H = 12):
+# * 128-row query blocks: 128 x 128 tiles, 8 warps, TMA for contiguous tiles. 2 stages were best at
+#   density 0.3 (4.27 ms vs 4.51 with 3), 3 stages at density 1.0 (14.9 ms vs 16.3), so both stay
+#   and the autotuner keys on a density bucket. BLOCK_N 64 was 8-30% slower; TMA beat pointer loads
+#   by 15% at density 0.3.
+# * 64-row query blocks: 64 x 64 tiles, 4 warps, 3 stages; TMA for 64 x 64 block masks (+8%). With
+#   BLOCK_M 64, BLOCK_N 128 was 25-45% slower and 8 warps 30% slower: dropped. Warp specialization
+#   (tl.range(warp_specialize=True)) changed nothing on H100: not used.
+# * 16- and 32-row query blocks (small tests): 32/64-wide key chunks.
+# The prune keeps only BLOCK_M = min(q_block, 128), the largest tile a program may own (a program
+# never spans two key lists), and TMA configurations only where the chunk is contiguous.
 CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 64, 8, 3),
-        (128, 64, 8, 2),
-        (128, 128, 8, 2),
-        (64, 64, 4, 3),
-        (64, 64, 4, 4),
-        (64, 128, 4, 3),
-        (64, 128, 8, 3),
-        (64, 32, 4, 4),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "WARP_SPEC": False}, num_warps=w, num_stages=s)
+    for bm, bn, w, s, tma in [
+        (128, 128, 8, 2, True),
+        (128, 128, 8, 3, True),
+        (128, 128, 8, 2, False),
+        (64, 64, 4, 3, True),
+        (64, 64, 4, 3, False),
+        (32, 64, 4, 3, False),
+        (32, 32, 4, 3, False),
+        (16, 32, 4, 3, False),
+        (16, 64, 4, 3, False),
     ]
 ]
 
 # The one configuration the CPU interpreter runs (autotuning does not work there).
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": False, "WARP_SPEC": False}
 
 
 def _prune(configs, named_args, **kwargs):
-    q_block = named_args["Q_BLOCK"] if "Q_BLOCK" in named_args else kwargs["Q_BLOCK"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= q_block and q_block % c.kwargs["BLOCK_M"] == 0]
+    q_block, kv_tile = (named_args[n] if n in named_args else kwargs[n] for n in ("Q_BLOCK", "KV_TILE"))
+    tma_ok = named_args["DESC_K"] is not named_args["K"]  # the launcher passes descriptors when TMA can work
+    bm = min(q_block, 128)
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_M"] == bm and not (c.kwargs["USE_TMA"] and (not tma_ok or kv_tile < c.kwargs["BLOCK_N"]))
+    ]
     if not kept:
         raise ValueError(f"no kernel configuration fits q_block={q_block}")
     return kept
 
+
+def _set_block_shapes(nargs):
+    """Autotuner pre-hook: TMA descriptors take the block shape of the configuration being run."""
+    for name in ("DESC_K", "DESC_V"):
+        desc = nargs[name]
+        if hasattr(desc, "block_shape"):
+            desc.block_shape = [1, nargs["BLOCK_N"], 1, nargs["BLOCK_D"]]
+
+
+for _c in CONFIGS:
+    _c.pre_hook = _set_block_shapes
 
 _tuned = None
 
@@ -197,10 +225,26 @@ def _tuned_kernel():
     if _tuned is None:
         _tuned = triton.autotune(
             CONFIGS,
-            key=["Q_BLOCK", "KV_TILE", "HEAD_DIM", "IEEE"],
+            key=["Q_BLOCK", "KV_TILE", "HEAD_DIM", "IEEE", "DENSITY_BUCKET"],
             prune_configs_by={"early_config_prune": _prune},
         )(_sparse_fwd_kernel)
     return _tuned
+
+
+def _descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
+    """TMA descriptors over (B, S, H, D) K and V, or None where TMA cannot address them."""
+    if block_d != k.shape[-1]:
+        return None
+    if not is_interpreted() and (k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9):
+        return None  # TMA needs Hopper or newer; the interpreter emulates it (tests use that)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descs = []
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return None
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]))
+    return descs
 
 
 def is_interpreted() -> bool:
@@ -219,6 +263,13 @@ def check_supported(q: torch.Tensor, q_block: int) -> None:
         raise ValueError(f"the triton backend needs q_block to be a power of two >= 16, got {q_block}")
 
 
+def density_bucket(nnz: int, tiles: int) -> int:
+    """0 for tile density >= 1/2, 1 for >= 1/4, 2 for >= 1/8, else 3: the autotuner's density key."""
+    if nnz <= 0:
+        return 3
+    return min(3, int(math.floor(math.log2(tiles / nnz))))
+
+
 def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv, scale, config=None, out=None, lse=None):
     """Launch the kernel. Shapes as in ``dbsp.sparse_attention``; returns ``(out, lse)``.
 
@@ -227,7 +278,7 @@ def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv
         offsets, indices: the mask's CSR (``(B, H, Mq + 1)`` int64, ``(nnz,)`` int32).
         order: ``(B * H * Mq,)`` int32 flat (b, h, query block) ids in launch order.
         q_block, kv_tile, seq_len_kv: mask geometry. scale: softmax scale.
-        config: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` to bypass the autotuner
+        config: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "WARP_SPEC"}`` to bypass the autotuner
             (benchmarks sweep configurations this way). Default: autotuned on GPU, the fixed
             ``INTERPRETER_CONFIG`` in the interpreter.
         out, lse: preallocated outputs. Default: allocated here.
@@ -240,17 +291,24 @@ def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv
     if lse is None:
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
+    cfg = None
+    if is_interpreted() or config is not None:
+        cfg = dict(INTERPRETER_CONFIG)
+        cfg.update(config or {})
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], q_block)
+    descs = _descriptors(k, v, cfg["BLOCK_N"] if cfg else 128, block_d)
+    if cfg is not None and descs is None:
+        cfg["USE_TMA"] = False
+    desc_k, desc_v = descs if descs is not None else (k, v)
     args = (
-        q, k, v, out, lse, offsets, indices, order,
+        q, k, v, out, lse, offsets, indices, order, desc_k, desc_v,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Sq, nqb, nkt, nkt * kv_tile - seq_len_kv,
+        H, Sq, nqb, nkt, nkt * kv_tile - seq_len_kv, density_bucket(indices.numel(), order.numel() * nkt),
     )
     meta = dict(Q_BLOCK=q_block, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     n_items = order.numel()
-    if is_interpreted() or config is not None:
-        cfg = dict(INTERPRETER_CONFIG if config is None else config)
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], q_block)
+    if cfg is not None:
         grid = (n_items * (q_block // cfg["BLOCK_M"]),)
         _sparse_fwd_kernel[grid](*args, **meta, **cfg)
     else:
