@@ -37,7 +37,7 @@ SHAPES = {  # name: (B, H, S, D)
     "hunyuan-720p": (1, 24, 118800, 128),
     "quick": (1, 2, 300, 32),
 }
-MASKS = {"128x128": (128, 128), "64x64": (64, 64), "64x16": (64, 16), "64x1": (64, 1)}
+MASKS = {"128x128": (128, 128), "64x64": (64, 64), "64x16": (64, 16), "64x1": (64, 1), "128x16": (128, 16), "128x1": (128, 1)}
 FRAME_TOKENS = {"wan1.3b-480p": 30 * 52, "wan14b-720p-1of8": 45 * 80, "hunyuan-720p": 45 * 80, "quick": 50}
 
 
@@ -49,7 +49,7 @@ def make_mask(shape: str, kind: str, pattern: str, density: float, device, seed:
     density), plus the first tile of the sequence (a sink). Built on the tile grid on ``device``.
     """
     B, H, S, _ = SHAPES[shape]
-    M, N = MASKS[kind] if shape != "quick" else {"128x128": (32, 32), "64x64": (16, 16), "64x16": (16, 4), "64x1": (16, 1)}[kind]
+    M, N = MASKS[kind] if shape != "quick" else {"128x128": (32, 32), "64x64": (16, 16), "64x16": (16, 4), "64x1": (16, 1), "128x16": (32, 4), "128x1": (32, 1)}[kind]
     mq, nt = -(-S // M), -(-S // N)
     if density >= 1.0:
         return SparseMask.full(B, H, S, S, q_block=M, kv_tile=N, device=device)

@@ -6,8 +6,9 @@ Backends compute the same function and differ only in speed:
 * ``"triton"``: the Triton gather kernel (``dbsp/kernels``); CUDA, or CPU under ``TRITON_INTERPRET=1``.
 
 ``backend="auto"`` picks ``"triton"`` on CUDA and ``"reference"`` elsewhere (logged once at INFO),
-and sends a fully dense mask, or the fully dense heads of a mask, to dense SDPA (cuDNN first),
-which computes the same attention faster.
+and sends a fully dense mask, or the fully dense heads of a mask, to dense SDPA (cuDNN first; with
+``return_lse``, cuDNN's attention op that also returns the lse), which computes the same attention
+faster.
 """
 
 from __future__ import annotations
@@ -117,6 +118,21 @@ def _dense_sdpa(q, k, v, scale: float) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def _dense_sdpa_lse(q, k, v, scale: float):
+    """Dense attention and its lse through cuDNN, or None where cuDNN cannot run it (speed-only fallback)."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    B, Sq, H, _ = q.shape
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale
+        )
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
+        _log_once(f"sparse_attention: cuDNN attention with lse unavailable ({type(e).__name__}); dense heads use the kernel")
+        return None
+    return res[0].transpose(1, 2), res[1].reshape(B, H, Sq).float()
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -161,20 +177,41 @@ def sparse_attention(
         return (out, lse) if return_lse else out
     if q.dtype == torch.float64:
         raise TypeError("the triton backend supports float16, bfloat16 and float32; got float64 (use backend='reference')")
-    if backend == "auto" and not return_lse:
+    if backend == "auto":
         plan = _schedule(mask)
-        if plan.n_dense == H:
-            return _dense_sdpa(q, k, v, scale)
         if plan.n_dense:
-            return _split_dense_heads(q, k, v, scale, plan)
+            res = _split_dense_heads(q, k, v, mask, scale, plan, return_lse)
+            if res is not None:
+                return res
     out, lse = _triton(q, k, v, mask, scale)
     return (out, lse) if return_lse else out
 
 
-def _split_dense_heads(q, k, v, scale: float, plan: _Schedule) -> torch.Tensor:
-    """Dense heads through SDPA, the others through the kernel, in one output."""
-    dense, sparse = plan.dense, plan.sparse
+def _split_dense_heads(q, k, v, mask: SparseMask, scale: float, plan: _Schedule, return_lse: bool):
+    """Fully dense heads through SDPA (cuDNN), the others through the kernel; None if SDPA cannot."""
+    H = q.shape[2]
+
+    def dense(qd, kd, vd):
+        if not return_lse:
+            return _dense_sdpa(qd, kd, vd, scale), None
+        return _dense_sdpa_lse(qd, kd, vd, scale) or (None, None)
+
+    if plan.n_dense == H:
+        out, lse = dense(q, k, v)
+        if out is None:
+            return None
+        return (out, lse) if return_lse else out
+    d, sp = plan.dense, plan.sparse
+    dense_out, dense_lse = dense(q[:, :, d], k[:, :, d], v[:, :, d])
+    if dense_out is None:
+        return None
     out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
-    out[:, :, dense] = _dense_sdpa(q[:, :, dense], k[:, :, dense], v[:, :, dense], scale)
-    out[:, :, sparse] = _triton(q[:, :, sparse], k[:, :, sparse], v[:, :, sparse], plan.sparse_mask, scale)[0]
-    return out
+    sparse_out, sparse_lse = _triton(q[:, :, sp], k[:, :, sp], v[:, :, sp], plan.sparse_mask, scale)
+    out[:, :, d] = dense_out
+    out[:, :, sp] = sparse_out
+    if not return_lse:
+        return out
+    lse = _alloc.empty((q.shape[0], H, q.shape[1]), dtype=torch.float32, device=q.device)
+    lse[:, d] = dense_lse
+    lse[:, sp] = sparse_lse
+    return out, lse

@@ -58,6 +58,22 @@ def test_fp32_exact_path_and_auto_dense_dispatch():
     assert max_abs_err(sparse_attention(q, k, v, full), dense) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_dense_heads_with_lse_match_reference(dtype):
+    B, S, H, D = 1, 4097, 3, 128
+    q, k, v = (torch.randn(B, S, H, D, device="cuda") for _ in range(3))
+    tiles = torch.rand(B, H, -(-S // 64), S, device="cuda") < 0.3
+    tiles[:, 0] = True  # head 0 dense: cuDNN with lse; heads 1-2 sparse: the kernel
+    mask = SparseMask.from_dense(tiles, q_block=64, kv_tile=1, seq_len_q=S, seq_len_kv=S)
+    lq, lk, lv = (x.to(dtype) for x in (q, k, v))
+    for m in (mask, SparseMask.full(B, H, S, S, q_block=64, device="cuda")):
+        ref, ref_lse = reference_attention(q, k, v, m)
+        out, lse = sparse_attention(lq, lk, lv, m, return_lse=True)
+        kernel_out, kernel_lse = sparse_attention(lq, lk, lv, m, return_lse=True, backend="triton")
+        assert max_abs_err(lse, ref_lse) < 5e-3
+        assert max_abs_err(out, ref) <= 2 * max_abs_err(kernel_out, ref) + 1e-3
+
+
 def test_large_batch_head_int64_addressing():
     # B * S * H * D > 2**31 elements: offsets must be computed in int64.
     B, S, H, D = 2, 70000, 128, 128
