@@ -1,0 +1,196 @@
+"""Issue 6 targets 1 and 2: balance of db-SP plans and the cost of planning, on CPU or GPU.
+
+    python benchmarks/bench_plan.py --out results/plan            # Wan2.1-14B 720p size
+    python benchmarks/bench_plan.py --out /tmp/plan --quick       # small CPU smoke run
+
+1. rho_s before and after balancing for every U x R factorisation of 8 ranks, on synthetic skewed
+   workloads (``dbsp.simulate.synthetic_work``: five head patterns, two seeds each).
+2. Time of a full re-plan (``make_plan``, both passes over the work included), of the reuse check
+   (``PlanCache.get`` on a hit: one tile pass), and a 50-step run of drifting masks through a
+   ``PlanCache``: planning time over the attention time the cost model predicts for the run.
+
+Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv`` and ``plan_balance.png`` to
+``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
+the passes over it run there; the greedy, the refinement and the plan itself run on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dbsp.plan import CostModel, PlanCache, choose_degrees, imbalance_ratio, make_plan, tile_work
+from dbsp.simulate import KINDS, WORKLOADS, synthetic_work
+
+FACTORISATIONS = [(8, 1), (4, 2), (2, 4), (1, 8)]
+PATTERNS = {"mix": KINDS, "window": ("window",), "temporal": ("temporal",), "sink+dense": ("sink", "dense"), "hotspot": ("hotspot",)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device, repeat: int) -> float:
+    """Median wall time in ms of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def balance(geom: dict, device: torch.device, seeds: list[int]) -> list[dict]:
+    rows = []
+    for name, kinds in PATTERNS.items():
+        for seed in seeds:
+            work = synthetic_work(**geom, seed=seed, kinds=kinds).to(device)
+            for u, r in FACTORISATIONS:
+                kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
+                naive = imbalance_ratio(work, ulysses=u, ring=r, **kw)
+                t0 = time.perf_counter()
+                plan = make_plan(work, ulysses=u, ring=r, **kw)
+                ms = 1e3 * (time.perf_counter() - t0)
+                rows.append(dict(pattern=name, seed=seed, ulysses=u, ring=r, rho_before=naive, rho_after=plan.imbalance(),
+                                 moved_q=plan.moved_blocks("q"), moved_kv=plan.moved_blocks("kv"),
+                                 blocks=u * plan.num_blocks, plan_ms=ms))
+    return rows
+
+
+def timing(geom: dict, device: torch.device, repeat: int) -> list[dict]:
+    work = synthetic_work(**geom, seed=0).to(device)
+    kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
+    rows = []
+    for u, r in FACTORISATIONS:
+        plan = make_plan(work, ulysses=u, ring=r, **kw)
+        cache = PlanCache()
+        cache.get(0, work, ulysses=u, ring=r, **kw)
+        rows.append(dict(
+            ulysses=u, ring=r, device=device.type,
+            replan_ms=_time(lambda: make_plan(work, ulysses=u, ring=r, **kw), device, repeat),
+            check_ms=_time(lambda: cache.get(0, work, ulysses=u, ring=r, **kw), device, repeat),
+            tile_pass_ms=_time(lambda: tile_work(work, plan), device, repeat),
+        ))
+    return rows
+
+
+def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, head_dim: int) -> list[dict]:
+    """One layer over ``steps`` denoising steps of drifting masks; degrees chosen at step 0 (its
+    time counts as planning of step 0)."""
+    kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
+    work = synthetic_work(**geom, seed=0, step=0).to(device)
+    t0 = time.perf_counter()
+    u, r, _ = choose_degrees(work, world=8, heads=geom["heads"], cost_model=cost_model, head_dim=head_dim, **kw)
+    choose_ms = 1e3 * (time.perf_counter() - t0)
+    cache = PlanCache()
+    rows = []
+    for step in range(steps):
+        work = synthetic_work(**geom, seed=0, step=step).to(device)
+        misses = cache.misses
+        _sync(device)
+        t0 = time.perf_counter()
+        plan = cache.get(0, work, ulysses=u, ring=r, **kw)
+        _sync(device)
+        ms = 1e3 * (time.perf_counter() - t0)
+        attn = cost_model.predict(plan.with_tile_work(work), head_dim=head_dim).total_ms
+        rows.append(dict(step=step, ulysses=u, ring=r, replanned=int(cache.misses > misses), rho=cache.last_imbalance,
+                         planning_ms=ms + (choose_ms if step == 0 else 0.0), predicted_attention_ms=attn))
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{n}\nU{u}R{r}" for n in PATTERNS for u, r in FACTORISATIONS]
+    worst = lambda key: [max(x[key] for x in rows if x["pattern"] == n and (x["ulysses"], x["ring"]) == (u, r))  # noqa: E731
+                         for n in PATTERNS for u, r in FACTORISATIONS]
+    fig, ax = plt.subplots(figsize=(14, 4))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], worst("rho_before"), width=0.4, label="contiguous (USP)")
+    ax.bar([x + 0.2 for x in xs], worst("rho_after"), width=0.4, label="db-SP plan")
+    ax.axhline(1.05, color="k", lw=0.8, ls="--", label="target 1.05")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("rho_s (worst over seeds)")
+    ax.set_ylim(0.95, None)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a CPU smoke run")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda where present). Default: auto")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps of the reuse run. Default: 50")
+    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median). Default: 5")
+    parser.add_argument("--cost-model", type=Path, default=None, help="calibration JSON. Default: dbsp/cost_model.json")
+    args = parser.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    wl = WORKLOADS["wan14b-720p"]
+    geom = dict(heads=wl.heads, seq_len=wl.seq_len, q_block=wl.q_block, frames=wl.frames)
+    seeds, steps, repeat = [0, 1], args.steps, args.repeat
+    if args.quick:
+        geom, seeds, steps, repeat = dict(heads=40, seq_len=8000, q_block=64, frames=7), [0], min(steps, 6), 2
+    cost_model = CostModel.default() if args.cost_model is None else CostModel.from_json(args.cost_model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    nb = -(-geom["seq_len"] // geom["q_block"])
+    title = f"H={geom['heads']}, S={geom['seq_len']} ({nb} blocks of {geom['q_block']}), synthetic block masks, device {device}"
+    print(title)
+
+    bal = balance(geom, device, seeds)
+    write_csv(bal, args.out / "plan_balance.csv")
+    plot(bal, args.out / "plan_balance.png", title)
+    print("\n1. rho_s before -> after (worst over seeds), moved q+kv blocks, make_plan ms")
+    print(f"{'pattern':>11} | " + " | ".join(f"{f'U{u}R{r}':^30}" for u, r in FACTORISATIONS))
+    for name in PATTERNS:
+        cells = []
+        for u, r in FACTORISATIONS:
+            sel = [x for x in bal if x["pattern"] == name and (x["ulysses"], x["ring"]) == (u, r)]
+            before, after = max(x["rho_before"] for x in sel), max(x["rho_after"] for x in sel)
+            moved = max(x["moved_q"] + x["moved_kv"] for x in sel)
+            cells.append(f"{before:5.3f} -> {after:6.4f} {moved:5d} {max(x['plan_ms'] for x in sel):5.0f}")
+        print(f"{name:>11} | " + " | ".join(cells))
+    worst = max(x["rho_after"] for x in bal)
+    print(f"worst rho_s after balancing: {worst:.4f} (target <= 1.05: {'met' if worst <= 1.05 else 'NOT met'})")
+
+    tim = timing(geom, device, repeat)
+    write_csv(tim, args.out / "plan_timing.csv")
+    print(f"\n2. planning cost on {device} (median of {repeat}): full re-plan, reuse check (a hit), one tile pass")
+    for x in tim:
+        print(f"   U{x['ulysses']}R{x['ring']}: re-plan {x['replan_ms']:7.1f} ms   check {x['check_ms']:6.1f} ms   tile pass {x['tile_pass_ms']:6.1f} ms")
+
+    reu = reuse(geom, device, steps, cost_model, head_dim=128)
+    write_csv(reu, args.out / "plan_reuse.csv")
+    plan_ms = sum(x["planning_ms"] for x in reu)
+    attn_ms = sum(x["predicted_attention_ms"] for x in reu)
+    print(f"\n   {steps}-step run of one layer at U{reu[0]['ulysses']}R{reu[0]['ring']} on 8 GPUs: "
+          f"{sum(x['replanned'] for x in reu)} re-plans, {steps - sum(x['replanned'] for x in reu)} reuses, "
+          f"max rho_s {max(x['rho'] for x in reu):.4f}")
+    print(f"   planning {plan_ms:.1f} ms vs predicted attention {attn_ms:.1f} ms: {100 * plan_ms / attn_ms:.2f}% (target <= 1%)")
+    print(f"\nwrote {', '.join(p.name for p in sorted(args.out.iterdir()))} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

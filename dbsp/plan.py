@@ -1,0 +1,1606 @@
+"""db-SP planning: the sparse imbalance ratio, head- and block-level balancing, degree choice, reuse.
+
+Pure functions of a mask's ``work()`` and the parallel degrees; no communication. Every rank that
+calls them with identical inputs gets the identical :class:`Plan` (integer arithmetic, fixed
+tie-breaking), and :meth:`Plan.fingerprint` lets ranks check that cheaply.
+
+Rank layout (the contract with ``dbsp/dist``): ``P = U * R`` ranks; global rank ``r`` is Ulysses
+index ``k = r % U`` and ring index ``i = r // U``. Head group ``k`` is served by the ring group
+``{k, U + k, 2U + k, ...}``::
+
+                    ring rank i = 0    i = 1      i = 2      i = 3
+    head group k=0       rank 0        rank 2     rank 4     rank 6      heads head_perm[off[0]:off[1]]
+    head group k=1       rank 1        rank 3     rank 5     rank 7      heads head_perm[off[1]:off[2]]
+
+The sparse imbalance ratio (db-SP, section 2 of ``papers/db-SP.md``). With ``W[k, i, j]`` = the
+work of group ``k``'s heads for the query blocks of ring rank ``i`` against the key blocks of ring
+rank ``j``, ring step ``t`` has rank ``i`` compute ``W[k, i, (i + t) % R]`` (K/V travel from ring
+rank ``i + 1`` to ``i``), and a step lasts as long as its slowest rank::
+
+    T_k   = sum_t max_i W[k, i, (i + t) % R]
+    rho_s = max_k T_k / (sum W / (U * R))          >= 1; 1 is perfect balance
+
+Worked example, one group, R = 2, ``W = [[6, 2], [1, 1]]``: step 0 costs ``max(6, 1) = 6``, step 1
+``max(W[0, 1], W[1, 0]) = max(2, 1) = 2``, so ``T = 8`` against a mean of ``10 / 2 = 5``:
+``rho_s = 1.6``.
+
+The planner (:func:`make_plan`) reads the work tensor twice:
+
+1. pass 1, statistics: per-head query-block and key-block marginals ``(H, NB)`` and, for rings
+   up to 16, every head's tiles under the contiguous layout ``(H, R, R)``;
+2. head level: longest-processing-time greedy over per-head totals with equal head counts, then
+   pairwise swaps while they lower the heaviest group;
+3. block level, per head group (pass 2: the group's summed work ``(NB, NB)``): db-SP's biased
+   greedy over the group's marginals with reward ``R_b`` (a block stays on its home ring rank
+   unless another rank is lighter by more than ``R_b`` times its weight), the contiguous layout
+   and a round-robin deal are scored on the exact ring time; the cheapest good-enough one is
+   refined by swapping query or key blocks on the exact objective. Every ring rank keeps its
+   block count, so tensor shapes never change;
+4. the result is never worse than the unplanned layout: of {unplanned, heads balanced only,
+   heads and blocks balanced} the lowest ``rho_s`` wins, ties to fewer moved blocks.
+
+:class:`CostModel` turns a plan into predicted time (compute, all-to-all, block exchange, ring
+transfers with overlap); :func:`choose_degrees` picks ``(U, R)`` with it; :class:`PlanCache`
+keeps plans across denoising steps while the mask's ``rho_s`` under them stays low.
+
+The home of block ``b`` is ``b * R // NB``: the ring rank holding it in the unplanned layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._checks import check_positive_int, check_tensor
+from .mask import SparseMask
+
+__all__ = [
+    "CostModel",
+    "DegreeChoice",
+    "Plan",
+    "PlanCache",
+    "Prediction",
+    "choose_degrees",
+    "imbalance_ratio",
+    "make_plan",
+    "score_degrees",
+    "tile_work",
+]
+
+DEFAULT_REWARD = 2.0
+"""R_b used by db-SP's experiments (``papers/db-SP.md`` section 4)."""
+
+DEFAULT_REUSE_THRESHOLD = 1.05
+"""P_s: keep a plan while the new mask's rho_s under it stays at or below this (balanced plans
+land at 1.00-1.03, so this lets a mask drift by a few percent of imbalance before re-planning)."""
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _home(num_blocks: int, ring: int) -> np.ndarray:
+    """``(NB,)`` int64: home ring rank of every block, ``b * R // NB``."""
+    return np.arange(num_blocks, dtype=np.int64) * ring // num_blocks
+
+
+def _check_reward(reward: object) -> float:
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        raise TypeError(f"reward must be a float >= 0 (R_b; math.inf keeps every block home), got {type(reward).__name__}")
+    if not reward >= 0:  # also rejects NaN
+        raise ValueError(f"reward must be >= 0 (R_b), got {reward}")
+    return float(reward)
+
+
+def _head_counts(heads: int, ulysses: int, uneven_heads: bool) -> list[int]:
+    """Heads per Ulysses rank: ``H / U`` each, or (uneven mode) the first ``H % U`` get one more."""
+    if ulysses > heads:
+        raise ValueError(f"ulysses={ulysses} exceeds heads={heads}: every Ulysses rank needs at least one head")
+    if heads % ulysses and not uneven_heads:
+        raise ValueError(
+            f"ulysses={ulysses} must divide heads={heads} (heads % ulysses = {heads % ulysses}); "
+            f"pass uneven_heads=True to give ranks {heads // ulysses} or {heads // ulysses + 1} heads"
+        )
+    base, extra = divmod(heads, ulysses)
+    return [base + (k < extra) for k in range(ulysses)]
+
+
+def _check_degrees(ulysses: object, ring: object, world: object = None) -> None:
+    check_positive_int("ulysses", ulysses)
+    check_positive_int("ring", ring)
+    if world is not None and check_positive_int("world", world) != ulysses * ring:
+        raise ValueError(f"ulysses * ring must equal world: {ulysses} * {ring} = {ulysses * ring} != world={world}")
+
+
+def _check_ring(ring: int, num_blocks: int) -> None:
+    if ring > num_blocks:
+        raise ValueError(
+            f"ring={ring} exceeds the number of blocks {num_blocks}: every ring rank needs at least one block"
+        )
+
+
+# ---------------------------------------------------------------------------------------- Plan
+
+
+def _group_tuples(owner: np.ndarray, ring: int) -> tuple[tuple[int, ...], ...]:
+    """Block ids grouped by owning ring rank, ascending within each rank."""
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(ring + 1))
+    ids = order.tolist()
+    return tuple(tuple(ids[bounds[i] : bounds[i + 1]]) for i in range(ring))
+
+
+@dataclass(frozen=True, repr=False)
+class Plan:
+    """The balanced partition of one parallel attention call (the shared contract with ``dbsp.dist``).
+
+    ``P = ulysses * ring`` ranks; rank ``r`` is Ulysses index ``k = r % ulysses`` and ring index
+    ``i = r // ulysses``. Ulysses rank ``k`` gets the heads ``head_perm[head_offsets[k] :
+    head_offsets[k + 1]]``; inside head group ``k``, ring rank ``i`` computes the query blocks
+    ``q_blocks[k][i]`` against the key/value blocks ``kv_blocks[k][j]`` that visit it (at ring step
+    ``t`` those of ring rank ``(i + t) % ring``). Block ``b`` covers tokens ``[b * q_block,
+    min((b + 1) * q_block, seq_len))``; its *home* is ring rank ``b * ring // num_blocks``.
+
+    Args:
+        ulysses: U, the Ulysses (head-parallel) degree.
+        ring: R, the ring (sequence-parallel) degree.
+        heads: H.
+        q_block: tokens per block (the mask's ``q_block``).
+        seq_len: S, tokens of the sequence (any length; the last block may be partial).
+        head_perm: length ``H``: the new head order.
+        head_offsets: length ``U + 1``: ``0 = off[0] <= ... <= off[U] = H``; counts are ``H / U``
+            each, or differ by at most one (uneven-heads mode).
+        q_blocks: ``U`` tuples of ``R`` sorted tuples of block ids; each group's ``R`` tuples
+            partition ``0 .. num_blocks - 1``, and ring rank ``i`` holds as many blocks as in the
+            contiguous layout.
+        kv_blocks: the same for key/value blocks.
+        tile_work: ``(U, R, R)`` int64 ``W[k, i, j]`` of the mask the plan was built for (see the
+            module docstring), or ``None`` (e.g. :meth:`identity`). Not part of equality or the
+            fingerprint. Treat as read-only.
+
+    Construction validates everything (:meth:`validate`). Build plans with :func:`make_plan` or
+    :meth:`identity`.
+
+    Example::
+
+        >>> p = Plan.identity(ulysses=2, ring=2, heads=4, q_block=64, seq_len=256)
+        >>> p.head_perm, p.q_blocks
+        ((0, 1, 2, 3), (((0, 1), (2, 3)), ((0, 1), (2, 3))))
+    """
+
+    ulysses: int
+    ring: int
+    heads: int
+    q_block: int
+    seq_len: int
+    head_perm: tuple[int, ...]
+    head_offsets: tuple[int, ...]
+    q_blocks: tuple[tuple[tuple[int, ...], ...], ...]
+    kv_blocks: tuple[tuple[tuple[int, ...], ...], ...]
+    tile_work: torch.Tensor | None = field(default=None, compare=False)
+    _checked: bool = field(default=True, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._checked:
+            # Accept lists (e.g. from JSON) but store hashable tuples of Python ints.
+            for name in ("head_perm", "head_offsets"):
+                object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
+            for name in ("q_blocks", "kv_blocks"):
+                groups = getattr(self, name)
+                object.__setattr__(self, name, tuple(tuple(tuple(int(b) for b in blocks) for blocks in g) for g in groups))
+            self.validate()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def identity(cls, *, ulysses: int, ring: int, heads: int, q_block: int, seq_len: int) -> "Plan":
+        """The unplanned USP layout: heads in order, contiguous equal heads and blocks per rank.
+
+        ``head_perm = (0, ..., H - 1)``, and in every head group ring rank ``i`` holds the blocks
+        whose home it is. Running the runtime with this plan equals the plain USP path.
+        """
+        for name, value in (("ulysses", ulysses), ("ring", ring), ("heads", heads), ("q_block", q_block), ("seq_len", seq_len)):
+            check_positive_int(name, value)
+        counts = _head_counts(heads, ulysses, uneven_heads=False)
+        nb = _cdiv(seq_len, q_block)
+        _check_ring(ring, nb)
+        blocks = _group_tuples(_home(nb, ring), ring)
+        return cls(
+            ulysses=ulysses,
+            ring=ring,
+            heads=heads,
+            q_block=q_block,
+            seq_len=seq_len,
+            head_perm=tuple(range(heads)),
+            head_offsets=tuple(int(x) for x in np.cumsum([0] + counts)),
+            q_blocks=(blocks,) * ulysses,
+            kv_blocks=(blocks,) * ulysses,
+        )
+
+    def with_tile_work(self, work: "SparseMask | torch.Tensor") -> "Plan":
+        """The same layout with ``tile_work`` computed from ``work`` (see :func:`tile_work`)."""
+        return Plan(**{**self._layout(), "tile_work": tile_work(work, self), "_checked": False})
+
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "ulysses": self.ulysses,
+            "ring": self.ring,
+            "heads": self.heads,
+            "q_block": self.q_block,
+            "seq_len": self.seq_len,
+            "head_perm": self.head_perm,
+            "head_offsets": self.head_offsets,
+            "q_blocks": self.q_blocks,
+            "kv_blocks": self.kv_blocks,
+        }
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> None:
+        """Check every invariant; raise ``ValueError``/``TypeError`` naming the field and sizes."""
+        for name in ("ulysses", "ring", "heads", "q_block", "seq_len"):
+            check_positive_int(name, getattr(self, name))
+        U, R, H, nb = self.ulysses, self.ring, self.heads, self.num_blocks
+        if sorted(self.head_perm) != list(range(H)) or len(self.head_perm) != H:
+            raise ValueError(f"head_perm must be a permutation of range(heads={H}), got {self.head_perm}")
+        off = self.head_offsets
+        if len(off) != U + 1 or off[0] != 0 or off[-1] != H:
+            raise ValueError(f"head_offsets must have length ulysses + 1 = {U + 1}, start at 0 and end at heads={H}; got {off}")
+        counts = [off[k + 1] - off[k] for k in range(U)]
+        if min(counts) < 1 or max(counts) - min(counts) > 1:
+            raise ValueError(f"head_offsets must give every Ulysses rank H/U heads (or H//U and H//U + 1); got counts {counts}")
+        _check_ring(R, nb)
+        expected = np.bincount(_home(nb, R), minlength=R)
+        for name in ("q_blocks", "kv_blocks"):
+            groups = getattr(self, name)
+            if len(groups) != U or any(len(g) != R for g in groups):
+                raise ValueError(
+                    f"{name} must hold ulysses={U} groups of ring={R} block lists; got "
+                    f"{len(groups)} groups with {[len(g) for g in groups]} lists"
+                )
+            for k, group in enumerate(groups):
+                sizes = np.array([len(b) for b in group])
+                if not np.array_equal(sizes, expected):
+                    raise ValueError(
+                        f"{name}[{k}] must give every ring rank its contiguous-layout block count "
+                        f"{expected.tolist()} (num_blocks={nb}, ring={R}); got {sizes.tolist()}"
+                    )
+                flat = np.fromiter((b for blocks in group for b in blocks), dtype=np.int64, count=nb)
+                if flat.min() < 0 or flat.max() >= nb or np.bincount(flat, minlength=nb).max() != 1:
+                    raise ValueError(f"{name}[{k}] must partition the block ids 0..{nb - 1} (num_blocks={nb})")
+                if any(any(a >= b for a, b in zip(blocks, blocks[1:])) for blocks in group):
+                    raise ValueError(f"{name}[{k}]: every ring rank's block ids must be sorted ascending")
+        if self.tile_work is not None:
+            check_tensor("tile_work", self.tile_work)
+            if tuple(self.tile_work.shape) != (U, R, R):
+                raise ValueError(f"tile_work must have shape (ulysses, ring, ring) = {(U, R, R)}, got {tuple(self.tile_work.shape)}")
+
+    # ------------------------------------------------------------------ derived facts
+
+    @property
+    def world(self) -> int:
+        """P = ulysses * ring."""
+        return self.ulysses * self.ring
+
+    @property
+    def num_blocks(self) -> int:
+        """NB = ceil(seq_len / q_block); block ids are ``0 .. NB - 1``."""
+        return _cdiv(self.seq_len, self.q_block)
+
+    @cached_property
+    def inverse_head_perm(self) -> tuple[int, ...]:
+        """``inv`` with ``inv[head_perm[j]] == j``: undoes the head permutation after attention."""
+        inv = [0] * self.heads
+        for j, h in enumerate(self.head_perm):
+            inv[h] = j
+        return tuple(inv)
+
+    @property
+    def heads_per_rank(self) -> tuple[int, ...]:
+        """Heads of each Ulysses rank (length U)."""
+        off = self.head_offsets
+        return tuple(off[k + 1] - off[k] for k in range(self.ulysses))
+
+    def head_group(self, k: int) -> tuple[int, ...]:
+        """The head ids (original numbering) that Ulysses rank ``k`` computes."""
+        return self.head_perm[self.head_offsets[k] : self.head_offsets[k + 1]]
+
+    def home(self, block: int) -> int:
+        """Ring rank that holds ``block`` in the contiguous layout: ``block * ring // num_blocks``."""
+        return block * self.ring // self.num_blocks
+
+    @cached_property
+    def _owners(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(U, NB)`` int64 owning ring rank of every query block and every key/value block."""
+        out = []
+        for groups in (self.q_blocks, self.kv_blocks):
+            owner = np.empty((self.ulysses, self.num_blocks), dtype=np.int64)
+            for k, group in enumerate(groups):
+                for i, blocks in enumerate(group):
+                    owner[k, list(blocks)] = i
+            out.append(owner)
+        return out[0], out[1]
+
+    def block_owner(self, kind: str) -> torch.Tensor:
+        """``(U, NB)`` int64: ring rank that computes with each block; ``kind`` is "q" or "kv"."""
+        return torch.from_numpy(self._owners[self._kind(kind)].copy())
+
+    def exchange_counts(self, kind: str) -> torch.Tensor:
+        """``(U, R, R)`` int64 ``C[k, j, g]``: blocks whose home is ring rank ``j`` and that ring
+        rank ``g`` holds under the plan, in head group ``k`` (``kind`` "q" or "kv").
+
+        Row ``j`` are the split sizes ring rank ``j`` sends in the block exchange; the diagonal
+        stays in place. The identity plan has a diagonal ``C``.
+        """
+        owner = self._owners[self._kind(kind)]
+        home = _home(self.num_blocks, self.ring)
+        R = self.ring
+        flat = (home[None, :] * R + owner).reshape(self.ulysses, -1)
+        return torch.from_numpy(np.stack([np.bincount(f, minlength=R * R) for f in flat]).reshape(self.ulysses, R, R))
+
+    def moved_blocks(self, kind: str) -> int:
+        """Blocks held away from their home, summed over head groups (``kind`` "q" or "kv"): the
+        extra communication of the plan, in blocks of ``q_block`` tokens x (heads of the group)."""
+        owner = self._owners[self._kind(kind)]
+        return int((owner != _home(self.num_blocks, self.ring)[None, :]).sum())
+
+    @staticmethod
+    def _kind(kind: str) -> int:
+        if kind not in ("q", "kv"):
+            raise ValueError(f'kind must be "q" or "kv", got {kind!r}')
+        return 0 if kind == "q" else 1
+
+    def _need_tile_work(self) -> torch.Tensor:
+        if self.tile_work is None:
+            raise ValueError("this plan carries no tile_work; use plan.with_tile_work(mask_or_work) or imbalance_ratio(work, plan=plan)")
+        return self.tile_work
+
+    def rank_work(self) -> torch.Tensor:
+        """``(U, R)`` int64: total work (computed score entries) of ring rank ``i`` in group ``k``."""
+        return self._need_tile_work().sum(-1)
+
+    def step_work(self) -> torch.Tensor:
+        """``(U, R)`` int64: ring step ``t``'s cost in group ``k``, ``max_i W[k, i, (i + t) % R]``."""
+        return _step_work(self._need_tile_work())
+
+    def imbalance(self) -> float:
+        """rho_s of the mask this plan was built for (see the module docstring)."""
+        return _rho(self._need_tile_work())
+
+    def fingerprint(self) -> str:
+        """Stable 16-hex-digit hash of the layout fields (not ``tile_work``): equal on every process
+        that holds the same plan, different (with overwhelming probability) otherwise."""
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        parts = [self.ulysses, self.ring, self.heads, self.q_block, self.seq_len, *self.head_perm, *self.head_offsets]
+        for groups in (self.q_blocks, self.kv_blocks):
+            for group in groups:
+                for blocks in group:
+                    parts.append(len(blocks))
+                    parts.extend(blocks)
+        return hashlib.sha256(np.asarray(parts, dtype="<i8").tobytes()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ printing
+
+    def __repr__(self) -> str:
+        heads = "/".join(str(c) for c in sorted(set(self.heads_per_rank)))
+        rho = f", rho_s={self.imbalance():.4f}" if self.tile_work is not None else ""
+        total = self.ulysses * self.num_blocks
+        return (
+            f"Plan(U={self.ulysses} x R={self.ring}, H={self.heads} ({heads} per rank), S={self.seq_len}, "
+            f"{self.num_blocks} blocks of {self.q_block}{rho}, moved q={self.moved_blocks('q')}/{total} "
+            f"kv={self.moved_blocks('kv')}/{total}, fingerprint={self.fingerprint()})"
+        )
+
+    def table(self) -> str:
+        """A per-rank text table: heads, blocks, blocks moved in, work and share of the mean."""
+        W = self.tile_work
+        mean = float(W.sum()) / self.world if W is not None and float(W.sum()) > 0 else None
+        home = _home(self.num_blocks, self.ring)
+        qo, ko = self._owners
+        lines = [f"{'rank':>5} {'k':>3} {'i':>4} {'heads':>5} {'q blk':>6} {'q in':>5} {'kv in':>6} {'work':>14} {'/mean':>7}"]
+        for r in range(self.world):
+            k, i = r % self.ulysses, r // self.ulysses
+            q_in = int(((qo[k] == i) & (home != i)).sum())
+            kv_in = int(((ko[k] == i) & (home != i)).sum())
+            work = int(W[k, i].sum()) if W is not None else None
+            share = f"{work / mean:7.3f}" if mean else f"{'-':>7}"
+            lines.append(
+                f"{r:>5} {k:>3} {i:>4} {self.heads_per_rank[k]:>5} {len(self.q_blocks[k][i]):>6} {q_in:>5} {kv_in:>6} "
+                f"{work if work is not None else '-':>14} {share}"
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- work
+
+
+@dataclass(frozen=True)
+class _Work:
+    """A validated work grid: ``cells`` is ``(H, NB, NB)`` (summed over batch), CPU numpy or device torch."""
+
+    cells: Any
+    q_block: int
+    seq_len: int
+    kv_tile: int | None  # None when built from a bare work tensor (mask kind unknown)
+    batch: int
+    cell_max: int  # an upper bound on every cell, so int32 sums are used only where they are exact
+
+    @property
+    def heads(self) -> int:
+        return self.cells.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cells.shape[1]
+
+
+def _as_work(mask_or_work: object, *, q_block: int | None = None, seq_len: int | None = None) -> _Work:
+    """Normalise the planner's input: a SparseMask (self-attention) or a ``(B, H, NB, NB)`` work tensor."""
+    if isinstance(mask_or_work, _Work):
+        return mask_or_work
+    if isinstance(mask_or_work, SparseMask):
+        m = mask_or_work
+        if m.seq_len_q != m.seq_len_kv:
+            raise ValueError(f"planning needs self-attention masks; got seq_len_q={m.seq_len_q}, seq_len_kv={m.seq_len_kv}")
+        for name, value, have in (("q_block", q_block, m.q_block), ("seq_len", seq_len, m.seq_len_q)):
+            if value is not None and value != have:
+                raise ValueError(f"{name}={value} disagrees with the mask's {name}={have}; leave it out for masks")
+        work, q_block, seq_len, kv_tile = m.work(), m.q_block, m.seq_len_q, m.kv_tile
+    elif isinstance(mask_or_work, torch.Tensor):
+        work, kv_tile = mask_or_work, None
+        if q_block is None or seq_len is None:
+            raise TypeError("a work tensor needs q_block= and seq_len= (a SparseMask carries both)")
+        check_positive_int("q_block", q_block)
+        check_positive_int("seq_len", seq_len)
+    else:
+        raise TypeError(f"mask_or_work must be a dbsp.SparseMask or a work tensor, got {type(mask_or_work).__name__}")
+    nb = _cdiv(seq_len, q_block)
+    if work.dim() != 4 or work.shape[2] != nb or work.shape[3] != nb or work.shape[0] < 1 or work.shape[1] < 1:
+        raise ValueError(
+            f"work must have shape (B, H, NB, NB) with NB = ceil(seq_len / q_block) = ceil({seq_len} / {q_block}) = {nb}; "
+            f"got {tuple(work.shape)}"
+        )
+    if work.is_floating_point() or work.dtype == torch.bool or work.is_complex():
+        raise TypeError(f"work must be an integer tensor (computed score entries), got {work.dtype}")
+    batch = work.shape[0]
+    if kv_tile is not None:
+        cell_max = q_block * q_block  # SparseMask.work() never exceeds one full block
+    else:
+        cell_max = _check_counts(work)
+    cell_max *= batch
+    if work.device.type == "cpu":
+        cells = work.contiguous().numpy()
+        if batch > 1:
+            cells = cells.sum(0, dtype=np.int32 if cells.dtype == np.int32 and cell_max < 2**31 else np.int64)
+        else:
+            cells = cells[0]
+    else:
+        cells = work[0] if batch == 1 else work.sum(0, dtype=torch.int64)
+    return _Work(cells, q_block, seq_len, kv_tile, batch, cell_max)
+
+
+def _check_counts(work: torch.Tensor) -> int:
+    """The largest cell of a raw work tensor; ``ValueError`` if any is negative. One pass."""
+    if work.device.type == "cpu" and work.dtype.is_signed:
+        # Viewed as unsigned, negative numbers turn huge: one max finds both the bound and negatives.
+        a = work.contiguous().numpy()
+        top = int(a.view(np.dtype(f"u{a.itemsize}")).max())
+        negative = top >= 2 ** (8 * a.itemsize - 1)
+    else:
+        top = int(work.max())
+        negative = bool(work.min() < 0) if work.dtype.is_signed else False
+    if negative:
+        raise ValueError(f"work must hold non-negative counts of computed score entries; found negative cells (min {int(work.min())})")
+    return top
+
+
+def _bounds(num_blocks: int, ring: int) -> np.ndarray:
+    """``(R + 1,)``: ring rank ``i`` is home to blocks ``bounds[i] .. bounds[i + 1] - 1``."""
+    return np.searchsorted(_home(num_blocks, ring), np.arange(ring + 1))
+
+
+def _acc_dtype(w: _Work, cells: int, heads: int = 1):
+    """int32 when a sum of ``cells`` cells of ``heads`` heads provably fits, else int64."""
+    return np.int32 if w.cells.dtype == np.int32 and cells * heads * w.cell_max < 2**31 else np.int64
+
+
+_HOME_TILES_MAX_RING = 16
+"""Pass 1 keeps per-head tiles of the contiguous layout up to this ring size ((H, R, R) ints; cheap
+slices per head); longer rings get those tiles per head group from pass 2 instead."""
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """Pass 1 for ring degree ``R``: per-head marginals and, for short rings, per-head tiles of the
+    contiguous layout."""
+
+    rows: np.ndarray  # (H, NB) int64: work of each query block
+    cols: np.ndarray | None  # (H, NB) int64: work of each key block; None for R = 1 (not needed)
+    home_tiles: np.ndarray | None  # (H, R, R) int64: W of each head alone, blocks at home; None for long rings
+
+
+def _stats(w: _Work, ring: int) -> _Stats:
+    """Pass 1: one read of every cell (each head's slab is reduced twice while it sits in cache)."""
+    a, H, nb = w.cells, w.heads, w.num_blocks
+    b = _bounds(nb, ring)
+    tiles = ring <= _HOME_TILES_MAX_RING
+    if isinstance(a, np.ndarray):
+        dt = _acc_dtype(w, nb)
+        y = np.empty((H, nb, ring if tiles else 1), dtype=dt)
+        cols = np.empty((H, nb), dtype=dt) if ring > 1 else None
+        for h in range(H):
+            x = a[h]
+            if tiles:
+                for j in range(ring):  # slices beat reduceat for few segments
+                    x[:, b[j] : b[j + 1]].sum(1, dtype=dt, out=y[h, :, j])
+            else:
+                x.sum(1, dtype=dt, out=y[h, :, 0])
+            if cols is not None:
+                x.sum(0, dtype=dt, out=cols[h])
+        y = y.astype(np.int64, copy=False)
+        cols = None if cols is None else cols.astype(np.int64, copy=False)
+    else:
+        segments = [(b[j], b[j + 1]) for j in range(ring)] if tiles else [(0, nb)]
+        y = torch.stack([a[:, :, lo:hi].sum(2, dtype=torch.int64) for lo, hi in segments], -1).cpu().numpy()
+        cols = a.sum(1, dtype=torch.int64).cpu().numpy() if ring > 1 else None
+    home_tiles = np.add.reduceat(y, b[:-1], axis=1) if tiles else None  # (H, R, R)
+    return _Stats(rows=y.sum(2), cols=cols, home_tiles=home_tiles)
+
+
+def _home_tiles(w: _Work, st: _Stats, groups: list[list[int]], ring: int, sums: dict | None = None) -> np.ndarray:
+    """``(U, R, R)``: the groups' tile matrices with every block at home. From pass 1 for short
+    rings; else one pass over the groups' heads (``sums`` caches group sums by head tuple)."""
+    if st.home_tiles is not None:
+        return np.stack([st.home_tiles[g].sum(0) for g in groups])
+    home = _home(w.num_blocks, ring)
+    out = []
+    for g in groups:
+        A = sums[tuple(g)] if sums is not None and tuple(g) in sums else _group_sum(w, g)
+        out.append(_reduce_rows(_reduce_cols(A, home, ring), home, ring))
+    return np.stack(out)
+
+
+def _group_sum(w: _Work, heads: list[int]) -> np.ndarray:
+    """Pass 2 for one head group: ``(NB, NB)`` the group's summed work, as a CPU array."""
+    a = w.cells
+    if isinstance(a, np.ndarray):
+        if len(heads) == 1:  # a view; widened only for dtypes that would wrap when subtracted
+            return a[heads[0]] if a.dtype in (np.int32, np.int64) else a[heads[0]].astype(np.int64)
+        acc = a[heads[0]].astype(_acc_dtype(w, 1, len(heads)))
+        for h in heads[1:]:
+            acc += a[h]
+        return acc
+    return a.index_select(0, torch.as_tensor(heads, device=a.device)).sum(0, dtype=torch.int64).cpu().numpy()
+
+
+def _onehot(owner: np.ndarray, ring: int) -> np.ndarray:
+    """``(NB, R)`` float64 indicator of each block's owning ring rank."""
+    out = np.zeros((owner.shape[0], ring))
+    out[np.arange(owner.shape[0]), owner] = 1.0
+    return out
+
+
+_MATMUL_MAX_RING = 32
+"""Owner reductions use a float64 one-hot product up to this ring size, a gather-and-reduce above."""
+
+
+def _reduce_cols(A: np.ndarray, owner: np.ndarray, ring: int) -> np.ndarray:
+    """``(NB, R)`` int64 ``Y[r, j]``: row ``r`` of ``A`` summed over the columns ring rank ``j`` owns.
+
+    For short rings a float64 matrix product (every partial sum is an integer below 2^53, so it
+    is exact; BLAS beats an integer gather-and-reduce by ~10x there); for long rings a gather
+    and segment sums, whose cost does not grow with ``R``. Every rank owns at least one block.
+    """
+    if ring <= _MATMUL_MAX_RING:
+        Af = A if A.dtype == np.float64 else A.astype(np.float64)
+        return (Af @ _onehot(owner, ring)).astype(np.int64)
+    order = np.argsort(owner, kind="stable")
+    starts = np.searchsorted(owner[order], np.arange(ring))
+    A = A if bool((owner[1:] >= owner[:-1]).all()) else A[:, order]  # contiguous owners need no gather
+    return np.add.reduceat(A, starts, axis=1, dtype=A.dtype if A.dtype == np.float64 else np.int64).astype(np.int64)
+
+
+def _reduce_rows(A: np.ndarray, owner: np.ndarray, ring: int) -> np.ndarray:
+    """``(R, ...)`` int64: the rows of ``A`` summed by owning ring rank (exact, as above)."""
+    if ring <= _MATMUL_MAX_RING:
+        Af = A if A.dtype == np.float64 else A.astype(np.float64)
+        return (_onehot(owner, ring).T @ Af).astype(np.int64)
+    order = np.argsort(owner, kind="stable")
+    starts = np.searchsorted(owner[order], np.arange(ring))
+    A = A if bool((owner[1:] >= owner[:-1]).all()) else A[order]
+    return np.add.reduceat(A, starts, axis=0, dtype=A.dtype if A.dtype == np.float64 else np.int64).astype(np.int64)
+
+
+def _steps(W: np.ndarray) -> np.ndarray:
+    """``(..., R, R)`` -> ``D[..., i, t] = W[..., i, (i + t) % R]``: rank ``i``'s work at ring step ``t``."""
+    R = W.shape[-1]
+    i = np.arange(R)
+    flat = (i[:, None] * R + (i[:, None] + i[None, :]) % R).reshape(-1)
+    return np.take(W.reshape(W.shape[:-2] + (R * R,)), flat, axis=-1).reshape(W.shape)
+
+
+def _step_work(W: torch.Tensor) -> torch.Tensor:
+    """``(U, R)``: ``max_i W[k, i, (i + t) % R]`` for every group ``k`` and ring step ``t``."""
+    return torch.from_numpy(_steps(W.numpy()).max(-2))
+
+
+def _ring_time(W: np.ndarray) -> int:
+    """``T = sum_t max_i W[i, (i + t) % R]`` of one group's ``(R, R)`` tile matrix."""
+    return int(_steps(W).max(0).sum())
+
+
+def _rho(W: torch.Tensor) -> float:
+    total = int(W.sum())
+    if total == 0:
+        return 1.0  # nothing to compute is perfectly balanced
+    U, R, _ = W.shape
+    return int(_step_work(W).sum(1).max()) * U * R / total
+
+
+def tile_work(mask_or_work: "SparseMask | torch.Tensor", plan: Plan) -> torch.Tensor:
+    """The ring tile matrix of a mask under a plan: ``(U, R, R)`` int64 ``W[k, i, j]``.
+
+    ``W[k, i, j]`` sums the work of the heads of Ulysses group ``k``, query blocks
+    ``plan.q_blocks[k][i]`` and key blocks ``plan.kv_blocks[k][j]``. One pass over the work (the
+    head sums run on the work's device); everything the cost model and ``rho_s`` need.
+
+    Args:
+        mask_or_work: a ``SparseMask`` or its ``work()`` tensor ``(B, H, NB, NB)`` with
+            ``NB == plan.num_blocks``.
+        plan: the partition.
+
+    Returns:
+        ``(U, R, R)`` int64 CPU tensor.
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a dbsp Plan, got {type(plan).__name__}")
+    w = _as_work(mask_or_work, q_block=plan.q_block, seq_len=plan.seq_len)
+    _check_work_matches(w, plan)
+    return torch.from_numpy(_tile_work(w, plan))
+
+
+def _tile_work(w: _Work, plan: Plan) -> np.ndarray:
+    """One pass over the work: ``(U, R, R)`` int64 tiles of ``plan``, computed where the work lives."""
+    U, R, a = plan.ulysses, plan.ring, w.cells
+    groups = [list(plan.head_group(k)) for k in range(U)]
+    if R == 1:  # only per-head totals matter
+        if isinstance(a, np.ndarray):
+            totals = a.reshape(w.heads, -1).sum(1, dtype=_acc_dtype(w, w.num_blocks**2)).astype(np.int64)
+        else:
+            totals = a.sum((1, 2), dtype=torch.int64).cpu().numpy()
+        return np.array([totals[g].sum() for g in groups], dtype=np.int64).reshape(U, 1, 1)
+    q_owner, kv_owner = plan._owners
+    out = np.empty((U, R, R), dtype=np.int64)
+    for k, g in enumerate(groups):
+        if isinstance(a, np.ndarray):
+            out[k] = _reduce_rows(_reduce_cols(_group_sum(w, g), kv_owner[k], R), q_owner[k], R)
+        else:
+            # On the device: float64 sums of integers below 2^53 are exact; only (R, R) comes back.
+            A = a.index_select(0, torch.as_tensor(g, device=a.device)).sum(0, dtype=torch.float64)
+            oq, okv = (torch.from_numpy(_onehot(o[k], R)).to(a.device) for o in (q_owner, kv_owner))
+            out[k] = (oq.T @ A @ okv).cpu().numpy().astype(np.int64)
+    return out
+
+
+def _check_work_matches(w: _Work, plan: Plan) -> None:
+    if (w.heads, w.num_blocks, w.q_block, w.seq_len) != (plan.heads, plan.num_blocks, plan.q_block, plan.seq_len):
+        raise ValueError(
+            f"work is for heads={w.heads}, num_blocks={w.num_blocks} (q_block={w.q_block}, seq_len={w.seq_len}) "
+            f"but the plan is for heads={plan.heads}, num_blocks={plan.num_blocks} "
+            f"(q_block={plan.q_block}, seq_len={plan.seq_len})"
+        )
+
+
+def imbalance_ratio(
+    mask_or_work: "SparseMask | torch.Tensor",
+    *,
+    ulysses: int,
+    ring: int,
+    plan: Plan | None = None,
+    q_block: int | None = None,
+    seq_len: int | None = None,
+    world: int | None = None,
+) -> float:
+    """The sparse imbalance ratio rho_s of a mask on ``ulysses x ring`` ranks (module docstring).
+
+    ``rho_s = max_k sum_t max_i W[k, i, (i + t) % R] / (sum W / (U * R))``: the slowest head group's
+    ring time over the mean rank's work. 1 is perfect balance; a mask with no work gives 1.
+
+    Args:
+        mask_or_work: a ``SparseMask`` (self-attention) or a ``(B, H, NB, NB)`` integer work
+            tensor from ``SparseMask.work()`` (summed over the batch here).
+        ulysses, ring: the degrees U and R.
+        plan: the partition to judge. Default: ``Plan.identity`` (heads and blocks contiguous,
+            the unplanned USP layout; needs ``ulysses`` to divide the head count).
+        q_block, seq_len: needed with a work tensor when ``plan`` is None (a plan or a mask
+            carries them).
+        world: the number of ranks, checked against ``ulysses * ring``. Default: not checked.
+
+    Returns:
+        rho_s >= 1.
+
+    Example::
+
+        >>> w = torch.tensor([[[[6, 2], [1, 1]]]], dtype=torch.int32)   # 1 head, 2 blocks
+        >>> imbalance_ratio(w, ulysses=1, ring=2, q_block=64, seq_len=128)
+        1.6
+    """
+    _check_degrees(ulysses, ring, world)
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a dbsp Plan or None, got {type(plan).__name__}")
+        if (plan.ulysses, plan.ring) != (ulysses, ring):
+            raise ValueError(f"plan is for ulysses={plan.ulysses}, ring={plan.ring}, not ulysses={ulysses}, ring={ring}")
+        q_block = plan.q_block if q_block is None else q_block
+        seq_len = plan.seq_len if seq_len is None else seq_len
+    w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
+    if plan is None:
+        plan = Plan.identity(ulysses=ulysses, ring=ring, heads=w.heads, q_block=w.q_block, seq_len=w.seq_len)
+    _check_work_matches(w, plan)
+    return _rho(torch.from_numpy(_tile_work(w, plan)))
+
+
+# ---------------------------------------------------------------------------------------- balancing
+
+
+def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
+    """Head groups with the given counts and balanced total work.
+
+    Longest processing time first: heads by decreasing work (ties: lower id) go to the least
+    loaded group that still has room (ties: lower group). Then, with ``refine``, swap a head of
+    the heaviest group with a lighter head of another group while that lowers the heaviest group
+    and keeps the pair below its old load (each swap strictly improves the sorted load vector,
+    so this terminates).
+    """
+    U = len(counts)
+    groups: list[list[int]] = [[] for _ in range(U)]
+    load = [0] * U
+    for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
+        k = min((k for k in range(U) if len(groups[k]) < counts[k]), key=lambda k: (load[k], k))
+        groups[k].append(h)
+        load[k] += totals[h]
+    if refine and U > 1:
+        for _ in range(4 * len(totals) * U):
+            a = max(range(U), key=lambda k: (load[k], -k))
+            best = None  # (new pair max, b, x, y)
+            for b in range(U):
+                if b == a:
+                    continue
+                for x in groups[a]:
+                    for y in groups[b]:
+                        d = totals[x] - totals[y]
+                        if d <= 0:
+                            continue
+                        new = max(load[a] - d, load[b] + d)
+                        if new < load[a] and (best is None or new < best[0]):
+                            best = (new, b, x, y)
+            if best is None:
+                break
+            _, b, x, y = best
+            d = totals[x] - totals[y]
+            groups[a][groups[a].index(x)] = y
+            groups[b][groups[b].index(y)] = x
+            load[a] -= d
+            load[b] += d
+    return [sorted(g) for g in groups]
+
+
+def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], reward: float) -> np.ndarray:
+    """db-SP's biased greedy: ``(NB,)`` owning ring rank of every block.
+
+    Blocks by decreasing weight (ties: lower id). Each goes to the least loaded ring rank with room
+    (ties: lower rank), unless its home has room and ``load[home] - reward * w <= that load``: a
+    block stays home unless another rank is lighter by more than ``reward`` times its weight.
+    ``reward = 0`` is plain greedy (home wins ties); ``reward = inf`` keeps every block home, as do
+    zero-weight blocks (moving them costs traffic and cannot help balance). ``caps[i]`` blocks end
+    on rank ``i``.
+    """
+    R = len(caps)
+    owner = np.empty(weights.shape[0], dtype=np.int64)
+    load = [0] * R
+    cnt = [0] * R
+    heap = [(0, g) for g in range(R)]  # (load, rank) of ranks with room; outdated entries are skipped
+    wl, hl = weights.tolist(), home.tolist()
+    for b in np.argsort(-weights, kind="stable").tolist():
+        w, h = wl[b], hl[b]
+        while heap[0][0] != load[heap[0][1]] or cnt[heap[0][1]] >= caps[heap[0][1]]:
+            heapq.heappop(heap)
+        lmin, g = heap[0]  # least loaded rank with room, lowest index on ties
+        if cnt[h] < caps[h] and (w == 0 or load[h] - reward * w <= lmin):
+            g = h
+        owner[b] = g
+        cnt[g] += 1
+        if w:
+            load[g] += w
+            heapq.heappush(heap, (load[g], g))
+    return owner
+
+
+_REFINE_MAX_RING = 32
+"""Block refinement runs for rings up to this size: its candidate scan costs O(NB * R) per swap,
+and longer rings hold only a few blocks per rank."""
+
+_REFINE_MAX_SWAPS = 32
+"""At most this many refinement swaps per head group (each costs ~1 ms at NB = 1182, R = 8)."""
+
+
+def _rest_max(D: np.ndarray, top: np.ndarray, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
+    """Per candidate and step, the largest ``D[i, t]`` over ranks ``i`` other than ``e1[t]`` and
+    ``e2[c, t]``: ``(C, R)``, ``-1`` where no rank is left. ``top`` holds each step's three
+    heaviest ranks, heaviest first, which is enough to skip two."""
+    R = D.shape[1]
+    t = np.arange(R)
+    rest = np.full(e2.shape, -1, dtype=np.int64)
+    for s in range(top.shape[0] - 1, -1, -1):
+        r = top[s]
+        rest = np.where((r != e1)[None, :] & (r[None, :] != e2), D[r, t][None, :], rest)
+    return rest
+
+
+def _refine(
+    A: np.ndarray,
+    Af: np.ndarray,
+    q_owner: np.ndarray,
+    kv_owner: np.ndarray,
+    home: np.ndarray,
+    R: int,
+    *,
+    target: float,
+    max_swaps: int,
+    candidates: int = 8,
+    partners: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local search on one head group's exact ring time ``T = sum_t max_i W[i, (i + t) % R]``.
+
+    ``A`` is the group's ``(NB, NB)`` work (``Af`` the same as float64). The search keeps ``Y =
+    A`` summed over each ring rank's key blocks ``(NB, R)`` and ``Z = A`` summed over each rank's
+    query blocks ``(R, NB)``, so a swap's effect on ``W`` is exact: moving query block ``r`` from
+    rank ``a`` to ``b`` moves ``Y[r]`` from row ``a`` of ``W`` to row ``b``; moving key block
+    ``c`` from ``j`` to ``j'`` moves ``Z[:, c]`` from column ``j`` to ``j'``. Each round finds the
+    rank (query side) and the key rank (key side) that stand most above the step means where
+    they set a step's maximum, takes their ``candidates`` blocks that weigh most on those steps,
+    scores the swap of each with every block of the ``partners`` lightest other ranks at once,
+    and applies the single best strict improvement (ties: the swap that brings more blocks
+    home). Swaps keep every rank's block count. Stops at ``T <= target * sum(W) / R``, after
+    ``max_swaps`` swaps, or when no swap helps.
+
+    Returns:
+        ``(q_owner, kv_owner, W)``: new owners ``(NB,)`` and the exact ``(R, R)`` tile matrix.
+    """
+    qo, ko = q_owner.copy(), kv_owner.copy()
+    Y = _reduce_cols(Af, ko, R)
+    Z = _reduce_rows(Af, qo, R)
+    W = _reduce_rows(Y, qo, R)
+    ii = np.arange(R)
+    cols = (ii[:, None] + ii[None, :]) % R  # cols[i, t] = (i + t) % R: the key rank rank i meets at step t
+    meet = (ii[:, None] - ii[None, :]) % R  # meet[j, t] = the rank that meets key rank j at step t
+    goal = target * int(W.sum()) / R
+    for _ in range(max_swaps):
+        D = W[ii[:, None], cols]  # (R, R): D[i, t] = rank i's work at ring step t
+        peak = D.max(0)
+        T = int(peak.sum())
+        if T <= goal:
+            break
+        arg = D.argmax(0)
+        excess = peak - D.mean(0)
+        top = np.argsort(-D, axis=0, kind="stable")[:3]
+        best = []  # (new T, -homes, kind, x, o)
+
+        # Query side: swap one of rank a's heavy query blocks with any other rank's block.
+        a = int(np.bincount(arg, weights=excess, minlength=R).argmax())
+        light = np.argsort(np.where(ii == a, np.iinfo(np.int64).max, W.sum(1)), kind="stable")[:partners]
+        mine, others = np.nonzero(qo == a)[0], np.nonzero(np.isin(qo, light))[0]
+        weight = Y[mine][:, cols[a, arg == a]].sum(1)
+        xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
+        bs = qo[others]
+        cb = cols[bs]  # (O, R): the key rank that rank b meets at step t
+        new_a = D[a] - Y[xs][:, None, cols[a]] + Y[others][None, :, cols[a]]  # (X, O, R)
+        new_b = D[bs][None] + Y[xs][:, cb] - Y[others[:, None], cb][None]
+        rest = _rest_max(D, top, np.full(R, a), np.broadcast_to(bs[:, None], cb.shape))
+        new_T = np.maximum(np.maximum(new_a, new_b), rest[None]).sum(-1)
+        homes = (home[xs][:, None] == bs[None, :]).astype(np.int64) + (home[others] == a)[None, :]
+        xi, oi = divmod(int(np.argmin(new_T * 3 - homes)), len(others))
+        best.append((int(new_T[xi, oi]), -int(homes[xi, oi]), 0, int(xs[xi]), int(others[oi])))
+
+        # Key side: swap one of key rank j's heavy key blocks with any other key rank's block.
+        j = int(np.bincount((arg + ii) % R, weights=excess, minlength=R).argmax())
+        light = np.argsort(np.where(ii == j, np.iinfo(np.int64).max, W.sum(0)), kind="stable")[:partners]
+        mine, others = np.nonzero(ko == j)[0], np.nonzero(np.isin(ko, light))[0]
+        steps = np.nonzero((arg + ii) % R == j)[0]
+        weight = Z[meet[j, steps]][:, mine].sum(0)
+        xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
+        js = ko[others]
+        p = meet[j]  # (R,): rank meeting key rank j at step t
+        q = meet[js]  # (O, R): rank meeting key rank j' at step t
+        new_p = D[p, ii] - Z[p][:, xs].T[:, None, :] + Z[p][:, others].T[None]  # (X, O, R)
+        new_q = (D[q, ii[None, :]] - Z[q, others[:, None]])[None] + Z[q[None], xs[:, None, None]]
+        rest = _rest_max(D, top, p, q)
+        new_T = np.maximum(np.maximum(new_p, new_q), rest[None]).sum(-1)
+        homes = (home[xs][:, None] == js[None, :]).astype(np.int64) + (home[others] == j)[None, :]
+        xi, oi = divmod(int(np.argmin(new_T * 3 - homes)), len(others))
+        best.append((int(new_T[xi, oi]), -int(homes[xi, oi]), 1, int(xs[xi]), int(others[oi])))
+
+        new, _, kind, x, o = min(best)
+        if new >= T:
+            break
+        if kind == 0:  # query block x: a -> b, o: b -> a
+            a, b = int(qo[x]), int(qo[o])
+            W[a] += Y[o] - Y[x]
+            W[b] += Y[x] - Y[o]
+            Z[a] += A[o] - A[x]
+            Z[b] += A[x] - A[o]
+            qo[x], qo[o] = b, a
+        else:  # key block x: j -> j2, o: j2 -> j
+            j, j2 = int(ko[x]), int(ko[o])
+            W[:, j] += Z[:, o] - Z[:, x]
+            W[:, j2] += Z[:, x] - Z[:, o]
+            Y[:, j] += A[:, o] - A[:, x]
+            Y[:, j2] += A[:, x] - A[:, o]
+            ko[x], ko[o] = j2, j
+    return qo, ko, W
+
+
+def _round_robin(caps: list[int]) -> np.ndarray:
+    """Blocks dealt in order to ring ranks 0, 1, ..., R - 1, 0, ... (skipping full ranks): the
+    layout that balances masks whose work depends mostly on ``r - c`` (local windows, bands)."""
+    R, nb = len(caps), sum(caps)
+    owner = np.empty(nb, dtype=np.int64)
+    cnt, g = [0] * R, 0
+    for b in range(nb):
+        while cnt[g] >= caps[g]:
+            g = (g + 1) % R
+        owner[b] = g
+        cnt[g] += 1
+        g = (g + 1) % R
+    return owner
+
+
+def _balance_blocks(
+    group_sum,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    home_W: np.ndarray,
+    home: np.ndarray,
+    caps: list[int],
+    reward: float,
+    refine: bool,
+    target: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block layout of one head group: ``(q_owner, kv_owner, W)``.
+
+    ``rows``/``cols`` are the group's ``(NB,)`` marginals, ``home_W`` its tiles with every block
+    at home, and ``group_sum()`` returns its ``(NB, NB)`` work (pass 2, only read when needed).
+    If the contiguous layout is within ``target`` of the mean (or ``reward`` is infinite) it is
+    kept. Otherwise marginal balancing, which ignores where the work sits inside ``W``, is not
+    trusted blindly: the biased greedy, the contiguous layout and the round-robin deal are scored
+    on the exact ring time; among those within ``target`` of the mean the one that moves fewest
+    blocks wins, else the fastest; then :func:`_refine`.
+    """
+    R = len(caps)
+    goal = target * int(home_W.sum()) / R
+    if reward == math.inf or _ring_time(home_W) <= goal:
+        return home, home, home_W
+    A = group_sum()
+    Af = A.astype(np.float64)
+    rr = _round_robin(caps)
+    starts = [(home, home, home_W)]
+    for qo, ko in ((_biased_greedy(rows, home, caps, reward), _biased_greedy(cols, home, caps, reward)), (rr, rr)):
+        starts.append((qo, ko, _reduce_rows(_reduce_cols(Af, ko, R), qo, R)))
+    scored = [(_ring_time(Wk), int((qo != home).sum() + (ko != home).sum()), n) for n, (qo, ko, Wk) in enumerate(starts)]
+    good = [s for s in scored if s[0] <= goal]
+    _, _, n = min(good, key=lambda s: (s[1], s[0], s[2])) if good else min(scored)
+    qo, ko, Wk = starts[n]
+    if refine and R <= _REFINE_MAX_RING and _ring_time(Wk) > goal:
+        qo, ko, Wk = _refine(A, Af, qo, ko, home, R, target=target, max_swaps=_REFINE_MAX_SWAPS)
+    return qo, ko, Wk
+
+
+def make_plan(
+    mask_or_work: "SparseMask | torch.Tensor",
+    *,
+    ulysses: int,
+    ring: int,
+    reward: float = DEFAULT_REWARD,
+    q_block: int | None = None,
+    seq_len: int | None = None,
+    balance_heads: bool = True,
+    balance_blocks: bool = True,
+    per_group_blocks: bool = True,
+    uneven_heads: bool = False,
+    refine: bool = True,
+    refine_target: float = 1.01,
+    world: int | None = None,
+) -> Plan:
+    """The db-SP plan of a mask on ``ulysses x ring`` ranks (module docstring for the algorithm).
+
+    The block step on a picture: R = 2, one head group, 4 query blocks of weights
+    ``[8, 6, 1, 1]``; blocks 0, 1 live on ring rank 0 and blocks 2, 3 on rank 1::
+
+        contiguous:   rank 0 = {0, 1} -> 14    rank 1 = {2, 3} -> 2
+        R_b = 0:      0 -> r0 (8); 1 -> r1, lighter (6); 2 stays home, a tie (7); 3 -> r0, home full
+                      rank 0 = {0, 3} -> 9     rank 1 = {1, 2} -> 7     2 blocks moved
+        R_b = 2:      1 stays home: rank 1 is lighter by 8, not by more than 2 x 6 = 12
+                      rank 0 = {0, 1} -> 14    rank 1 = {2, 3} -> 2     nothing moved
+
+    Balancing marginals ignores where the work sits inside the ``W`` matrix (the greedy can
+    make a local-window mask worse), so per head group the greedy, the contiguous layout and a
+    round-robin deal are scored on the exact ring time; the cheapest good-enough one (or else the
+    best) is refined by block swaps on the exact objective. Finally the plan is never worse than
+    the unplanned layout: if balancing heads only, or nothing, gives an equal or lower
+    ``rho_s``, that layout is returned (it moves fewer blocks).
+
+    Args:
+        mask_or_work: a ``SparseMask`` (self-attention) or its ``work()`` tensor
+            ``(B, H, NB, NB)``; summed over the batch.
+        ulysses: U, must divide the head count (see ``uneven_heads``).
+        ring: R, at most the number of blocks.
+        reward: R_b >= 0, the home bonus of the biased greedy; ``0`` is plain greedy (best
+            marginal balance, moves most blocks), ``math.inf`` keeps every block home. It shapes
+            the greedy only: the exact-objective stages (round-robin start, swaps) may move
+            other blocks when that is what balances (never with ``math.inf``), and
+            :func:`choose_degrees` weighs every move against its exchange time. Default: 2.0 (db-SP).
+        q_block, seq_len: required with a work tensor; taken from a mask.
+        balance_heads: head-level LPT (else heads stay contiguous). Default: True.
+        balance_blocks: block-level balancing (else blocks stay contiguous). Default: True.
+        per_group_blocks: a block plan per Ulysses head group, from that group's own statistics
+            (db-SP's code shares one plan over all heads; with False the greedy's shared plan is
+            used as is, without refinement). Default: True.
+        uneven_heads: allow ``H % U != 0``: ranks get ``H // U`` or ``H // U + 1`` heads, balanced
+            by work. Needs runtime support for uneven all-to-all splits. Default: False.
+        refine: head swaps after LPT, and block swaps on the exact objective (rings up to 32)
+            after the block greedy. Default: True.
+        refine_target: a group's block layout is good enough once its ring time is within
+            this factor of its mean rank work: the start that moves fewest blocks among those
+            that reach it is kept, and refinement stops there. Default: 1.01.
+        world: the number of ranks, checked against ``ulysses * ring``. Default: not checked.
+
+    Returns:
+        A :class:`Plan` with ``tile_work`` filled, so ``plan.imbalance()`` is its rho_s.
+
+    Example::
+
+        >>> plan = make_plan(mask, ulysses=2, ring=4)                    # doctest: +SKIP
+        >>> imbalance_ratio(mask, ulysses=2, ring=4), plan.imbalance()
+        (1.36, 1.007)
+    """
+    _check_degrees(ulysses, ring, world)
+    reward = _check_reward(reward)
+    if isinstance(refine_target, bool) or not isinstance(refine_target, (int, float)) or not refine_target >= 1.0:
+        raise ValueError(f"refine_target must be a number >= 1.0, got {refine_target!r}")
+    w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
+    return _plan_from(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
+                      balance_blocks=balance_blocks, per_group_blocks=per_group_blocks, uneven_heads=uneven_heads,
+                      refine=refine, refine_target=refine_target)
+
+
+def _plan_from(w: _Work, *, ulysses: int, ring: int, **options: Any) -> Plan:
+    """The planner's choice among :func:`_layouts`: the lowest ring time, ties to fewer moves."""
+    return min(_layouts(w, ulysses=ulysses, ring=ring, **options), key=_ring_key)
+
+
+def _layouts(
+    w: _Work,
+    *,
+    ulysses: int,
+    ring: int,
+    reward: float = DEFAULT_REWARD,
+    balance_heads: bool = True,
+    balance_blocks: bool = True,
+    per_group_blocks: bool = True,
+    uneven_heads: bool = False,
+    refine: bool = True,
+    refine_target: float = 1.01,
+    stats: _Stats | None = None,
+) -> list[Plan]:
+    """The candidate plans, fewest moved blocks first: the unplanned layout (contiguous heads,
+    blocks at home), balanced heads with blocks at home, and (with ``balance_blocks``) balanced
+    heads and blocks. Each carries its exact ``tile_work``. Two passes over the work."""
+    H, nb, U, R = w.heads, w.num_blocks, ulysses, ring
+    counts = _head_counts(H, U, uneven_heads)
+    _check_ring(R, nb)
+    st = _stats(w, R) if stats is None else stats  # pass 1
+    off = np.cumsum([0] + counts).tolist()
+    contiguous = [list(range(off[k], off[k + 1])) for k in range(U)]
+    groups = _balance_heads(st.rows.sum(1).tolist(), counts, refine) if balance_heads else contiguous
+    home = _home(nb, R)
+    caps = np.bincount(home, minlength=R).tolist()
+    sums: dict[tuple[int, ...], np.ndarray] = {}  # pass 2: each head group's summed work, once
+
+    def group_sum(g: list[int]) -> np.ndarray:
+        if tuple(g) not in sums:
+            sums[tuple(g)] = _group_sum(w, g)
+        return sums[tuple(g)]
+
+    if st.home_tiles is None:  # long rings: contiguous-layout tiles come from the group sums
+        for g in groups + contiguous:
+            group_sum(g)
+    homes = np.tile(home, (U, 1))
+    heads_only = _home_tiles(w, st, groups, R, sums)
+    unplanned = heads_only if groups is contiguous else _home_tiles(w, st, contiguous, R, sums)
+    common = dict(ulysses=U, ring=R, heads=H, q_block=w.q_block, seq_len=w.seq_len, counts=counts)
+    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=unplanned, **common)]
+    if groups is not contiguous:
+        out.append(_build_plan(groups=groups, q_owner=homes, kv_owner=homes, tile_work=heads_only, **common))
+    if balance_blocks and R > 1:
+        q_owner, kv_owner, W = homes.copy(), homes.copy(), heads_only.copy()
+        if per_group_blocks:
+            for k, g in enumerate(groups):
+                q_owner[k], kv_owner[k], W[k] = _balance_blocks(
+                    lambda g=g: group_sum(g), st.rows[g].sum(0), st.cols[g].sum(0), heads_only[k], home, caps, reward, refine, refine_target
+                )
+        else:
+            q_owner[:] = _biased_greedy(st.rows.sum(0), home, caps, reward)
+            kv_owner[:] = _biased_greedy(st.cols.sum(0), home, caps, reward)
+            for k, g in enumerate(groups):
+                W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
+        if (q_owner != homes).any() or (kv_owner != homes).any():
+            out.append(_build_plan(groups=groups, q_owner=q_owner, kv_owner=kv_owner, tile_work=W, **common))
+    return out
+
+
+def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_owner, kv_owner, tile_work) -> Plan:
+    """A Plan from the planner's arrays, skipping re-validation (the planner builds valid layouts)."""
+    plan = Plan(
+        ulysses=ulysses,
+        ring=ring,
+        heads=heads,
+        q_block=q_block,
+        seq_len=seq_len,
+        head_perm=tuple(int(h) for g in groups for h in g),
+        head_offsets=tuple(int(x) for x in np.cumsum([0] + list(counts))),
+        q_blocks=tuple(_group_tuples(q_owner[k], ring) for k in range(ulysses)),
+        kv_blocks=tuple(_group_tuples(kv_owner[k], ring) for k in range(ulysses)),
+        tile_work=None if tile_work is None else torch.from_numpy(np.ascontiguousarray(tile_work, dtype=np.int64)),
+        _checked=False,
+    )
+    # Seed the cached owner arrays that Plan would otherwise rebuild from the tuples.
+    plan.__dict__["_owners"] = (np.array(q_owner, dtype=np.int64), np.array(kv_owner, dtype=np.int64))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------- cost model
+
+
+def _check_curve(name: str, curve: object) -> tuple[tuple[float, float], ...]:
+    try:
+        points = tuple((float(d), float(t)) for d, t in curve)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a list of [density, tflops] pairs, got {curve!r}") from None
+    if not points or any(not (0.0 <= d <= 1.0) or not t > 0 for d, t in points):
+        raise ValueError(f"{name} needs at least one [density, tflops] pair with 0 <= density <= 1 and tflops > 0, got {points}")
+    if any(a[0] >= b[0] for a, b in zip(points, points[1:])):
+        raise ValueError(f"{name} densities must be strictly increasing, got {[d for d, _ in points]}")
+    return points
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The cost model's prediction for one attention call under a plan. Times in milliseconds.
+
+    ``total_ms = all_to_all_ms + exchange_ms + ring_ms``. ``rank_compute_ms[k][i]`` is the kernel
+    time of rank ``(k, i)`` summed over its ring steps, without waiting or communication: what a
+    per-rank emulated timing measures.
+    """
+
+    ulysses: int
+    ring: int
+    total_ms: float
+    all_to_all_ms: float
+    exchange_ms: float
+    ring_ms: float
+    rank_compute_ms: tuple[tuple[float, ...], ...]
+    imbalance: float
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Latency model of one parallel sparse attention call: compute + communication.
+
+    Per head group ``k`` and ring step ``t``, every rank runs its tile ``W[k, i, (i + t) % R]``
+    (``call_overhead_us + 4 * D * entries / throughput``, nothing for an empty tile) while the
+    next K/V chunk travels (``comm_latency_us + bytes / bandwidth``); the step lasts
+    ``max(slowest rank's compute, transfer)`` (no transfer after the last step). The call adds
+    the Ulysses all-to-all of q, k, v and o (each rank sends ``(U - 1) / U`` of its shard) and,
+    for plans that move blocks, the block exchange (the most loaded rank's moved q, o, k and v
+    blocks). Kernel throughput is interpolated linearly in the mask density from the curve of its
+    kind (block masks: ``kv_tile == q_block``; fine-grained: ``kv_tile < q_block``).
+
+    Bandwidths are per GPU and direction. A group runs at ``nvlink_gbps`` when it fits inside one
+    node of ``gpus_per_node`` GPUs (Ulysses groups are consecutive ranks: ``U`` must divide
+    ``gpus_per_node``; ring groups are strided by ``U``, so they fit only when ``U * R <=
+    gpus_per_node``), otherwise at ``internode_gbps`` (conservative: its slowest hop sets the pace).
+
+    The default calibration is ``dbsp/cost_model.json`` (:meth:`default`); the kernel benchmark
+    writes the same format (:meth:`to_json`, :meth:`from_json`).
+
+    Args:
+        block_tflops: ``((density, effective TFLOPS), ...)`` for block masks, densities increasing.
+        fine_tflops: the same for fine-grained masks.
+        call_overhead_us: fixed cost of one kernel call (one non-empty ring step), microseconds.
+        comm_latency_us: fixed cost of one transfer or collective, microseconds.
+        nvlink_gbps: intra-node bandwidth, GB/s.
+        internode_gbps: inter-node bandwidth, GB/s.
+        gpus_per_node: GPUs that share the fast interconnect.
+        source: where the numbers come from (free text; not compared).
+    """
+
+    block_tflops: tuple[tuple[float, float], ...]
+    fine_tflops: tuple[tuple[float, float], ...]
+    call_overhead_us: float
+    comm_latency_us: float
+    nvlink_gbps: float
+    internode_gbps: float
+    gpus_per_node: int
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_tflops", _check_curve("block_tflops", self.block_tflops))
+        object.__setattr__(self, "fine_tflops", _check_curve("fine_tflops", self.fine_tflops))
+        for name in ("call_overhead_us", "comm_latency_us", "nvlink_gbps", "internode_gbps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
+            if value < 0 or (name.endswith("gbps") and value == 0):
+                raise ValueError(f"{name} must be {'> 0' if name.endswith('gbps') else '>= 0'}, got {value}")
+        check_positive_int("gpus_per_node", self.gpus_per_node)
+
+    # ------------------------------------------------------------------ loading
+
+    _FIELDS = ("block_tflops", "fine_tflops", "call_overhead_us", "comm_latency_us", "nvlink_gbps", "internode_gbps", "gpus_per_node")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CostModel":
+        """Load a calibration: a JSON object with the fields above (extra keys are documentation
+        and are ignored; ``source`` is kept). A missing field raises ``ValueError`` naming it."""
+        text = path.read_text() if hasattr(path, "read_text") else Path(path).read_text()
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a cost model must be a JSON object, got {type(data).__name__}")
+        missing = [f for f in cls._FIELDS if f not in data]
+        if missing:
+            raise ValueError(f"{path}: cost model JSON lacks {missing}; it needs {list(cls._FIELDS)}")
+        return cls(**{f: data[f] for f in cls._FIELDS}, source=str(data.get("source", path)))
+
+    @classmethod
+    def default(cls) -> "CostModel":
+        """The documented default calibration shipped as ``dbsp/cost_model.json``."""
+        return cls.from_json(resources.files("dbsp").joinpath("cost_model.json"))
+
+    def to_json(self, path: str | Path, **extra: object) -> None:
+        """Write this calibration (plus ``extra`` documentation keys) in the :meth:`from_json` format."""
+        data = {**extra, "source": self.source, **{f: getattr(self, f) for f in self._FIELDS}}
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+    # ------------------------------------------------------------------ prediction
+
+    def tflops(self, *, density: float, fine_grained: bool) -> float:
+        """Effective kernel TFLOPS at ``density`` (linear between points, flat outside)."""
+        curve = self.fine_tflops if fine_grained else self.block_tflops
+        return float(np.interp(density, [d for d, _ in curve], [t for _, t in curve]))
+
+    def _bandwidth(self, group: int, span: int) -> float:
+        """Bytes/s of a group of ``group`` ranks spread over ``span`` consecutive global ranks."""
+        g = self.gpus_per_node
+        inside = span <= g and g % span == 0 if group > 1 else True
+        return (self.nvlink_gbps if inside else self.internode_gbps) * 1e9
+
+    def predict(
+        self,
+        plan: Plan,
+        *,
+        head_dim: int = 128,
+        batch: int = 1,
+        element_bytes: int = 2,
+        kv_tile: int | None = None,
+        density: float | None = None,
+    ) -> Prediction:
+        """Predicted time of one attention call under ``plan`` (which must carry ``tile_work``).
+
+        Args:
+            plan: the partition, with ``tile_work`` of the mask (``make_plan`` fills it).
+            head_dim: D. Default: 128.
+            batch: B, for the communicated bytes (``tile_work`` already sums the batch). Default: 1.
+            element_bytes: bytes per q/k/v/o element. Default: 2 (bf16).
+            kv_tile: the mask's key tile; ``None`` or ``q_block`` means a block mask. Default: None.
+            density: the mask density for the throughput curve. Default: from ``tile_work``.
+
+        Returns:
+            A :class:`Prediction`.
+        """
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a dbsp Plan, got {type(plan).__name__}")
+        for name, value in (("head_dim", head_dim), ("batch", batch), ("element_bytes", element_bytes)):
+            check_positive_int(name, value)
+        W = plan._need_tile_work().numpy()
+        U, R, S, H = plan.ulysses, plan.ring, plan.seq_len, plan.heads
+        if density is None:
+            density = float(W.sum()) / (batch * H * S * S)
+        fine = kv_tile is not None and kv_tile < plan.q_block
+        rate = self.tflops(density=density, fine_grained=fine) * 1e12
+        D = _steps(W)  # (U, R, R): D[k, i, t]
+        compute = np.where(D > 0, self.call_overhead_us * 1e-6 + D * (4.0 * head_dim) / rate, 0.0)
+        lat = self.comm_latency_us * 1e-6
+        heads_k = np.array(plan.heads_per_rank, dtype=np.float64)
+        ring_bw = self._bandwidth(R, U * R)
+        token_bytes = batch * head_dim * element_bytes  # one token of one head
+        ring_ms = all_to_all_ms = exchange_ms = 0.0
+        if R > 1:
+            kv_tokens = max(len(b) for group in plan.kv_blocks for b in group) * plan.q_block
+            p2p = lat + 2 * kv_tokens * heads_k * token_bytes / ring_bw  # (U,) K and V of one chunk
+            steps = compute.max(1)  # (U, R): slowest rank per step
+            ring_ms = 1e3 * float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max())
+            q_moved = plan.exchange_counts("q").numpy()
+            kv_moved = plan.exchange_counts("kv").numpy()
+            out = [(q_moved[k].sum(1) - np.diag(q_moved[k]), kv_moved[k].sum(1) - np.diag(kv_moved[k])) for k in range(U)]
+            blocks = max(float(2 * (q.max() + kv.max()) * heads_k[k]) for k, (q, kv) in enumerate(out))
+            if blocks > 0:
+                exchange_ms = 1e3 * (2 * lat + blocks * plan.q_block * token_bytes / ring_bw)
+        else:
+            ring_ms = 1e3 * float(compute[:, 0, 0].max())
+        if U > 1:
+            shard = _cdiv(S, U * R) * H * token_bytes  # one tensor's local shard
+            all_to_all_ms = 1e3 * (2 * lat + 4 * shard * (U - 1) / U / self._bandwidth(U, U))
+        return Prediction(
+            ulysses=U,
+            ring=R,
+            total_ms=all_to_all_ms + exchange_ms + ring_ms,
+            all_to_all_ms=all_to_all_ms,
+            exchange_ms=exchange_ms,
+            ring_ms=ring_ms,
+            rank_compute_ms=tuple(tuple(float(x) for x in row) for row in 1e3 * compute.sum(2)),
+            imbalance=_rho(plan.tile_work),
+        )
+
+
+# ---------------------------------------------------------------------------------------- degree choice
+
+
+@dataclass(frozen=True)
+class DegreeChoice:
+    """One scored ``(ulysses, ring)`` candidate: its plan and the cost model's prediction."""
+
+    ulysses: int
+    ring: int
+    plan: Plan
+    prediction: Prediction
+
+
+def _candidates(world: int, heads: int, num_blocks: int, uneven_heads: bool) -> list[tuple[int, int]]:
+    out = []
+    for u in range(1, world + 1):
+        if world % u == 0 and u <= heads and (uneven_heads or heads % u == 0) and world // u <= num_blocks:
+            out.append((u, world // u))
+    if not out:
+        raise ValueError(
+            f"no (ulysses, ring) with ulysses * ring = world={world}, ulysses dividing heads={heads}"
+            f"{' (or uneven)' if uneven_heads else ''} and ring <= num_blocks={num_blocks}"
+        )
+    return out
+
+
+def score_degrees(
+    mask_or_work: "SparseMask | torch.Tensor",
+    *,
+    world: int,
+    heads: int | None = None,
+    cost_model: CostModel | None = None,
+    balance: bool = True,
+    reward: float = DEFAULT_REWARD,
+    uneven_heads: bool = False,
+    head_dim: int = 128,
+    element_bytes: int = 2,
+    q_block: int | None = None,
+    seq_len: int | None = None,
+) -> list[DegreeChoice]:
+    """Plan and score every factorisation ``world = ulysses * ring`` that the head count allows.
+
+    Candidates: every divisor ``U`` of ``world`` with ``U <= heads`` and ``heads % U == 0`` (any
+    ``U <= heads`` with ``uneven_heads``), ``R = world / U <= num_blocks``. With ``balance``,
+    each candidate keeps the faster (by the cost model) of the full plan and the plan that
+    balances heads only, so blocks move only where the exchange pays for itself.
+
+    Args:
+        mask_or_work: a ``SparseMask`` or its ``work()`` tensor (then ``q_block``/``seq_len``).
+        world: P, the number of ranks.
+        heads: H, checked against the mask when given. Default: the mask's.
+        cost_model: Default: :meth:`CostModel.default`.
+        balance: plan with :func:`make_plan` (else the unbalanced identity layout). Default: True.
+        reward, uneven_heads: as in :func:`make_plan`.
+        head_dim, element_bytes: as in :meth:`CostModel.predict`.
+
+    Returns:
+        One :class:`DegreeChoice` per candidate, by increasing ``ulysses``.
+    """
+    check_positive_int("world", world)
+    cost_model = CostModel.default() if cost_model is None else cost_model
+    if not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a dbsp CostModel or None, got {type(cost_model).__name__}")
+    w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
+    if heads is not None and check_positive_int("heads", heads) != w.heads:
+        raise ValueError(f"heads={heads} but the mask has {w.heads} heads")
+    reward = _check_reward(reward)
+    predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
+    out = []
+    for u, r in _candidates(world, w.heads, w.num_blocks, uneven_heads and balance):
+        plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance)
+        out.append(balanced if balance else plain)
+    return out
+
+
+def _predictor(cost_model: CostModel, w: _Work, *, head_dim: int, element_bytes: int):
+    """``plan -> Prediction`` for plans of the work ``w``."""
+    kv_tile = w.kv_tile if w.kv_tile is not None else w.q_block
+    return lambda plan: cost_model.predict(plan, head_dim=head_dim, batch=w.batch, element_bytes=element_bytes, kv_tile=kv_tile)
+
+
+def _moved(plan: Plan) -> int:
+    return plan.moved_blocks("q") + plan.moved_blocks("kv")
+
+
+def _ring_key(plan: Plan) -> tuple[int, int]:
+    """Order plans by their slowest group's ring time, then by moved blocks."""
+    return int(_step_work(plan.tile_work).sum(1).max()), _moved(plan)
+
+
+def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None):
+    """``(unbalanced, balanced)`` DegreeChoices of one ``(U, R)`` from one set of passes.
+
+    The unbalanced one exists where ``U`` divides the heads. The balanced one (with ``balance``)
+    is the faster, by the cost model, of the planner's choice and the layouts that move no
+    blocks, so blocks move only where the exchange pays for itself.
+    """
+    if not balance:
+        plan = _layouts(w, ulysses=u, ring=r, balance_heads=False, balance_blocks=False, stats=stats)[0]
+        return DegreeChoice(u, r, plan, predict(plan)), None
+    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats)
+    plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
+    chosen = min(layouts, key=_ring_key)
+    options = [chosen] + [p for p in layouts if p is not chosen and _moved(p) == 0]
+    pred, _, plan = min(((predict(p), n, p) for n, p in enumerate(options)), key=lambda x: (x[0].total_ms, x[0].imbalance, x[1]))
+    return plain, DegreeChoice(u, r, plan, pred)
+
+
+def choose_degrees(
+    mask_or_work: "SparseMask | torch.Tensor",
+    *,
+    world: int,
+    heads: int,
+    cost_model: CostModel | None = None,
+    **options: Any,
+) -> tuple[int, int, Plan]:
+    """The fastest ``(ulysses, ring)`` for this mask on ``world`` ranks, and its plan.
+
+    Scores every allowed factorisation with :func:`score_degrees` (same keyword options) and
+    returns the one with the least predicted time (ties: the larger ``ulysses``, fewer ring steps).
+    Run it per layer and step, or let :class:`PlanCache` decide when to re-run it.
+
+    Example::
+
+        >>> u, r, plan = choose_degrees(mask, world=8, heads=40)     # doctest: +SKIP
+        >>> (u, r), plan.imbalance()
+        ((4, 2), 1.004)
+
+    Returns:
+        ``(ulysses, ring, plan)``.
+    """
+    scored = score_degrees(mask_or_work, world=world, heads=heads, cost_model=cost_model, **options)
+    best = min(scored, key=lambda c: (c.prediction.total_ms, -c.ulysses))
+    return best.ulysses, best.ring, best.plan
+
+
+# ---------------------------------------------------------------------------------------- reuse
+
+
+class PlanCache:
+    """Plans kept across denoising steps, one per key (e.g. the layer index); re-plans on drift.
+
+    ``get(key, mask, ...)`` evaluates the new mask under the cached plan (one tile pass) and keeps
+    the plan (a *hit*) while ``rho_s <= threshold`` (db-SP's rule with P_s), or, when balancing
+    could not get below ``threshold`` (few heads or blocks per rank), while ``rho_s`` stays within
+    ``threshold - 1`` of what the plan had when it was built. Otherwise, or for a new key or
+    other degrees, it plans afresh (a *miss*). With ``world=`` instead of ``ulysses=``/``ring=`` a miss re-runs
+    :func:`choose_degrees`. A hit returns the very same ``Plan`` object, so runtime state keyed on
+    it stays valid. Deterministic: ranks that feed identical masks make identical decisions.
+
+    Args:
+        threshold: P_s >= 1. Default: ``DEFAULT_REUSE_THRESHOLD`` (1.05).
+        reward, uneven_heads: as in :func:`make_plan`.
+        cost_model, head_dim, element_bytes: for ``world=`` (degree choice).
+
+    Attributes:
+        hits, misses: counts since construction (or :meth:`clear`).
+        last_imbalance: rho_s of the last mask under the plan ``get`` returned.
+
+    Example::
+
+        >>> cache = PlanCache(threshold=1.05)
+        >>> for step in range(50):                                  # doctest: +SKIP
+        ...     plan = cache.get(layer, masks[step], ulysses=2, ring=4)
+        >>> cache.hits, cache.misses
+        (47, 3)
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: float = DEFAULT_REUSE_THRESHOLD,
+        reward: float = DEFAULT_REWARD,
+        uneven_heads: bool = False,
+        cost_model: CostModel | None = None,
+        head_dim: int = 128,
+        element_bytes: int = 2,
+    ) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 1.0:
+            raise ValueError(f"threshold must be a number >= 1.0 (P_s), got {threshold!r}")
+        self.threshold = float(threshold)
+        self._options = {"reward": _check_reward(reward), "uneven_heads": bool(uneven_heads)}
+        self._choice = {"cost_model": cost_model, "head_dim": head_dim, "element_bytes": element_bytes}
+        self._plans: dict[Any, tuple[tuple, Plan, float]] = {}  # key -> (request, plan, limit)
+        self.hits = 0
+        self.misses = 0
+        self.last_imbalance = float("nan")
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        """Forget every plan and reset the counts."""
+        self._plans.clear()
+        self.hits = self.misses = 0
+
+    def get(
+        self,
+        key: Any,
+        mask_or_work: "SparseMask | torch.Tensor",
+        *,
+        ulysses: int | None = None,
+        ring: int | None = None,
+        world: int | None = None,
+        q_block: int | None = None,
+        seq_len: int | None = None,
+    ) -> Plan:
+        """The plan for ``key`` and this mask: the cached one if it still balances, else a new one.
+
+        Give either ``ulysses`` and ``ring``, or ``world`` (degrees chosen by the cost model).
+        """
+        if world is None:
+            if ulysses is None or ring is None:
+                raise TypeError("PlanCache.get needs ulysses= and ring=, or world=")
+            check_positive_int("ulysses", ulysses)
+            check_positive_int("ring", ring)
+            request: tuple = ("degrees", ulysses, ring)
+        else:
+            if ulysses is not None or ring is not None:
+                raise TypeError("PlanCache.get takes ulysses= and ring=, or world=, not both")
+            request = ("world", check_positive_int("world", world))
+        w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
+        request += (w.heads, w.num_blocks, w.q_block, w.seq_len)
+        cached = self._plans.get(key)
+        if cached is not None and cached[0] == request:
+            rho = _rho(torch.from_numpy(_tile_work(w, cached[1])))
+            if rho <= cached[2]:
+                self.hits += 1
+                self.last_imbalance = rho
+                return cached[1]
+        self.misses += 1
+        if world is None:
+            plan = _plan_from(w, ulysses=ulysses, ring=ring, **self._options)
+        else:
+            _, _, plan = choose_degrees(w, world=world, heads=w.heads, **self._choice, **self._options)
+        self.last_imbalance = plan.imbalance()
+        rho = self.last_imbalance
+        self._plans[key] = (request, plan, self.threshold if rho <= self.threshold else rho + self.threshold - 1.0)
+        return plan

@@ -1,0 +1,553 @@
+"""db-SP planner: rho_s against a brute-force definition, plan invariants, balancing quality,
+reuse, the cost model, degree choice, determinism across processes and the ``plan`` command."""
+
+import argparse
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dbsp import SparseMask
+from dbsp import plan_cli
+from dbsp.plan import (
+    CostModel,
+    Plan,
+    PlanCache,
+    choose_degrees,
+    imbalance_ratio,
+    make_plan,
+    score_degrees,
+    tile_work,
+)
+from dbsp.plan import _biased_greedy, _home
+from dbsp.simulate import KINDS, synthetic_tiles, synthetic_work
+from harness import run_distributed
+
+FACTORISATIONS_8 = [(8, 1), (4, 2), (2, 4), (1, 8)]
+
+
+def random_work(heads, nb, *, seed, block=64, dense_range=(0.03, 0.9)):
+    """Block-mask work ``(1, H, NB, NB)`` whose heads have very different densities."""
+    g = torch.Generator().manual_seed(seed)
+    dens = torch.empty(heads).uniform_(*dense_range, generator=g)
+    tiles = torch.rand(1, heads, nb, nb, generator=g) < dens[None, :, None, None]
+    return tiles.to(torch.int32) * block * block
+
+
+# ---------------------------------------------------------------------------- brute-force oracles
+
+
+def brute_tiles(work, plan):
+    """``W[k, i, j]`` by explicit loops over the plan's head and block lists."""
+    a = work.sum(0).to(torch.int64)
+    out = torch.zeros(plan.ulysses, plan.ring, plan.ring, dtype=torch.int64)
+    for k in range(plan.ulysses):
+        for h in plan.head_group(k):
+            for i, rows in enumerate(plan.q_blocks[k]):
+                for j, cols in enumerate(plan.kv_blocks[k]):
+                    out[k, i, j] += int(a[h][list(rows)][:, list(cols)].sum())
+    return out
+
+
+def brute_rho(work, plan):
+    """rho_s straight from the definition: the ring, step by step."""
+    W = brute_tiles(work, plan)
+    U, R = plan.ulysses, plan.ring
+    T = [sum(max(int(W[k, i, (i + t) % R]) for i in range(R)) for t in range(R)) for k in range(U)]
+    total = int(W.sum())
+    return max(T) / (total / (U * R)) if total else 1.0
+
+
+def optimum_rho(work, U, R):
+    """The best rho_s over every plan the planner may return: equal head groups, and per group any
+    query and key layout that keeps every ring rank's contiguous-layout block count."""
+    a = work.sum(0).to(torch.int64).numpy()
+    H, nb, _ = a.shape
+    caps = np.bincount(_home(nb, R), minlength=R)
+    layouts = [np.array(x) for x in itertools.product(range(R), repeat=nb) if (np.bincount(x, minlength=R) == caps).all()]
+
+    def ring_time(A, q, k):
+        W = [[A[np.ix_(q == i, k == j)].sum() for j in range(R)] for i in range(R)]
+        return sum(max(W[i][(i + t) % R] for i in range(R)) for t in range(R))
+
+    def partitions(rest):
+        if not rest:
+            yield []
+            return
+        for others in itertools.combinations(rest[1:], H // U - 1):
+            g = (rest[0],) + others
+            for p in partitions([h for h in rest if h not in g]):
+                yield [g] + p
+
+    best = min(
+        max(min(ring_time(a[list(g)].sum(0), q, k) for q in layouts for k in layouts) for g in p)
+        for p in partitions(list(range(H)))
+    )
+    return best * U * R / a.sum()
+
+
+# ---------------------------------------------------------------------------- rho_s
+
+
+def test_worked_example_of_the_docstring():
+    w = torch.tensor([[[[6, 2], [1, 1]]]], dtype=torch.int32)
+    assert imbalance_ratio(w, ulysses=1, ring=2, q_block=64, seq_len=128) == pytest.approx(1.6)
+
+
+@pytest.mark.parametrize("U,R,H,S", [(1, 3, 2, 500), (2, 2, 4, 700), (3, 2, 6, 449), (2, 3, 4, 1025)])
+def test_imbalance_and_tiles_match_the_definition(U, R, H, S):
+    work = random_work(H, -(-S // 64), seed=U * 10 + R)
+    plan = make_plan(work, ulysses=U, ring=R, q_block=64, seq_len=S)
+    identity = Plan.identity(ulysses=U, ring=R, heads=H, q_block=64, seq_len=S)
+    for p in (plan, identity):
+        assert torch.equal(tile_work(work, p), brute_tiles(work, p))
+        assert imbalance_ratio(work, ulysses=U, ring=R, plan=p) == pytest.approx(brute_rho(work, p), rel=1e-12)
+    assert torch.equal(plan.tile_work, brute_tiles(work, plan))
+    assert plan.imbalance() == pytest.approx(brute_rho(work, plan), rel=1e-12)
+    assert imbalance_ratio(work, ulysses=U, ring=R, q_block=64, seq_len=S) == pytest.approx(brute_rho(work, identity))
+
+
+def test_rho_is_at_least_one_and_one_on_uniform_work():
+    uniform = torch.full((1, 8, 16, 16), 7, dtype=torch.int32)
+    for U, R in FACTORISATIONS_8:
+        assert imbalance_ratio(uniform, ulysses=U, ring=R, q_block=64, seq_len=1024) == 1.0
+        rho = imbalance_ratio(random_work(8, 16, seed=U), ulysses=U, ring=R, q_block=64, seq_len=1024)
+        assert rho >= 1.0
+    assert imbalance_ratio(torch.zeros(1, 2, 4, 4, dtype=torch.int32), ulysses=2, ring=2, q_block=64, seq_len=256) == 1.0
+
+
+def test_mask_and_its_work_give_the_same_answers():
+    tiles = synthetic_tiles(heads=4, seq_len=1000, q_block=64, frames=4, seed=3)
+    mask = SparseMask.from_dense(tiles, q_block=64, kv_tile=64, seq_len_q=1000, seq_len_kv=1000)
+    work = synthetic_work(heads=4, seq_len=1000, q_block=64, frames=4, seed=3)
+    assert torch.equal(mask.work(), work)  # the generator's exact partial-block counts
+    assert make_plan(mask, ulysses=2, ring=2) == make_plan(work, ulysses=2, ring=2, q_block=64, seq_len=1000)
+    fine = SparseMask.from_dense(tiles.repeat_interleave(8, -1)[..., :125], q_block=64, kv_tile=8, seq_len_q=1000, seq_len_kv=1000)
+    assert torch.equal(fine.work(), work)  # same keys at 64x8 granularity: same work
+    assert imbalance_ratio(fine, ulysses=1, ring=4) == imbalance_ratio(mask, ulysses=1, ring=4)
+
+
+# ---------------------------------------------------------------------------- plan invariants
+
+
+@pytest.mark.parametrize("U,R,H,S", [(2, 4, 8, 4000), (4, 2, 12, 3001), (1, 8, 4, 2049), (8, 1, 16, 999), (3, 3, 9, 1300)])
+def test_plans_are_valid_partitions_and_never_worse_than_naive(U, R, H, S):
+    nb = -(-S // 64)
+    for seed in range(3):
+        work = random_work(H, nb, seed=seed)
+        plan = make_plan(work, ulysses=U, ring=R, q_block=64, seq_len=S, world=U * R)
+        plan.validate()
+        Plan(**plan._layout())  # the validating constructor accepts it too
+        assert sorted(plan.head_perm) == list(range(H))
+        assert [plan.head_perm[j] for j in plan.inverse_head_perm] == list(range(H))
+        assert [plan.inverse_head_perm[h] for h in plan.head_perm] == list(range(H))
+        assert plan.heads_per_rank == (H // U,) * U
+        counts = np.bincount(np.arange(nb) * R // nb, minlength=R).tolist()
+        for groups in (plan.q_blocks, plan.kv_blocks):
+            for group in groups:
+                assert [len(b) for b in group] == counts  # every rank keeps its block count
+                assert sorted(b for blocks in group for b in blocks) == list(range(nb))
+        naive = imbalance_ratio(work, ulysses=U, ring=R, q_block=64, seq_len=S)
+        assert 1.0 <= plan.imbalance() <= naive
+        moved = [plan.moved_blocks(kind) for kind in ("q", "kv")]
+        ex = [plan.exchange_counts(kind) for kind in ("q", "kv")]
+        for m, c in zip(moved, ex):
+            assert int(c.sum()) == U * nb and int(c.sum()) - int(torch.diagonal(c, dim1=1, dim2=2).sum()) == m
+            assert torch.equal(c.sum(2), c.sum(1))  # each rank sends as many blocks as it receives
+
+
+def test_identity_plan_and_validation_errors():
+    p = Plan.identity(ulysses=2, ring=3, heads=4, q_block=64, seq_len=1000)
+    assert p.head_perm == (0, 1, 2, 3) and p.head_offsets == (0, 2, 4) and p.num_blocks == 16
+    assert p.q_blocks[0] == (tuple(range(0, 6)), tuple(range(6, 11)), tuple(range(11, 16)))
+    assert [p.home(b) for b in (0, 5, 6, 15)] == [0, 0, 1, 2]
+    assert p.moved_blocks("q") == p.moved_blocks("kv") == 0
+    good = p._layout()
+    with pytest.raises(ValueError, match="permutation of range"):
+        Plan(**{**good, "head_perm": (0, 0, 1, 2)})
+    with pytest.raises(ValueError, match="head_offsets must have length"):
+        Plan(**{**good, "head_offsets": (0, 4)})
+    with pytest.raises(ValueError, match=r"H//U and H//U \+ 1\); got counts \[1, 3\]"):
+        Plan(**{**good, "head_offsets": (0, 1, 4)})
+    with pytest.raises(ValueError, match=r"block count \[6, 5, 5\]"):
+        Plan(**{**good, "q_blocks": (((0, 1, 2, 3, 4), (5, 6, 7, 8, 9, 10), tuple(range(11, 16))),) * 2})
+    with pytest.raises(ValueError, match="partition the block ids"):
+        Plan(**{**good, "kv_blocks": ((tuple(range(6)), tuple(range(5, 10)), tuple(range(11, 16))),) * 2})
+    with pytest.raises(ValueError, match="sorted ascending"):
+        Plan(**{**good, "q_blocks": (((1, 0, 2, 3, 4, 5), tuple(range(6, 11)), tuple(range(11, 16))),) * 2})
+    with pytest.raises(ValueError, match="ulysses=2 groups"):
+        Plan(**{**good, "q_blocks": good["q_blocks"][:1]})
+    with pytest.raises(ValueError, match="no tile_work"):
+        p.imbalance()
+    # Uniform work, blocks 6/5/5: per group W = 2 * n_i * n_j, steps cost 72 + 60 + 60 = 192 against
+    # a mean of 4 * 256 / 6.
+    assert p.with_tile_work(torch.ones(1, 4, 16, 16, dtype=torch.int32)).imbalance() == pytest.approx(192 / (1024 / 6))
+    lists = Plan(**{**good, "head_perm": [0, 1, 2, 3], "q_blocks": [[list(b) for b in g] for g in good["q_blocks"]]})
+    assert lists == p and hash(lists) == hash(p)
+
+
+def test_fingerprint_and_repr():
+    work = random_work(8, 40, seed=1)
+    a = make_plan(work, ulysses=2, ring=4, q_block=64, seq_len=2500)
+    b = make_plan(work.clone(), ulysses=2, ring=4, q_block=64, seq_len=2500)
+    assert a == b and a.fingerprint() == b.fingerprint() and len(a.fingerprint()) == 16
+    c = make_plan(work, ulysses=2, ring=4, q_block=64, seq_len=2500, reward=math.inf)
+    assert c.fingerprint() != a.fingerprint() and c != a
+    ident = Plan.identity(ulysses=2, ring=4, heads=8, q_block=64, seq_len=2500)
+    assert c.q_blocks == ident.q_blocks and c.kv_blocks == ident.kv_blocks  # heads are still balanced
+    assert Plan(**{**ident._layout(), "head_perm": c.head_perm}).fingerprint() == c.fingerprint()
+    text = repr(a)
+    assert text.startswith("Plan(U=2 x R=4, H=8 (4 per rank), S=2500, 40 blocks of 64, rho_s=") and a.fingerprint() in text
+    table = a.table().splitlines()
+    assert len(table) == 9 and table[0].split()[:3] == ["rank", "k", "i"]
+
+
+# ---------------------------------------------------------------------------- balancing quality
+
+
+@pytest.mark.parametrize("kinds", [KINDS, ("window",), ("hotspot",), ("sink", "dense"), ("temporal",)], ids=lambda k: "+".join(k) if len(k) < 5 else "mix")
+def test_target_rho_at_most_1_05_on_every_factorisation_of_8(kinds):
+    """Issue 6, target 1, at CI size (Wan's 40 heads, 250 blocks); benchmarks/bench_plan.py runs
+    the full Wan2.1-14B size."""
+    for seed in (0, 1):
+        work = synthetic_work(heads=40, seq_len=16_000, frames=21, seed=seed, kinds=kinds)
+        for U, R in FACTORISATIONS_8:
+            plan = make_plan(work, ulysses=U, ring=R, q_block=64, seq_len=16_000)
+            assert plan.imbalance() <= 1.05, (kinds, seed, U, R, plan.imbalance())
+
+
+def test_within_four_thirds_of_the_brute_force_optimum_on_tiny_cases():
+    """Exhaustive search over every equal-count head grouping and block layout (2-4 heads, 3-5
+    blocks, U <= 2, R <= 3). The planner is a heuristic; over these 60 seeded cases it stays
+    within 4/3 of the optimum (the classic LPT bound; measured worst 1.33, mean 1.01)."""
+    rng = np.random.default_rng(0)
+    ratios = []
+    for case in range(60):
+        H, nb = int(rng.choice([2, 4])), int(rng.integers(3, 6))
+        U, R = int(rng.choice([1, 2])), int(rng.choice([1, 2, 3]))
+        dens = rng.uniform(0.05, 0.95, H)
+        values = 4096 if case % 2 else rng.integers(1, 4097, (H, nb, nb))
+        a = ((rng.random((H, nb, nb)) < dens[:, None, None]) * values).astype(np.int32)
+        if a.sum() == 0:
+            continue
+        work = torch.from_numpy(a)[None]
+        plan = make_plan(work, ulysses=U, ring=R, q_block=64, seq_len=64 * nb)
+        ratios.append(plan.imbalance() / optimum_rho(work, U, R))
+    assert min(ratios) >= 1.0 - 1e-12  # nothing beats the optimum: the oracle is sound
+    assert max(ratios) <= 4 / 3 + 1e-12 and float(np.mean(ratios)) <= 1.05
+
+
+def test_head_level_lpt_with_swaps():
+    # Ulysses only: rho_s is max group work / mean; 8 heads, 4 groups of 2.
+    weights = [90, 80, 70, 60, 40, 30, 20, 10]
+    work = torch.tensor(weights, dtype=torch.int32)[None, :, None, None].expand(1, 8, 1, 1).contiguous()
+    plan = make_plan(work, ulysses=4, ring=1, q_block=64, seq_len=64)
+    groups = sorted(sorted(weights[h] for h in plan.head_group(k)) for k in range(4))
+    assert groups == [[10, 90], [20, 80], [30, 70], [40, 60]]  # every pair sums to 100: optimal
+    assert plan.imbalance() == 1.0
+    assert make_plan(work, ulysses=4, ring=1, q_block=64, seq_len=64, balance_heads=False).head_perm == tuple(range(8))
+
+
+def test_uneven_heads():
+    work = random_work(10, 24, seed=5)
+    with pytest.raises(ValueError, match="must divide heads=10"):
+        make_plan(work, ulysses=4, ring=2, q_block=64, seq_len=1536)
+    plan = make_plan(work, ulysses=4, ring=2, q_block=64, seq_len=1536, uneven_heads=True)
+    assert plan.heads_per_rank == (3, 3, 2, 2) and plan.head_offsets == (0, 3, 6, 8, 10)
+    assert plan.imbalance() == pytest.approx(brute_rho(work, plan))
+    one = Plan.identity(ulysses=1, ring=2, heads=10, q_block=64, seq_len=1536)
+    contiguous = Plan(ulysses=4, ring=2, heads=10, q_block=64, seq_len=1536, head_perm=tuple(range(10)),
+                      head_offsets=(0, 3, 6, 8, 10), q_blocks=one.q_blocks * 4, kv_blocks=one.kv_blocks * 4)
+    assert plan.imbalance() <= brute_rho(work, contiguous)
+
+
+def test_reward_zero_is_plain_greedy_and_infinity_keeps_blocks_home():
+    rng = np.random.default_rng(1)
+    for R, nb in ((2, 9), (3, 20), (8, 101)):
+        home = _home(nb, R)
+        caps = np.bincount(home, minlength=R).tolist()
+        weights = rng.integers(0, 50, nb)
+        # Plain greedy, written independently: heaviest first, least loaded rank with room,
+        # ties to the block's home and then to the lowest rank.
+        load, cnt, expected = [0] * R, [0] * R, np.empty(nb, dtype=np.int64)
+        for b in sorted(range(nb), key=lambda b: (-weights[b], b)):
+            open_ = [g for g in range(R) if cnt[g] < caps[g]]
+            lo = min(load[g] for g in open_)
+            g = home[b] if home[b] in open_ and (load[home[b]] == lo or weights[b] == 0) else min(g for g in open_ if load[g] == lo)
+            expected[b] = g
+            load[g] += weights[b]
+            cnt[g] += 1
+        assert np.array_equal(_biased_greedy(weights, home, caps, 0.0), expected)
+        assert np.array_equal(_biased_greedy(weights, home, caps, math.inf), home)
+        assert np.array_equal(_biased_greedy(weights, home, caps, 1e9), home)
+        moved = [int((_biased_greedy(weights, home, caps, rb) != home).sum()) for rb in (0.0, 1.0, 2.0, 10.0)]
+        assert moved[0] >= moved[-1]
+    work = synthetic_work(heads=8, seq_len=6400, frames=5, seed=2)
+    plan = make_plan(work, ulysses=2, ring=4, q_block=64, seq_len=6400, reward=math.inf)
+    identity_blocks = Plan.identity(ulysses=2, ring=4, heads=8, q_block=64, seq_len=6400).q_blocks
+    assert plan.q_blocks == plan.kv_blocks == identity_blocks and plan.moved_blocks("q") == 0
+
+
+def test_per_group_blocks_and_shared_blocks():
+    work = synthetic_work(heads=8, seq_len=8000, frames=6, seed=4)
+    shared = make_plan(work, ulysses=2, ring=4, q_block=64, seq_len=8000, per_group_blocks=False, refine=False)
+    if shared.moved_blocks("q"):
+        assert shared.q_blocks[0] == shared.q_blocks[1] and shared.kv_blocks[0] == shared.kv_blocks[1]
+    own = make_plan(work, ulysses=2, ring=4, q_block=64, seq_len=8000)
+    assert own.imbalance() <= shared.imbalance()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_get_clear_errors():
+    work = random_work(8, 16, seed=0)
+    kw = dict(q_block=64, seq_len=1024)
+    with pytest.raises(ValueError, match=r"ulysses=3 must divide heads=8"):
+        make_plan(work, ulysses=3, ring=2, **kw)
+    with pytest.raises(ValueError, match=r"ulysses \* ring must equal world: 2 \* 2 = 4 != world=8"):
+        make_plan(work, ulysses=2, ring=2, world=8, **kw)
+    with pytest.raises(ValueError, match=r"ulysses \* ring must equal world"):
+        imbalance_ratio(work, ulysses=4, ring=4, world=8, **kw)
+    with pytest.raises(ValueError, match="ring=32 exceeds the number of blocks 16"):
+        make_plan(work, ulysses=1, ring=32, **kw)
+    with pytest.raises(ValueError, match="ulysses=16 exceeds heads=8"):
+        make_plan(work, ulysses=16, ring=1, **kw)
+    with pytest.raises(ValueError, match=r"\(B, H, NB, NB\) with NB = ceil\(seq_len / q_block\) = ceil\(1000 / 64\) = 16; got \(8, 16, 16\)"):
+        make_plan(work[0], ulysses=2, ring=2, q_block=64, seq_len=1000)
+    with pytest.raises(ValueError, match=r"ceil\(2000 / 64\) = 32; got \(1, 8, 16, 16\)"):
+        make_plan(work, ulysses=2, ring=2, q_block=64, seq_len=2000)
+    with pytest.raises(ValueError, match=r"got \(1, 8, 16, 15\)"):
+        make_plan(work[..., :15], ulysses=2, ring=2, **kw)
+    with pytest.raises(TypeError, match="integer tensor"):
+        make_plan(work.float(), ulysses=2, ring=2, **kw)
+    with pytest.raises(ValueError, match="non-negative"):
+        make_plan(-work, ulysses=2, ring=2, **kw)
+    with pytest.raises(TypeError, match="needs q_block= and seq_len="):
+        make_plan(work, ulysses=2, ring=2)
+    with pytest.raises(TypeError, match="SparseMask or a work tensor"):
+        make_plan(work.numpy(), ulysses=2, ring=2, **kw)
+    with pytest.raises(ValueError, match="reward must be >= 0"):
+        make_plan(work, ulysses=2, ring=2, reward=-1.0, **kw)
+    with pytest.raises(TypeError, match="ulysses must be an int"):
+        make_plan(work, ulysses=2.0, ring=2, **kw)
+    cross = SparseMask.full(1, 2, 100, 200, q_block=64)
+    with pytest.raises(ValueError, match="self-attention"):
+        make_plan(cross, ulysses=1, ring=2)
+    mask = SparseMask.full(1, 8, 1024, 1024, q_block=64)
+    with pytest.raises(ValueError, match="q_block=32 disagrees with the mask's q_block=64"):
+        make_plan(mask, ulysses=2, ring=2, q_block=32)
+    other = Plan.identity(ulysses=2, ring=2, heads=8, q_block=64, seq_len=2048)
+    with pytest.raises(ValueError, match=r"ceil\(2048 / 64\) = 32; got \(1, 8, 16, 16\)"):
+        tile_work(work, other)
+    with pytest.raises(ValueError, match="work is for heads=8, .* but the plan is for heads=4"):
+        tile_work(work, Plan.identity(ulysses=2, ring=2, heads=4, q_block=64, seq_len=1024))
+    with pytest.raises(ValueError, match="plan is for ulysses=2, ring=2, not ulysses=1, ring=4"):
+        imbalance_ratio(work, ulysses=1, ring=4, plan=other)
+
+
+# ---------------------------------------------------------------------------- reuse
+
+
+def test_plan_cache_reuses_while_the_mask_drifts_slowly():
+    kw = dict(heads=8, seq_len=6400, frames=10, seed=7, kinds=("hotspot", "dense", "sink"))
+    cache = PlanCache(threshold=1.05)
+    plans = []
+    for step in range(12):
+        work = synthetic_work(step=step, drift=0.002, **kw)
+        plans.append(cache.get("layer0", work, ulysses=2, ring=4, q_block=64, seq_len=6400))
+        assert cache.last_imbalance == pytest.approx(imbalance_ratio(work, ulysses=2, ring=4, plan=plans[-1]))
+        assert cache.last_imbalance <= 1.05
+    assert cache.misses >= 1 and cache.hits >= 6 and cache.hits + cache.misses == 12
+    assert plans[1] is plans[0]  # a hit returns the very same object
+    # A different mask under the same key: the old plan is far off, so it re-plans.
+    before = cache.misses
+    other = synthetic_work(heads=8, seq_len=6400, frames=10, seed=8, kinds=("window",))
+    fresh = cache.get("layer0", other, ulysses=2, ring=4, q_block=64, seq_len=6400)
+    assert cache.misses == before + 1 and fresh.imbalance() == cache.last_imbalance
+    # Other degrees or another key: a miss.
+    cache.get("layer0", other, ulysses=4, ring=2, q_block=64, seq_len=6400)
+    cache.get("layer1", other, ulysses=4, ring=2, q_block=64, seq_len=6400)
+    assert cache.misses == before + 3 and len(cache) == 2
+    # A plan that cannot reach P_s is kept while the mask does not get worse under it.
+    strict = PlanCache(threshold=1.0)
+    first = strict.get(0, other, ulysses=2, ring=4, q_block=64, seq_len=6400)
+    assert first.imbalance() > 1.0 and strict.get(0, other.clone(), ulysses=2, ring=4, q_block=64, seq_len=6400) is first
+    worse = other.clone()
+    worse[0, first.head_group(0)[0], list(first.q_blocks[0][0])] *= 3  # pile work on one rank
+    assert strict.get(0, worse, ulysses=2, ring=4, q_block=64, seq_len=6400) is not first
+    assert (strict.hits, strict.misses) == (1, 2)
+    cache.clear()
+    assert (cache.hits, cache.misses, len(cache)) == (0, 0, 0)
+
+
+def test_plan_cache_with_degree_choice_and_errors():
+    work = synthetic_work(heads=8, seq_len=4096, frames=4, seed=1)
+    cache = PlanCache()
+    p1 = cache.get(0, work, world=8, q_block=64, seq_len=4096)
+    p2 = cache.get(0, work, world=8, q_block=64, seq_len=4096)
+    u, r, chosen = choose_degrees(work, world=8, heads=8, q_block=64, seq_len=4096)
+    assert p1 is p2 and (p1.ulysses, p1.ring) == (u, r) and p1 == chosen and (cache.hits, cache.misses) == (1, 1)
+    with pytest.raises(TypeError, match="ulysses= and ring=, or world="):
+        cache.get(0, work, ulysses=2, q_block=64, seq_len=4096)
+    with pytest.raises(TypeError, match="not both"):
+        cache.get(0, work, ulysses=2, ring=4, world=8, q_block=64, seq_len=4096)
+    with pytest.raises(ValueError, match="threshold must be a number >= 1.0"):
+        PlanCache(threshold=0.9)
+
+
+# ---------------------------------------------------------------------------- cost model
+
+
+def model(**over):
+    base = dict(block_tflops=[[0.0, 400.0], [1.0, 400.0]], fine_tflops=[[0.0, 300.0], [1.0, 300.0]], call_overhead_us=10.0,
+                comm_latency_us=5.0, nvlink_gbps=100.0, internode_gbps=10.0, gpus_per_node=8)
+    return CostModel(**{**base, **over})
+
+
+def test_cost_model_json_round_trip_and_errors(tmp_path):
+    default = CostModel.default()
+    assert default.tflops(density=0.5, fine_grained=False) == 400.0 and default.tflops(density=0.5, fine_grained=True) == 300.0
+    path = tmp_path / "cm.json"
+    m = model(block_tflops=[[0.1, 200.0], [0.5, 400.0]])
+    m.to_json(path, device="test")
+    assert CostModel.from_json(path) == m and json.loads(path.read_text())["device"] == "test"
+    assert m.tflops(density=0.3, fine_grained=False) == pytest.approx(300.0)  # linear in between
+    assert m.tflops(density=0.05, fine_grained=False) == 200.0 and m.tflops(density=0.9, fine_grained=False) == 400.0
+    data = json.loads(path.read_text())
+    del data["nvlink_gbps"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"lacks \['nvlink_gbps'\]"):
+        CostModel.from_json(path)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        model(block_tflops=[[0.5, 1.0], [0.1, 2.0]])
+    with pytest.raises(ValueError, match="nvlink_gbps must be > 0"):
+        model(nvlink_gbps=0.0)
+
+
+def test_cost_model_against_hand_formulas():
+    m, D = model(), 128
+    work = random_work(4, 8, seed=2)  # S = 512, 4 heads
+    rate = 400e12
+    entries = int(work.sum())
+    one = make_plan(work, ulysses=1, ring=1, q_block=64, seq_len=512)
+    pred = m.predict(one, head_dim=D)
+    assert pred.total_ms == pytest.approx(1e3 * (10e-6 + 4 * D * entries / rate))
+    assert pred.all_to_all_ms == pred.exchange_ms == 0.0
+    # Ulysses: max group compute + the all-to-all of q, k, v, o (each rank sends 1/2 of its shard).
+    uly = Plan.identity(ulysses=2, ring=1, heads=4, q_block=64, seq_len=512).with_tile_work(work)
+    p = m.predict(uly, head_dim=D)
+    groups = [int(work[0, 2 * k : 2 * k + 2].sum()) for k in range(2)]
+    shard = 256 * 4 * D * 2
+    assert p.all_to_all_ms == pytest.approx(1e3 * (2 * 5e-6 + 4 * shard * 0.5 / 100e9))
+    assert p.ring_ms == pytest.approx(1e3 * (10e-6 + 4 * D * max(groups) / rate))
+    # Ring: each step costs max(slowest tile, K/V transfer); the last step has no transfer.
+    ring = Plan.identity(ulysses=1, ring=2, heads=4, q_block=64, seq_len=512).with_tile_work(work)
+    W = ring.tile_work[0]
+    comp = lambda x: 0.0 if x == 0 else 10e-6 + 4 * D * int(x) / rate  # noqa: E731
+    p2p = 5e-6 + 2 * 256 * 4 * D * 2 / 100e9
+    steps = [max(comp(W[0, 0]), comp(W[1, 1])), max(comp(W[0, 1]), comp(W[1, 0]))]
+    assert m.predict(ring, head_dim=D).ring_ms == pytest.approx(1e3 * (max(steps[0], p2p) + steps[1]))
+    assert m.predict(ring, head_dim=D).rank_compute_ms[0] == pytest.approx((1e3 * (comp(W[0, 0]) + comp(W[0, 1])), 1e3 * (comp(W[1, 1]) + comp(W[1, 0]))))
+    # Past one node the ring runs at the inter-node bandwidth.
+    big = Plan.identity(ulysses=1, ring=16, heads=4, q_block=64, seq_len=64 * 16)
+    slow = model(call_overhead_us=0.0).predict(big.with_tile_work(torch.zeros(1, 4, 16, 16, dtype=torch.int32)), head_dim=D)
+    assert slow.ring_ms == pytest.approx(1e3 * 15 * (5e-6 + 2 * 64 * 4 * D * 2 / 10e9))
+
+
+def test_choose_degrees_enumerates_what_the_heads_allow():
+    work = synthetic_work(heads=12, seq_len=6000, frames=6, seed=3)
+    kw = dict(world=8, q_block=64, seq_len=6000, cost_model=model())
+    assert [(c.ulysses, c.ring) for c in score_degrees(work, **kw)] == [(1, 8), (2, 4), (4, 2)]
+    assert [(c.ulysses, c.ring) for c in score_degrees(work, uneven_heads=True, **kw)] == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    scored = score_degrees(work, **kw)
+    best = min(scored, key=lambda c: c.prediction.total_ms)
+    u, r, plan = choose_degrees(work, heads=12, **kw)
+    assert (u, r) == (best.ulysses, best.ring) and plan == best.plan
+    plain = score_degrees(work, balance=False, **kw)
+    for a, b in zip(scored, plain):  # balanced candidates include the unbalanced layout
+        assert a.prediction.total_ms <= b.prediction.total_ms + 1e-12
+        assert b.plan == Plan.identity(ulysses=b.ulysses, ring=b.ring, heads=12, q_block=64, seq_len=6000)
+    with pytest.raises(ValueError, match="heads=10 but the mask has 12 heads"):
+        choose_degrees(work, heads=10, **kw)
+    with pytest.raises(ValueError, match="no \\(ulysses, ring\\)"):
+        score_degrees(torch.ones(1, 12, 2, 2, dtype=torch.int32), world=16, q_block=64, seq_len=128)
+
+
+# ---------------------------------------------------------------------------- determinism
+
+
+def _plan_in_process(rank, world):
+    work = synthetic_work(heads=12, seq_len=9000, frames=7, seed=11)
+    plans = [make_plan(work, ulysses=u, ring=r, q_block=64, seq_len=9000) for u, r in ((2, 4), (1, 8), (4, 2))]
+    u, r, chosen = choose_degrees(work, world=8, heads=12, q_block=64, seq_len=9000)
+    return [p.fingerprint() for p in plans] + [chosen.fingerprint(), f"{u}x{r}"], [p.imbalance() for p in plans]
+
+
+def test_identical_plans_and_fingerprints_across_processes():
+    here = _plan_in_process(0, 1)
+    there = run_distributed(_plan_in_process, 2, timeout=180)
+    assert there[0] == there[1] == here
+
+
+# ---------------------------------------------------------------------------- the plan command
+
+
+def test_plan_command_prints_before_and_after(tmp_path, capsys):
+    tiles = synthetic_tiles(heads=8, seq_len=3000, frames=5, seed=9)
+    mask = SparseMask.from_dense(tiles, q_block=64, kv_tile=64, seq_len_q=3000, seq_len_kv=3000)
+    path = tmp_path / "mask.pt"
+    torch.save({f: getattr(mask, f) for f in ("offsets", "indices", "q_block", "kv_tile", "seq_len_q", "seq_len_kv")}, path)
+    parser = argparse.ArgumentParser()
+    plan_cli.add_cli_arguments(parser)
+    assert plan_cli.run_cli(parser.parse_args(["--mask", str(path), "--ulysses", "2", "--ring", "4"])) == 0
+    out = capsys.readouterr().out
+    rho_before = imbalance_ratio(mask, ulysses=2, ring=4)
+    rho_after = make_plan(mask, ulysses=2, ring=4).imbalance()
+    assert f"before (contiguous heads and blocks): rho_s = {rho_before:.4f}" in out
+    assert f"after (db-SP, R_b = 2): rho_s = {rho_after:.4f}" in out
+    assert out.count("\n    7   1    3 ") == 2  # both tables list the last rank
+    torch.save(mask.work(), path)
+    args = parser.parse_args(["--mask", str(path), "--ulysses", "4", "--ring", "2", "--q-block", "64", "--seq-len", "3000"])
+    assert plan_cli.run_cli(args) == 0
+    torch.save([1, 2], path)
+    with pytest.raises(ValueError, match="expected a work tensor"):
+        plan_cli.run_cli(parser.parse_args(["--mask", str(path), "--ulysses", "2", "--ring", "4"]))
+
+
+# ---------------------------------------------------------------------------- the device path
+
+
+def _torch_work(work, q_block, seq_len):
+    """The planner's input as the device path sees it (cells stay a torch tensor), on CPU."""
+    from dbsp.plan import _as_work, _Work
+
+    w = _as_work(work, q_block=q_block, seq_len=seq_len)
+    return _Work(work[0] if work.shape[0] == 1 else work.sum(0, dtype=torch.int64), q_block, seq_len, None, work.shape[0], w.cell_max)
+
+
+@pytest.mark.parametrize("U,R,B", [(2, 4, 1), (1, 3, 2), (4, 1, 1), (1, 20, 1)])
+def test_device_code_path_matches_the_numpy_path(U, R, B):
+    from dbsp.plan import _as_work, _plan_from, _tile_work
+
+    work = torch.cat([synthetic_work(heads=8, seq_len=2600, frames=4, seed=s) for s in range(B)])
+    host = _as_work(work, q_block=64, seq_len=2600)
+    dev = _torch_work(work, 64, 2600)
+    a = _plan_from(host, ulysses=U, ring=R)
+    b = _plan_from(dev, ulysses=U, ring=R)
+    assert a == b and torch.equal(a.tile_work, b.tile_work)
+    assert np.array_equal(_tile_work(dev, a), _tile_work(host, a)) and torch.equal(torch.from_numpy(_tile_work(host, a)), brute_tiles(work, a))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_plans_from_gpu_work_equal_cpu_plans():
+    work = synthetic_work(heads=40, seq_len=20_000, frames=21, seed=0)
+    for U, R in FACTORISATIONS_8:
+        cpu = make_plan(work, ulysses=U, ring=R, q_block=64, seq_len=20_000)
+        gpu = make_plan(work.cuda(), ulysses=U, ring=R, q_block=64, seq_len=20_000)
+        assert cpu == gpu and torch.equal(cpu.tile_work, gpu.tile_work)
+        assert torch.equal(tile_work(work.cuda(), cpu), cpu.tile_work)
