@@ -1,0 +1,289 @@
+"""Triton passes of ``dbsp.predict``'s per-key threshold search (private; see predict.py).
+
+Every kernel scores a tile of ``BM`` pooled queries (query blocks of one head) against the keys
+of one *group* (``GK`` consecutive keys, ``GK / N`` tiles of ``N`` keys) at a time with one
+``tl.dot``, turns key scores into tile log-masses (log-sum-exp over each tile's keys), and never
+writes a score to memory::
+
+    stats       per (query block, group): max tile log-mass, sum of exp(log-mass - max)
+    candidates  per (query block, program chunk): mass and count of tiles >= each threshold
+    emit        per (query block, group): a bit word of kept tiles and its popcount
+    expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices)
+
+Groups that cannot hold a tile above the smallest threshold of any query block of the program
+(their pass-1 max is below it) are skipped, which is exact: the skip test has a margin, so it
+never drops a group that the comparison itself would keep. Grid: ``(query-block tiles, B * H,
+group chunks)``, query-block tiles fastest so that programs reading one key chunk run together
+(the key chunk stays in L2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Pooled query rows per program and groups per program on GPU; the interpreter runs the same
+# kernels with the same values (they only change speed).
+BLOCK_M = 64
+GROUPS_PER_PROG = 8
+# Skip margin in log-mass: a group is skipped only if its pass-1 max is below the threshold by
+# more than this, so float differences between passes can never drop a kept tile.
+SKIP_MARGIN = 1e-3
+
+
+@triton.jit
+def _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok,
+                   BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, IEEE: tl.constexpr):
+    """``(BM, GK // N)`` tile log-masses of group ``g`` (``-inf`` for tiles past the sequence)."""
+    keys = g * GK + offs_k
+    kvalid = keys < Skv
+    k = tl.load(k_base + keys[:, None].to(tl.int64) * s_ks + offs_d[None, :],
+                mask=kvalid[:, None] & d_ok[None, :], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(kvalid[None, :], s * scale, float("-inf"))
+    if N == 1:
+        return s
+    s3 = tl.reshape(s, (BM, GK // N, N))
+    mx = tl.max(s3, axis=2)
+    empty = mx == float("-inf")  # tiles wholly past the sequence
+    safe = tl.where(empty, 0.0, mx)
+    total = tl.sum(tl.exp(s3 - safe[:, :, None]), axis=2)
+    return tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, total)))
+
+
+@triton.jit
+def _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D: tl.constexpr):
+    ptr = QBAR + (bh * mq + rows)[:, None].to(tl.int64) * D + offs_d[None, :]
+    return tl.load(ptr, mask=rvalid[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _stats_kernel(QBAR, K, GMAX, GSUM, mq, H, Skv, ng, scale, s_kb, s_ks, s_kh,
+                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr, GPP: tl.constexpr, IEEE: tl.constexpr):
+    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rvalid = rows < mq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_k = tl.arange(0, GK)
+    q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    out_row = (bh * mq + rows).to(tl.int64) * ng
+    for gi in range(GPP):
+        g = pid_g * GPP + gi
+        t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
+        gmax = tl.max(t, axis=1)
+        safe = tl.where(gmax == float("-inf"), 0.0, gmax)
+        gsum = tl.sum(tl.exp(t - safe[:, None]), axis=1)
+        ok = rvalid & (g < ng)
+        tl.store(GMAX + out_row + g, gmax, mask=ok)
+        tl.store(GSUM + out_row + g, gsum, mask=ok)
+
+
+@triton.jit
+def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nchunk, scale,
+                       s_kb, s_ks, s_kh, margin,
+                       BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                       BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
+                       IEEE: tl.constexpr):
+    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rvalid = rows < mq
+    grow = (bh * mq + rows).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_k = tl.arange(0, GK)
+    cols = tl.arange(0, T_P)
+    q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    lse = tl.load(LSE + grow, mask=rvalid, other=0.0)
+    # The smallest threshold of each row (candidates ascend); invalid rows never need a group.
+    lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
+    acc_m = tl.zeros((BM, T_P), dtype=tl.float32)
+    acc_c = tl.zeros((BM, T_P), dtype=tl.int32)
+    for gi in range(GPP):
+        g = pid_g * GPP + gi
+        gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
+        if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
+            t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
+            p = tl.exp(t - lse[:, None])
+            for i in tl.static_range(T):
+                th = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
+                sel = t >= th[:, None]
+                m_i = tl.sum(tl.where(sel, p, 0.0), axis=1)
+                c_i = tl.sum(sel.to(tl.int32), axis=1)
+                acc_m += tl.where(cols[None, :] == i, m_i[:, None], 0.0)
+                acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
+    out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
+    ok = rvalid[:, None] & (cols[None, :] < T)
+    tl.store(MASS + out, acc_m, mask=ok)
+    tl.store(CNT + out, acc_c, mask=ok)
+
+
+@triton.jit
+def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, mq, H, Sq, Skv, ng, nt, scale,
+                 s_kb, s_ks, s_kh, margin, M, TXT,
+                 BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr, GPP: tl.constexpr, KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr):
+    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    GT: tl.constexpr = GK // N
+    rows = pid_m * BM + tl.arange(0, BM)
+    rvalid = rows < mq
+    grow = (bh * mq + rows).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_k = tl.arange(0, GK)
+    jl = tl.arange(0, GT)
+    q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    theta = tl.load(THETA_ROW + grow, mask=rvalid, other=float("inf"))
+    i0 = pid_m * BM
+    for gi in range(GPP):
+        g = pid_g * GPP + gi
+        gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
+        need = tl.max((gmax >= theta - margin).to(tl.int32), axis=0) > 0
+        # Forced tiles (diagonal, text keys, text query rows) may sit in any group.
+        if KEEP_DIAG:
+            need = need | (((g * GK) < (i0 + BM) * M) & ((g + 1) * GK > i0 * M))
+        if TXT > 0:
+            need = need | ((g + 1) * GK > Skv - TXT) | ((i0 + BM) * M > Sq - TXT)
+        if need & (g < ng):
+            t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
+            j = g * GT + jl  # global tile ids of the group
+            keep = t >= theta[:, None]
+            if KEEP_DIAG:
+                keep = keep | ((j[None, :] * N < (rows[:, None] + 1) * M) & ((j[None, :] + 1) * N > rows[:, None] * M))
+            if TXT > 0:
+                keep = keep | ((j[None, :] + 1) * N > Skv - TXT) | ((rows[:, None] + 1) * M > Sq - TXT)
+            keep = keep & (j[None, :] < nt) & rvalid[:, None]
+            word = tl.sum(keep.to(tl.int64) << jl[None, :].to(tl.int64), axis=1)
+            cnt = tl.sum(keep.to(tl.int32), axis=1)
+            tl.store(WORDS + grow * ng + g, word, mask=rvalid)
+            tl.store(COUNTS + grow * ng + g, cnt, mask=rvalid)
+
+
+@triton.jit
+def _expand_kernel(WORDS, STARTS, OUT, n_words, ng, BW: tl.constexpr, GT: tl.constexpr):
+    pid = tl.program_id(0)
+    w = pid * BW + tl.arange(0, BW)
+    ok = w < n_words
+    word = tl.load(WORDS + w, mask=ok, other=0)
+    start = tl.load(STARTS + w, mask=ok, other=0)
+    jl = tl.arange(0, GT)
+    bits = ((word[:, None] >> jl[None, :].to(tl.int64)) & 1).to(tl.int32)
+    pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
+    tile = (w % ng)[:, None] * GT + jl[None, :]
+    tl.store(OUT + pos, tile.to(tl.int32), mask=(bits > 0) & ok[:, None])
+
+
+def is_interpreted() -> bool:
+    """True when Triton runs these kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_stats_kernel, triton.runtime.JITFunction)
+
+
+def supports(group_keys: int, N: int, D: int) -> bool:
+    """Whether the kernels handle groups of ``group_keys`` keys, tiles of ``N`` keys and head dim
+    ``D`` (``tl.dot`` needs power-of-two extents >= 16; a word holds at most 64 tiles)."""
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return pow2(N) and pow2(group_keys) and group_keys >= 16 and group_keys // N <= 64 and 16 <= D <= 256
+
+
+class TritonPasses:
+    """The per-key passes of ``dbsp.predict`` on Triton; same interface as ``_TorchPasses``.
+
+    Args:
+        qbar: ``(B*H, Mq, D)`` float32 pooled queries (contiguous).
+        k: ``(B, Skv, H, D)`` keys (any strides with a unit last stride).
+        heads: H.
+        N: keys per tile; scale: score scale.
+        group_tiles: tiles per group (``dbsp.predict.group_tiles``).
+    """
+
+    def __init__(self, qbar, k, heads, N, scale, *, group_tiles: int, block_m: int | None = None,
+                 groups_per_prog: int | None = None):
+        if k.stride(-1) != 1:
+            k = k.contiguous()
+        self.qbar = qbar.contiguous()
+        self.k, self.H, self.N, self.scale = k, heads, N, float(scale)
+        self.BH, self.mq, self.D = qbar.shape
+        self.Skv = k.shape[1]
+        self.nt = -(-self.Skv // N)
+        self.gs = group_tiles
+        self.GK = group_tiles * N
+        self.ng = -(-self.nt // self.gs)
+        # Read the module settings at call time so benchmarks can sweep them.
+        self.BM = BLOCK_M if block_m is None else block_m
+        self.GPP = GROUPS_PER_PROG if groups_per_prog is None else groups_per_prog
+        self.nchunk = -(-self.ng // self.GPP)
+        self.BLOCK_D = max(16, triton.next_power_of_2(self.D))
+        self.IEEE = k.dtype == torch.float32 or k.dtype == torch.float64
+        if k.dtype == torch.float64:  # tl.dot has no fp64 path; score in fp32
+            self.k = k.float()
+        self._gmax = None
+
+    def _grid(self):
+        return (triton.cdiv(self.mq, self.BM), self.BH, self.nchunk)
+
+    def _common(self):
+        k = self.k
+        return dict(BM=self.BM, GK=self.GK, N=self.N, D=self.D, BLOCK_D=self.BLOCK_D, GPP=self.GPP, IEEE=self.IEEE), (
+            k.stride(0), k.stride(1), k.stride(2))
+
+    def stats(self, gs: int, ng: int):
+        assert (gs, ng) == (self.gs, self.ng), "group layout must match the kernels'"
+        R = self.BH * self.mq
+        gmax = torch.empty(R, ng, device=self.k.device, dtype=torch.float32)
+        gsum = torch.empty_like(gmax)
+        meta, (sb, ss, sh) = self._common()
+        _stats_kernel[self._grid()](self.qbar, self.k, gmax, gsum, self.mq, self.H, self.Skv, ng, self.scale,
+                                    sb, ss, sh, **meta)
+        self._gmax = gmax
+        return gmax, gsum
+
+    def candidates(self, lse: torch.Tensor, theta: torch.Tensor):
+        R, T = theta.shape
+        mass = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.float32)
+        cnt = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.int32)
+        meta, (sb, ss, sh) = self._common()
+        _candidates_kernel[self._grid()](
+            self.qbar, self.k, self._gmax, lse.contiguous(), theta.float().contiguous(), mass, cnt,
+            self.mq, self.H, self.Skv, self.ng, self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN,
+            T=T, T_P=triton.next_power_of_2(T), **meta)
+        return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64)
+
+    def emit(self, theta_row: torch.Tensor, forced):
+        R = self.BH * self.mq
+        words = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int64)
+        counts = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int32)
+        meta, (sb, ss, sh) = self._common()
+        _emit_kernel[self._grid()](
+            self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts,
+            self.mq, self.H, forced.seq_len_q, self.Skv, self.ng, self.nt, self.scale, sb, ss, sh,
+            SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, **meta)
+        starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
+        nnz = int(counts.sum())
+        out = torch.empty(nnz, device=theta_row.device, dtype=torch.int32)
+        BW = 64
+        _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, starts, out, R * self.ng, self.ng, BW=BW, GT=self.gs)
+        return counts.view(R, self.ng).sum(dim=1, dtype=torch.int64), out
+
+    def logmass_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Tile log-masses of a few rows, in torch (budget fix-ups)."""
+        from ..predict import _tile_logmass
+
+        out = torch.empty(rows.numel(), self.nt, device=self.qbar.device)
+        bh = rows // self.mq
+        for i in torch.unique(bh).tolist():
+            sel = torch.nonzero(bh == i).reshape(-1)
+            kh = self.k[i // self.H, :, i % self.H]  # (Skv, D)
+            qb = self.qbar[i, rows[sel] % self.mq].to(kh.dtype).float()
+            out[sel] = _tile_logmass((qb @ kh.float().t()) * self.scale, self.N, self.nt)
+        return out

@@ -1,0 +1,357 @@
+"""Mask predictors: valid masks, the keep rule against brute force, budgets, forced tiles, step reuse."""
+
+import math
+
+import pytest
+import torch
+
+from dbsp.predict import DENSE_CROSSOVER, MaskPredictor, block_pool, oracle_mask, predict_mask
+from dbsp.quality import attention_recall, tile_attention_mass
+from dbsp.video import make_workload
+
+# (q_block, kv_tile, extra predict_mask kwargs): pooled block, per-key block, fine tiles, single keys.
+CONFIGS = [
+    pytest.param(32, 32, {}, id="32x32-pooled"),
+    pytest.param(32, 32, {"pool_keys": False}, id="32x32-keys"),
+    pytest.param(32, 8, {}, id="32x8"),
+    pytest.param(16, 1, {}, id="16x1"),
+    pytest.param(32, 4, {"pool_keys": True}, id="32x4-pooled"),
+]
+
+
+def structured_qk(b=2, sq=97, skv=97, h=3, d=16, seed=0):
+    """Random q/k with a local bias (nearby tokens score higher), so masks are neither empty nor full."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, sq, h, d, generator=g)
+    k = torch.randn(b, skv, h, d, generator=g)
+    pos = torch.arange(max(sq, skv), dtype=torch.float32)
+    freq = torch.linspace(0.05, 0.6, d // 2)
+    ang = pos[:, None] * freq[None, :]
+    rot = torch.cat([ang.cos(), ang.sin()], dim=1) * 2.0  # a shared positional code
+    q = q + rot[:sq, None, :]
+    k = k + rot[:skv, None, :]
+    return q, k
+
+
+def brute_logmass(q, k, q_block, kv_tile, pooled):
+    """(B, H, Mq, Nt) float64 tile log-masses of the pooled query, by plain loops."""
+    B, Sq, H, D = q.shape
+    Skv = k.shape[1]
+    mq, nt = -(-Sq // q_block), -(-Skv // kv_tile)
+    out = torch.empty(B, H, mq, nt, dtype=torch.float64)
+    for i in range(mq):
+        qbar = q[:, i * q_block : (i + 1) * q_block].double().mean(dim=1)  # (B, H, D)
+        for j in range(nt):
+            kt = k[:, j * kv_tile : (j + 1) * kv_tile].double()  # (B, n, H, D)
+            if pooled:
+                s = torch.einsum("bhd,bhd->bh", qbar, kt.mean(dim=1)) / math.sqrt(D)
+                out[:, :, i, j] = s + math.log(kt.shape[1])
+            else:
+                s = torch.einsum("bhd,bnhd->bhn", qbar, kt) / math.sqrt(D)
+                out[:, :, i, j] = torch.logsumexp(s, dim=-1)
+    return out
+
+
+def smallest_set(logm, top_p):
+    """Bool (…, Nt): per row the smallest set of tiles whose softmax mass reaches top_p."""
+    p = torch.softmax(logm, dim=-1)
+    order = torch.argsort(p, dim=-1, descending=True)
+    cum = torch.cumsum(torch.gather(p, -1, order), dim=-1)
+    n_keep = (cum < top_p).sum(-1, keepdim=True) + 1
+    rank = torch.argsort(order, dim=-1)
+    return rank < n_keep
+
+
+@pytest.mark.parametrize("q_block,kv_tile,extra", CONFIGS)
+@pytest.mark.parametrize("sq,skv", [(97, 97), (200, 130), (64, 257)])
+def test_predicted_masks_are_valid(q_block, kv_tile, extra, sq, skv):
+    q, k = structured_qk(sq=sq, skv=skv)
+    m = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=0.8, **extra)
+    m.validate()
+    assert (m.batch, m.heads, m.seq_len_q, m.seq_len_kv, m.q_block, m.kv_tile) == (2, 3, sq, skv, q_block, kv_tile)
+    assert m.device == q.device
+    assert 0.0 < m.density() <= 1.0
+    assert int(m.row_counts().min()) >= 1
+
+
+@pytest.mark.parametrize("q_block,kv_tile,extra", CONFIGS)
+def test_top_p_one_gives_the_full_mask(q_block, kv_tile, extra):
+    q, k = structured_qk()
+    m = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=1.0, **extra)
+    assert bool(m.to_dense().all())
+    assert m.density() == 1.0
+
+
+@pytest.mark.parametrize("q_block,kv_tile,extra", CONFIGS)
+def test_recall_is_monotone_in_top_p(q_block, kv_tile, extra):
+    q, k = structured_qk(seed=1)
+    recalls, densities = [], []
+    for tp in (0.3, 0.5, 0.7, 0.9, 0.97, 1.0):
+        m = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=tp, keep_diagonal=False, dense_above=None, **extra)
+        recalls.append(attention_recall(q, k, m))
+        densities.append(m.density())
+    assert all(a <= b + 1e-9 for a, b in zip(recalls, recalls[1:])), recalls
+    assert all(a <= b for a, b in zip(densities, densities[1:])), densities
+    assert recalls[-1] == pytest.approx(1.0, abs=1e-6)
+    assert recalls[0] < recalls[-2]  # the sweep really moves
+
+
+@pytest.mark.parametrize("keep_diagonal", [False, True])
+@pytest.mark.parametrize("q_block,kv_tile", [(32, 32), (32, 8), (16, 4)])
+def test_pooled_keys_keep_exactly_the_smallest_set(q_block, kv_tile, keep_diagonal):
+    q, k = structured_qk(sq=97, skv=130)
+    for tp in (0.5, 0.9):
+        m = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=tp, pool_keys=True,
+                         keep_diagonal=keep_diagonal, dense_above=None)
+        expected = smallest_set(brute_logmass(q, k, q_block, kv_tile, pooled=True), tp)
+        if keep_diagonal:
+            mq, nt = expected.shape[2:]
+            i = torch.arange(mq)[:, None]
+            j = torch.arange(nt)[None, :]
+            expected |= (j * kv_tile < (i + 1) * q_block) & ((j + 1) * kv_tile > i * q_block)
+        assert torch.equal(m.to_dense(), expected)
+
+
+@pytest.mark.parametrize("q_block,kv_tile", [(32, 1), (32, 4), (16, 16), (64, 8)])
+def test_per_key_threshold_search_keeps_a_tight_superset(q_block, kv_tile):
+    """Per-key scoring keeps every tile of the exact smallest top-p set, reaches top_p, and (for
+    tiles as wide as blocks, where the bracket is exact) keeps exactly that set."""
+    q, k = structured_qk(sq=200, skv=257, seed=2)
+    logm = brute_logmass(q, k, q_block, kv_tile, pooled=False)
+    p = torch.softmax(logm, dim=-1)
+    for tp in (0.5, 0.8, 0.95):
+        m = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=tp, pool_keys=False,
+                         keep_diagonal=False, min_keep=0, dense_above=None)
+        got = m.to_dense()
+        # Float32 masses vs this float64 brute force: compare against sets a hair smaller and
+        # larger, so a tile sitting exactly on the top_p boundary cannot flip the outcome.
+        inner, outer = smallest_set(logm, tp - 1e-4), smallest_set(logm, tp + 1e-4)
+        assert bool((got | ~inner).all()), "a tile of the exact smallest set is missing"
+        assert float((p * got).sum(-1).min()) >= tp - 1e-5
+        if kv_tile == q_block:
+            assert bool((outer | ~got).all()), "block masks with per-key scoring must keep the exact set"
+        else:
+            assert got.sum() <= 1.15 * inner.sum()  # the search is tight (a few percent over)
+
+
+@pytest.mark.parametrize("q_block,kv_tile,extra", [(32, 1, {}), (32, 8, {}), (32, 32, {"pool_keys": False}), (16, 4, {})])
+def test_a_planted_hot_key_is_always_found(q_block, kv_tile, extra):
+    g = torch.Generator().manual_seed(5)
+    B, S, H, D = 1, 200, 2, 16
+    q = torch.randn(B, S, H, D, generator=g)
+    k = 0.3 * torch.randn(B, S, H, D, generator=g)
+    mq = -(-S // q_block)
+    hot = torch.randperm(S, generator=g)[:mq]  # one distinct hot key per query block
+    qbar = block_pool(q, q_block)  # (B, Mq, H, D)
+    for i in range(mq):
+        direction = qbar[:, i] / qbar[:, i].norm(dim=-1, keepdim=True)  # (B, H, D)
+        k[:, hot[i]] = direction * 30.0 * math.sqrt(D) / qbar[:, i].norm(dim=-1, keepdim=True)
+    for tp in (0.3, 0.9, 0.99):
+        m = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=tp, keep_diagonal=False, dense_above=None, **extra)
+        tiles = m.to_dense()  # (B, H, Mq, Nt)
+        for i in range(mq):
+            assert bool(tiles[:, :, i, hot[i] // kv_tile].all()), f"hot key of block {i} missing at top_p={tp}"
+        if tp == 0.3:
+            assert int(m.row_counts().max()) == 1  # the hot tile alone carries the mass
+
+
+@pytest.mark.parametrize("q_block,kv_tile,extra", [(32, 1, {}), (32, 32, {}), (32, 8, {"pool_keys": True})])
+def test_budgets_bound_the_rule_chosen_tiles(q_block, kv_tile, extra):
+    q, k = structured_qk(sq=200, skv=200)
+    lo = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=0.05, min_keep=3, keep_diagonal=False, dense_above=None, **extra)
+    assert int(lo.row_counts().min()) >= 3
+    hi = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=0.99, max_keep=4, keep_diagonal=False, dense_above=None, **extra)
+    assert int(hi.row_counts().max()) == 4
+    # The kept tiles are the heaviest ones: their mass beats every dropped tile of the row.
+    if extra.get("pool_keys", kv_tile == q_block):
+        return
+    logm = brute_logmass(q, k, q_block, kv_tile, pooled=False)
+    kept = hi.to_dense()
+    worst_kept = torch.where(kept, logm, torch.full_like(logm, math.inf)).amin(-1)
+    best_dropped = torch.where(kept, torch.full_like(logm, -math.inf), logm).amax(-1)
+    assert bool((worst_kept >= best_dropped - 1e-6).all())
+
+
+@pytest.mark.parametrize("q_block,kv_tile,extra", CONFIGS)
+def test_forced_tiles_diagonal_and_text(q_block, kv_tile, extra):
+    S, text = 200, 23
+    q, k = structured_qk(sq=S, skv=S)
+    m = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=0.1, text_tokens=text, dense_above=None, **extra)
+    tiles = m.to_dense()
+    mq, nt = tiles.shape[2:]
+    for i in range(mq):
+        diag = range((i * q_block) // kv_tile, -(-min(S, (i + 1) * q_block) // kv_tile))
+        assert bool(tiles[:, :, i, list(diag)].all()), f"diagonal of block {i} missing"
+        assert bool(tiles[:, :, i, (S - text) // kv_tile :].all()), "text key tiles missing"
+        if (i + 1) * q_block > S - text:
+            assert bool(tiles[:, :, i].all()), "a query block with text queries must be full"
+
+
+def test_dense_above_rounds_up_only_dense_heads():
+    q, k = structured_qk(b=1, sq=256, skv=256, h=2, d=16)
+    q[:, :, 0] = 0.0  # head 0: uniform attention, predicted density ~ top_p
+    q[:, :, 1] *= 4.0  # head 1: sharp
+    base = predict_mask(q, k, q_block=32, kv_tile=1, top_p=0.8, dense_above=None)
+    dens = base.density(per_head=True)[0]
+    assert dens[0] > 0.7 > dens[1]
+    rounded = predict_mask(q, k, q_block=32, kv_tile=1, top_p=0.8, dense_above=0.7)
+    tiles, base_tiles = rounded.to_dense(), base.to_dense()
+    assert bool(tiles[:, 0].all())
+    assert torch.equal(tiles[:, 1], base_tiles[:, 1])
+    rounded.validate()
+    assert DENSE_CROSSOVER == predict_mask.__kwdefaults__["dense_above"]
+
+
+@pytest.mark.parametrize("q_block,kv_tile", [(32, 32), (16, 4), (16, 1)])
+def test_oracle_mask_matches_brute_force(q_block, kv_tile):
+    q, k = structured_qk(sq=97, skv=130, seed=4)
+    mass = tile_attention_mass(q, k, q_block=q_block, kv_tile=kv_tile)
+    for tp in (0.6, 0.9):
+        m = oracle_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=tp)
+        assert torch.equal(m.to_dense(), smallest_set(mass.double().log(), tp))
+    assert oracle_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=1.0).density() == 1.0
+
+
+def test_block_pool_matches_manual_mean():
+    x = torch.randn(2, 70, 3, 8)
+    pooled = block_pool(x, 32)
+    assert pooled.shape == (2, 3, 3, 8)
+    assert torch.allclose(pooled[:, 0], x[:, :32].mean(1))
+    assert torch.allclose(pooled[:, 2], x[:, 64:].mean(1))  # partial block: its 6 real tokens
+
+
+def test_workload_masks_are_sparse_where_the_heads_are_sharp():
+    w = make_workload("cpu-small", layer=0)
+    m = predict_mask(w.q, w.k, q_block=64, kv_tile=1, top_p=0.9, dense_above=None)
+    dens = m.density(per_head=True)[0]
+    focus = torch.tensor(w.head_focus)
+    # Sharper heads (higher focus) get sparser masks: a strong negative rank correlation.
+    rank = lambda t: torch.argsort(torch.argsort(t)).double()  # noqa: E731
+    rho = torch.corrcoef(torch.stack([rank(dens), rank(focus)]))[0, 1]
+    assert rho < -0.5
+    assert float(dens.max() - dens.min()) > 0.3
+
+
+@pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("triton"), reason="needs triton (its interpreter on CPU)"
+)
+@pytest.mark.parametrize("B,S,kv_tile,top_p,extra", [
+    (1, 200, 1, 0.9, {"text_tokens": 20}),
+    (1, 257, 4, 0.95, {"min_keep": 3, "max_keep": 9}),
+    (2, 190, 64, 0.8, {"pool_keys": False}),
+])
+def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
+    from dbsp.kernels import predict_select
+
+    if not (torch.cuda.is_available() or predict_select.is_interpreted()):
+        pytest.skip("the Triton passes need CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = (t.to(dev) for t in structured_qk(b=B, sq=S, skv=S, h=2, d=32, seed=6))
+    kw = dict(q_block=64, kv_tile=kv_tile, top_p=top_p, dense_above=None, **extra)
+    a = predict_mask(q, k, backend="torch", **kw)
+    b = predict_mask(q, k, backend="triton", **kw)
+    b.validate()
+    assert torch.equal(a.offsets, b.offsets) and torch.equal(a.indices, b.indices)
+
+
+# ------------------------------------------------------------------------------ step reuse
+
+
+def test_step_reuse_hits_on_identical_inputs_and_recomputes_on_change():
+    pred = MaskPredictor(reuse_threshold=0.02, q_block=64, kv_tile=1, top_p=0.9)
+    w0 = make_workload("cpu-tiny", step=0)
+    m0 = pred(w0.q, w0.k, step=0)
+    again = pred(w0.q.clone(), w0.k.clone(), step=1)
+    assert again is m0
+    assert (pred.stats.hits, pred.stats.misses) == (1, 1)
+    assert pred.last_change() == 0.0
+
+    other = make_workload("cpu-tiny", step=0, seed=1)  # new content: a large change
+    m1 = pred(other.q, other.k, step=2)
+    assert m1 is not m0
+    assert pred.last_change() > 0.02
+    fresh = predict_mask(other.q, other.k, q_block=64, kv_tile=1, top_p=0.9)
+    assert torch.equal(m1.offsets, fresh.offsets) and torch.equal(m1.indices, fresh.indices)
+    assert (pred.stats.hits, pred.stats.misses, pred.stats.calls) == (1, 2, 3)
+
+
+def test_step_reuse_compares_with_the_last_prediction_so_drift_adds_up():
+    thr = 0.05
+    pred = MaskPredictor(reuse_threshold=thr, kv_tile=16)
+    changes, hits, step_change = [], [], []
+    prev = None
+    for step in range(12):
+        w = make_workload("cpu-tiny", step=step, num_steps=16, drift=0.3)
+        before = pred.stats.hits
+        pred(w.q, w.k, step=step)
+        changes.append(pred.last_change())
+        hits.append(pred.stats.hits > before)
+        pooled = block_pool(w.q, 64)
+        if prev is not None:  # change from the previous *step*, measured independently
+            step_change.append(float(((pooled - prev).pow(2).sum((1, 3)).sqrt() / prev.pow(2).sum((1, 3)).sqrt()).max()))
+        prev = pooled
+    assert not hits[0] and any(hits[1:]) and not all(hits[1:])
+    # Every reuse happened at or below the threshold, every recompute above it.
+    assert all((c <= thr) == h for c, h in zip(changes[1:], hits[1:]))
+    # Some step recomputed although it moved less than the threshold from the step before it:
+    # the change is measured from the last prediction, so a slow drift adds up.
+    assert any(not h and sc < thr for h, sc in zip(hits[1:], step_change))
+
+
+def test_dense_steps_and_layers_and_shapes():
+    pred = MaskPredictor(dense_steps=2, kv_tile=1)
+    w = make_workload("cpu-tiny")
+    for layer in (0, "block.7"):
+        assert pred(w.q, w.k, layer=layer).density() == 1.0  # steps 0, 1 counted per layer
+        assert pred(w.q, w.k, layer=layer).density() == 1.0
+        pred(w.q, w.k, layer=layer)  # step 2: predicted
+        pred(w.q, w.k, layer=layer)  # step 3: reused
+    assert pred.stats == type(pred.stats)(dense=4, hits=2, misses=2)
+    short = pred(w.q[:, :200], w.k[:, :200], layer=0)  # another shape: always a miss
+    assert short.seq_len_q == 200 and pred.stats.misses == 3
+    pred.reset()
+    assert pred.stats.calls == 0 and pred.stats.hit_rate == 0.0
+
+
+def test_predictor_validation():
+    with pytest.raises(ValueError, match="reuse_threshold must be a finite float >= 0"):
+        MaskPredictor(reuse_threshold=-0.1)
+    with pytest.raises(ValueError, match="dense_steps must be >= 0"):
+        MaskPredictor(dense_steps=-1)
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\]"):
+        MaskPredictor(top_p=2.0)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_gets_a_clear_error():
+    q, k = structured_qk()
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 0"):
+        predict_mask(q, k, top_p=0.0)
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 1.5"):
+        predict_mask(q, k, top_p=1.5)
+    with pytest.raises(TypeError, match="top_p must be a float"):
+        predict_mask(q, k, top_p="0.9")
+    with pytest.raises(ValueError, match="kv_tile must be <= q_block.*kv_tile=128 > q_block=64"):
+        predict_mask(q, k, q_block=64, kv_tile=128)
+    with pytest.raises(ValueError, match=r"kv_tile must divide q_block.*q_block=64, kv_tile=24"):
+        predict_mask(q, k, q_block=64, kv_tile=24)
+    with pytest.raises(ValueError, match=r"must agree on batch, heads and head dim"):
+        predict_mask(q, k[:, :, :2])
+    with pytest.raises(ValueError, match=r"must agree on batch, heads and head dim"):
+        predict_mask(q, k[..., :8])
+    with pytest.raises(TypeError, match="k has dtype torch.float64 but q has torch.float32"):
+        predict_mask(q, k.double())
+    with pytest.raises(ValueError, match=r"q must have 4 dims \(B, S, H, D\)"):
+        predict_mask(q[0], k)
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        predict_mask(q, k.numpy())
+    with pytest.raises(ValueError, match="text_tokens=500 exceeds the sequence"):
+        predict_mask(q, k, text_tokens=500)
+    with pytest.raises(ValueError, match="max_keep must be >= min_keep"):
+        predict_mask(q, k, min_keep=5, max_keep=2)
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch' or 'triton'"):
+        predict_mask(q, k, backend="cuda")
+    with pytest.raises(ValueError, match=r"dense_above must lie in \[0, 1\]"):
+        predict_mask(q, k, dense_above=1.5)
