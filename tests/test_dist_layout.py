@@ -1,0 +1,145 @@
+"""Layout arithmetic of the parallel runtime, in one process: shards, exchanges, sub-masks, LSE merge."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from dbsp import SparseMask, reference_attention
+from dbsp.dist import merge_attention
+from dbsp.dist.layout import (
+    block_token_ids,
+    block_tokens,
+    home_blocks,
+    rank_layout,
+    shard_sizes,
+    sub_masks,
+    token_exchange,
+)
+from harness import random_mask, token_mask
+
+
+def test_shard_sizes_match_tensor_split():
+    for S, P in [(10, 4), (97, 8), (3, 4), (64, 2), (1, 1)]:
+        assert shard_sizes(S, P) == tuple(len(x) for x in torch.tensor_split(torch.arange(S), P))
+
+
+def test_home_blocks_follow_the_contract_formula():
+    for nb, R in [(13, 4), (5, 2), (2, 4), (1182, 8), (7, 7)]:
+        groups = home_blocks(nb, R)
+        assert sorted(itertools.chain(*groups)) == list(range(nb))
+        for i, g in enumerate(groups):
+            assert all(b * R // nb == i for b in g)
+            assert list(g) == sorted(g)
+
+
+def _random_partition(nb, R, rng):
+    """Sorted block lists per ring rank, a random partition of 0..nb-1 (some may be empty)."""
+    owner = [rng.randrange(R) for _ in range(nb)]
+    return tuple(tuple(b for b in range(nb) if owner[b] == g) for g in range(R))
+
+
+@pytest.mark.parametrize("S,M,R", [(10, 4, 2), (200, 16, 4), (97, 8, 3), (33, 16, 4), (64, 16, 2), (5, 4, 4)])
+def test_token_exchange_delivers_every_block_in_order(S, M, R):
+    """Simulate the all-to-all of every ring rank and check each one ends with its blocks' tokens."""
+    rng = random.Random(S * 31 + R)
+    nb = -(-S // M)
+    chunks = shard_sizes(S, R)
+    starts = [sum(chunks[:j]) for j in range(R)]
+    for targets in [home_blocks(nb, R), _random_partition(nb, R, rng)]:
+        sent = {}
+        for j in range(R):
+            ex = token_exchange(S, M, chunks, targets, j)
+            tokens = torch.arange(starts[j], starts[j] + chunks[j])
+            order = tokens if ex.send_index is None else tokens[ex.send_index]
+            sent[j] = torch.split(order, list(ex.send_counts))
+            if ex.restore_index is not None:  # the way back restores the chunk order
+                assert torch.equal(order[ex.restore_index], tokens)
+        for g in range(R):
+            ex = token_exchange(S, M, chunks, targets, g)
+            got = torch.cat([sent[j][g] for j in range(R)])
+            assert [len(sent[j][g]) for j in range(R)] == list(ex.recv_counts)
+            assert torch.equal(got, block_token_ids(targets[g], S, M)), (targets, g)
+            assert len(got) == block_tokens(targets[g], S, M)
+
+
+def test_aligned_home_layout_moves_nothing():
+    # S = 256, M = 16, R = 4: chunks of 64 tokens are exactly the home blocks.
+    for j in range(4):
+        ex = token_exchange(256, 16, (64,) * 4, home_blocks(16, 4), j)
+        assert ex.is_local and ex.moved_tokens == 0
+    ex = token_exchange(250, 16, shard_sizes(250, 4), home_blocks(16, 4), 1)
+    assert not ex.is_local
+
+
+@pytest.mark.parametrize("kv_tile", [16, 4, 1])
+@pytest.mark.parametrize("S", [97, 128])
+def test_sub_masks_equal_the_token_picture(S, kv_tile):
+    rng = random.Random(S + kv_tile)
+    M, R = 16, 3
+    mask = random_mask(2, 3, S, S, q_block=M, kv_tile=kv_tile, density=0.3)
+    tok = token_mask(mask)  # (B, H, S, S)
+    nb = -(-S // M)
+    for _ in range(4):
+        kv_groups = _random_partition(nb, R, rng)
+        q_blocks = sorted(rng.sample(range(nb), rng.randrange(1, nb + 1)))
+        tq = block_token_ids(q_blocks, S, M)
+        subs = sub_masks(mask, q_blocks, kv_groups)
+        assert len(subs) == R
+        for g, sub in enumerate(subs):
+            tk = block_token_ids(kv_groups[g], S, M)
+            expected = tok[:, :, tq][:, :, :, tk]
+            if sub is None:
+                assert not expected.any()
+                continue
+            sub.validate()
+            assert (sub.q_block, sub.kv_tile, sub.seq_len_q, sub.seq_len_kv) == (M, kv_tile, len(tq), len(tk))
+            assert torch.equal(token_mask(sub), expected)
+
+
+def test_sub_masks_with_all_blocks_is_the_mask_itself():
+    mask = random_mask(1, 2, 50, 50, q_block=8, kv_tile=2)
+    (sub,) = sub_masks(mask, list(range(7)), [list(range(7))])
+    assert sub is mask
+
+
+def test_rank_layout_heads_and_blocks():
+    lay = rank_layout(
+        seq_len=100, q_block=16, heads=4, ulysses=2, ring=2, rank=3,
+        head_perm=(2, 0, 3, 1), head_offsets=(0, 2, 4),
+        q_blocks=((0, 6), (1, 2, 3, 4, 5)), kv_blocks=((1, 2, 3), (0, 4, 5, 6)),
+    )
+    assert (lay.ring_rank, lay.ulysses_rank) == (1, 1)
+    assert lay.heads == (3, 1)
+    assert lay.shard_sizes == (25, 25, 25, 25) and lay.chunk_sizes == (50, 50)
+    assert lay.q_len == 80 and lay.kv_lens == (48, 52)  # block 6 holds tokens 96..99
+    assert lay.step_kv_blocks() == [(0, 4, 5, 6), (1, 2, 3)]
+    assert torch.equal(lay.head_order[lay.head_restore], torch.arange(4))
+
+
+def test_merge_attention_is_exact_and_nan_free():
+    """Attention over keys A u B equals the merge of attention over A and over B, empty rows included."""
+    B, S, H, D = 1, 40, 2, 8
+    q, k, v = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(3))
+    dense = torch.rand(B, H, 5, 10) < 0.4
+    dense[:, :, 1] = False  # query block 1 selects nothing at all
+    dense[:, :, 2, :5] = False  # query block 2 selects nothing in part A
+    full = SparseMask.from_dense(dense, q_block=8, kv_tile=4, seq_len_q=S, seq_len_kv=S)
+    part_a = dense.clone()
+    part_a[..., 5:] = False
+    part_b = dense & ~part_a
+    outs = [
+        reference_attention(q, k, v, SparseMask.from_dense(d, q_block=8, kv_tile=4, seq_len_q=S, seq_len_kv=S))
+        for d in (part_a, part_b)
+    ]
+    garbage = outs[0][0].clone()
+    garbage[:, 16:24] = float("nan")  # rows whose part-A lse is -inf may hold anything
+    out, lse = merge_attention(garbage, outs[0][1], outs[1][0], outs[1][1])
+    ref_out, ref_lse = reference_attention(q, k, v, full)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.allclose(out, ref_out, atol=1e-12)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12)
+    assert torch.equal(out[:, 8:16], torch.zeros_like(out[:, 8:16]))
