@@ -15,7 +15,7 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dbsp.demo", "a small end-to-end run on CPU (or GPU where present), checked against an oracle"),
+    "demo": ("dbsp.demo", "a small Wan-style video transformer denoising synthetic latents, dense vs dbsp: table and PNGs"),
     "plan": ("dbsp.plan_cli", "per-rank cost table of a mask before and after db-SP balancing"),
     "simulate": ("dbsp.simulate", "predicted attention time and rho_s of Ulysses, Ring, USP and dbsp on 8 to 1024 GPUs"),
 }
