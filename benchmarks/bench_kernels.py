@@ -175,6 +175,7 @@ def main(argv=None) -> int:
                     if args.sweep and density in (1.0, 0.3) and pattern == "random":
                         sweep_rows += sweep(q, k, v, mask, shape, kind, flops, args.quick)
                     del mask
+            write_csv(out_dir / "kernels.csv", rows, quiet=True)  # keep what is done if the run is cut short
         del q, k, v
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -236,13 +237,14 @@ def sweep(q, k, v, mask, shape, kind, flops, quick):
     return out
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], quiet: bool = False) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    print(f"wrote {path}")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def summarize(rows: list[dict]) -> None:
