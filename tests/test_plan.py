@@ -5,6 +5,7 @@ import argparse
 import itertools
 import json
 import math
+from importlib import resources
 
 import numpy as np
 import pytest
@@ -409,8 +410,12 @@ def model(**over):
 
 
 def test_cost_model_json_round_trip_and_errors(tmp_path):
-    default = CostModel.default()
-    assert default.tflops(density=0.5, fine_grained=False) == 400.0 and default.tflops(density=0.5, fine_grained=True) == 300.0
+    default = CostModel.default()  # the shipped calibration: loads, and its curves are what the file says
+    shipped = json.loads(resources.files("dbsp").joinpath("cost_model.json").read_text())
+    for (d, t) in shipped["block_tflops"]:
+        assert default.tflops(density=d, fine_grained=False) == pytest.approx(t)
+    for (d, t) in shipped["fine_tflops"]:
+        assert default.tflops(density=d, fine_grained=True) == pytest.approx(t)
     path = tmp_path / "cm.json"
     m = model(block_tflops=[[0.1, 200.0], [0.5, 400.0]])
     m.to_json(path, device="test")
