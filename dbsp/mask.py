@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
@@ -76,11 +75,22 @@ class SparseMask:
         if self.indices.dtype != torch.int32:
             if self.indices.is_floating_point() or self.indices.dtype == torch.bool:
                 raise TypeError(f"indices must be an integer tensor, got {self.indices.dtype}")
-            if self.indices.numel() and int(self.indices.max()) >= 2**31:
-                raise ValueError(f"indices must fit in int32, got max {int(self.indices.max())}")
+            if self.indices.numel():
+                lo, hi = int(self.indices.min()), int(self.indices.max())
+                if lo < -(2**31) or hi >= 2**31:  # the int32 cast would wrap them into valid-looking ids
+                    raise ValueError(f"indices must fit in int32, got min {lo}, max {hi}")
             object.__setattr__(self, "indices", self.indices.to(torch.int32))
+        # The kernels address offsets and indices as flat arrays from their data pointers.
+        for name in ("offsets", "indices"):
+            if not getattr(self, name).is_contiguous():
+                object.__setattr__(self, name, getattr(self, name).contiguous())
         if self._checked:
             self.validate()
+        else:
+            # O(1), so even trusted producers get it: every backend would read a bad granularity silently.
+            check_block_sizes(self.q_block, self.kv_tile)
+            check_positive_int("seq_len_q", self.seq_len_q)
+            check_positive_int("seq_len_kv", self.seq_len_kv)
 
     # ------------------------------------------------------------------ construction
 
@@ -259,9 +269,12 @@ class SparseMask:
 
     # ------------------------------------------------------------------ conversions
 
-    @cached_property
     def _entry_rows(self) -> torch.Tensor:
-        """``(nnz,)`` int64: the flat row ``(b * H + h) * Mq + i`` of every entry of ``indices``."""
+        """``(nnz,)`` int64: the flat row ``(b * H + h) * Mq + i`` of every entry of ``indices``.
+
+        Computed on demand, never cached: it costs 8 bytes per entry, which at Wan scale with
+        64 x 1 tiles is gigabytes that would otherwise live as long as the mask.
+        """
         counts = self.row_counts().reshape(-1)
         return torch.repeat_interleave(torch.arange(counts.numel(), device=self.device), counts)
 
@@ -269,7 +282,7 @@ class SparseMask:
         """``(B, H, Mq, ceil(Skv / kv_tile))`` bool: the tile-level picture. For small tests only."""
         B, H, mq, nt = self.batch, self.heads, self.num_q_blocks, self.num_kv_tiles
         dense = torch.zeros(B * H * mq, nt, dtype=torch.bool, device=self.device)
-        dense[self._entry_rows, self.indices.to(torch.int64)] = True
+        dense[self._entry_rows(), self.indices.to(torch.int64)] = True
         return dense.reshape(B, H, mq, nt)
 
     def to(self, device: torch.device | str) -> "SparseMask":
@@ -325,21 +338,28 @@ class SparseMask:
         keys[-1] = self.seq_len_kv - (nt - 1) * self.kv_tile
         return keys
 
-    def _entry_cost(self) -> torch.Tensor:
-        """``(nnz,)`` int64: computed score entries of each selected tile (rows x keys)."""
-        qb = self._entry_rows.remainder(self.num_q_blocks)
-        return self._q_rows()[qb] * self._tile_keys()[self.indices.to(torch.int64)]
+    def _row_keys(self) -> torch.Tensor:
+        """``(B, H, Mq)`` int64: selected keys per query block, the partial last tile counted exactly.
+
+        O(rows), not O(nnz): only the sequence's last tile can be partial, and it sorts last in
+        its row, so a row's keys are ``count * kv_tile`` minus the padding when it ends on that tile.
+        """
+        counts = self.row_counts()
+        keys = counts * self.kv_tile
+        pad = self.num_kv_tiles * self.kv_tile - self.seq_len_kv
+        if pad and self.nnz:
+            last = self.indices[(self.offsets[..., 1:] - 1).clamp(min=0)].to(torch.int64)
+            keys -= ((counts > 0) & (last == self.num_kv_tiles - 1)).to(torch.int64) * pad
+        return keys
 
     def density(self, *, per_head: bool = False) -> float | torch.Tensor:
         """Fraction of the ``Sq x Skv`` score entries that are computed.
 
         Partial last blocks and tiles are counted exactly. With ``per_head=True`` returns a
-        ``(B, H)`` float64 tensor, else one float over all batches and heads.
+        ``(B, H)`` float64 tensor, else one float over all batches and heads. Costs O(B * H * Mq).
         """
-        B, H, mq = self.batch, self.heads, self.num_q_blocks
-        per_bh = torch.zeros(B * H, dtype=torch.int64, device=self.device)
-        if self.nnz:
-            per_bh.index_add_(0, self._entry_rows // mq, self._entry_cost())
+        B, H = self.batch, self.heads
+        per_bh = (self._row_keys() * self._q_rows()).sum(-1).reshape(B * H)  # (B, H, Mq) -> (B * H,)
         total = self.seq_len_q * self.seq_len_kv
         if per_head:
             return per_bh.reshape(B, H).to(torch.float64) / total
@@ -358,8 +378,10 @@ class SparseMask:
         B, H, mq, mk = self.batch, self.heads, self.num_q_blocks, self.num_kv_blocks
         out = torch.zeros(B * H * mq * mk, dtype=torch.int64, device=self.device)
         if self.nnz:
-            kb = self.indices.to(torch.int64) // (self.q_block // self.kv_tile)
-            out.index_add_(0, self._entry_rows * mk + kb, self._entry_cost())
+            tiles = self.indices.to(torch.int64)
+            rows = self._entry_rows()
+            cost = self._q_rows()[rows.remainder(mq)] * self._tile_keys()[tiles]  # rows x keys per entry
+            out.index_add_(0, rows * mk + tiles // (self.q_block // self.kv_tile), cost)
         return out.to(torch.int32).reshape(B, H, mq, mk)
 
     # ------------------------------------------------------------------ FlexAttention
