@@ -94,8 +94,14 @@ def _schedule(mask: SparseMask) -> _Schedule:
 
 
 def _triton(q, k, v, mask: SparseMask, scale: float):
-    from .kernels.op import sparse_attention_fwd
-    from .kernels.sparse_fwd import check_supported
+    try:
+        from .kernels.op import sparse_attention_fwd
+        from .kernels.sparse_fwd import check_supported
+    except ImportError as exc:
+        raise ImportError(
+            "backend='triton' needs Triton: pip install 'dbsp[triton]' (CUDA builds of torch ship it); "
+            f"or use backend='auto' or 'reference' ({exc})"
+        ) from exc
 
     check_supported(q, mask.q_block)
     order = _schedule(mask).order

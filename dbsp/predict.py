@@ -564,8 +564,8 @@ def _resolve_backend(cfg: PredictConfig, device: torch.device, M: int, N: int, D
     if cfg.backend == "triton":
         if not usable:
             raise ValueError(
-                f"backend='triton' needs Triton and CUDA tensors (or TRITON_INTERPRET=1 set before importing "
-                f"dbsp); got device {device}"
+                f"backend='triton' needs Triton (pip install 'dbsp[triton]') and CUDA tensors (or TRITON_INTERPRET=1 "
+                f"set before importing dbsp); got device {device}"
             )
         if not predict_select.supports(N * group_tiles(M, N), N, D):
             raise ValueError(

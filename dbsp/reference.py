@@ -42,6 +42,10 @@ def reference_attention(
         inputs). Arithmetic runs in float32 (float64 for float64 inputs). A query row that
         selects no key gets ``out = 0`` and ``lse = -inf``, never NaN.
 
+    Non-finite inputs are not checked (see ``docs/reliability.md``): a row's result depends only on
+    its own query and the key/value rows it selects, so NaN/inf elsewhere never reaches it, and
+    NaN in its query or in a selected key or value makes its output NaN, as in torch SDPA.
+
     Example::
 
         >>> q = k = v = torch.randn(1, 100, 2, 16)
@@ -61,6 +65,13 @@ def reference_attention(
 
     kt = k.permute(0, 2, 3, 1).to(work_dtype)  # (B, Skv, H, D) -> (B, H, D, Skv)
     vt = v.permute(0, 2, 1, 3).to(work_dtype)  # (B, Skv, H, D) -> (B, H, Skv, D)
+    # P @ V multiplies the zero weights of unselected keys too, and 0 * inf = NaN: a non-finite
+    # value at a key a row does not select would leak into that row. Where v has any, they are
+    # zeroed for the product and re-injected as NaN only into the rows (and channels) that select them.
+    bad_v = None
+    if not bool(torch.isfinite(vt).all()):
+        bad_v = ~torch.isfinite(vt)
+        vt = vt.masked_fill(bad_v, 0.0)
     counts = mask.row_counts()  # (B, H, Mq)
     blocks_per_chunk = max(1, _CHUNK_ELEMENTS // (B * H * M * Skv))
     for qb0 in range(0, mq, blocks_per_chunk):
@@ -90,6 +101,9 @@ def reference_attention(
         safe = torch.where(torch.isinf(row_lse), torch.zeros_like(row_lse), row_lse)
         p = torch.exp(s - safe[..., None])  # masked entries: exp(-inf) = 0
         o = torch.matmul(p, vt)  # (B, H, rows, D)
+        if bad_v is not None:
+            hits = torch.matmul(allowed.to(work_dtype), bad_v.to(work_dtype))  # selected non-finite values per channel
+            o = o.masked_fill(hits > 0, float("nan"))
         out[:, r0:r1] = o.permute(0, 2, 1, 3).to(q.dtype)
         lse[:, :, r0:r1] = row_lse
     return out, lse

@@ -271,7 +271,10 @@ def _parse_gpus(text: str) -> list[int]:
 
 def plot(rows: list[SimRow], path: Path, *, title: str) -> None:
     """Two panels over GPU count: predicted time per attention call, and rho_s."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plotting the simulation needs matplotlib: pip install 'dbsp[plot]'") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .._checks import check_nonnegative_int, check_positive_int
+from .._checks import check_block_sizes, check_nonnegative_int, check_positive_int
 from ..attention import available_backends, sparse_attention
 from ..mask import SparseMask
 from ..plan import Plan, PlanCache
@@ -207,6 +207,11 @@ def random_mask(
     Returns:
         A ``SparseMask`` of ``(B, H, S, S)``; its ``density()`` is ``density`` up to sampling noise.
     """
+    for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len)):
+        check_positive_int(name, value)
+    check_block_sizes(q_block, kv_tile)
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1], got {density!r}")
     device = torch.device(device)
     mq, nt = -(-seq_len // q_block), -(-seq_len // kv_tile)
     rows = batch * heads * mq

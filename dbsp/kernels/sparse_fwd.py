@@ -151,9 +151,10 @@ def _sparse_fwd_kernel(
         v = _load_rows(base_v + keys[:, None] * stride_vs, valid, d_ok, True, D_MASK)
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, valid, qk_scale, True, IEEE)
 
-    has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    # Only a row that selects no key has l_i == 0; NaN (from NaN/inf inputs) must reach out and lse.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     p_o = O + i_b * stride_ob + i_h * stride_oh + o_m[:, None].to(tl.int64) * stride_os + o_d[None, :] * stride_od
     if D_MASK:
         tl.store(p_o, out.to(O.dtype.element_ty), mask=m_q[:, None] & d_ok[None, :])
