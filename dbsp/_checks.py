@@ -53,13 +53,15 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
     """Validate attention inputs in the public layout ``(B, S, H, D)``.
 
-    ``q`` is ``(B, Sq, H, D)``; ``k`` and ``v`` are ``(B, Skv, H, D)``. All three share dtype
-    (a floating type) and device. Returns ``(B, Sq, Skv, H, D)``.
+    ``q`` is ``(B, Sq, H, D)``; ``k`` and ``v`` are ``(B, Skv, H, D)``. All share dtype (a floating
+    type) and device. ``v=None`` checks queries and keys only (mask prediction).
+    Returns ``(B, Sq, Skv, H, D)``.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    others = (("k", k),) if v is None else (("k", k), ("v", v))
+    for name, t in (("q", q),) + others:
         check_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(
@@ -69,18 +71,22 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
             raise TypeError(
                 f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}"
             )
-    for name, t in (("k", k), ("v", v)):
+    for name, t in others:
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move all three to one device")
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; move {'both' if v is None else 'all three'} to one device"
+            )
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
-    if k.shape != v.shape:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but q has {q.dtype}; {'q and k' if v is None else 'q, k and v'} must share a dtype"
+            )
+    if v is not None and k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (B, Skv, H, D), got k {tuple(k.shape)} and v {tuple(v.shape)}")
     B, Sq, H, D = q.shape
     Bk, Skv, Hk, Dk = k.shape
     if (Bk, Hk, Dk) != (B, H, D):
         raise ValueError(
-            f"q (B, Sq, H, D) = {tuple(q.shape)} and k/v (B, Skv, H, D) = {tuple(k.shape)} "
+            f"q (B, Sq, H, D) = {tuple(q.shape)} and {'k' if v is None else 'k/v'} (B, Skv, H, D) = {tuple(k.shape)} "
             f"must agree on batch, heads and head dim"
         )
     if Sq == 0 or Skv == 0 or D == 0 or B == 0 or H == 0:

@@ -58,7 +58,7 @@ from typing import Hashable
 
 import torch
 
-from ._checks import check_block_sizes, check_nonnegative_int, check_positive_int, check_scale, check_tensor, FLOAT_DTYPES
+from ._checks import check_block_sizes, check_nonnegative_int, check_positive_int, check_qkv, check_scale, check_tensor
 from .mask import SparseMask
 
 log = logging.getLogger("dbsp")
@@ -131,30 +131,6 @@ class PredictConfig:
     def uses_pooled_keys(self) -> bool:
         """Whether keys are pooled per tile (``pool_keys``; default: only for block masks)."""
         return self.kv_tile == self.q_block if self.pool_keys is None else self.pool_keys
-
-
-def _check_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Validate ``q (B, Sq, H, D)`` and ``k (B, Skv, H, D)``; return ``(B, Sq, Skv, H, D)``."""
-    for name, t in (("q", q), ("k", k)):
-        check_tensor(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (B, S, H, D), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"k is on {k.device} but q is on {q.device}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; q and k must share a dtype")
-    B, Sq, H, D = q.shape
-    Bk, Skv, Hk, Dk = k.shape
-    if (Bk, Hk, Dk) != (B, H, D):
-        raise ValueError(
-            f"q (B, Sq, H, D) = {tuple(q.shape)} and k (B, Skv, H, D) = {tuple(k.shape)} must agree "
-            f"on batch, heads and head dim"
-        )
-    if min(B, Sq, Skv, H, D) == 0:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return B, Sq, Skv, H, D
 
 
 def block_pool(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -253,7 +229,7 @@ def predict_mask(
 
 
 def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig) -> SparseMask:
-    B, Sq, Skv, H, D = _check_qk(q, k)
+    B, Sq, Skv, H, D = check_qkv(q, k)
     if cfg.text_tokens > min(Sq, Skv):
         raise ValueError(f"text_tokens={cfg.text_tokens} exceeds the sequence (Sq={Sq}, Skv={Skv})")
     M, N = cfg.q_block, cfg.kv_tile
@@ -671,7 +647,7 @@ def oracle_mask(
         q_block=q_block, kv_tile=kv_tile, top_p=top_p, min_keep=min_keep, max_keep=max_keep,
         keep_diagonal=keep_diagonal, dense_above=None, text_tokens=text_tokens, scale=scale,
     )
-    B, Sq, Skv, H, D = _check_qk(q, k)
+    B, Sq, Skv, H, D = check_qkv(q, k)
     if cfg.text_tokens > min(Sq, Skv):
         raise ValueError(f"text_tokens={cfg.text_tokens} exceeds the sequence (Sq={Sq}, Skv={Skv})")
     mass = tile_attention_mass(q, k, q_block=q_block, kv_tile=kv_tile, scale=scale)  # (B, H, Mq, Nt)
@@ -792,7 +768,7 @@ class MaskPredictor:
             layer: any hashable layer id. Default: 0.
             step: denoising step index. Default: count of this layer's previous calls.
         """
-        B, Sq, Skv, H, D = _check_qk(q, k)
+        B, Sq, Skv, H, D = check_qkv(q, k)
         state = self._layers.setdefault(layer, _LayerState())
         if step is None:
             step = state.calls
