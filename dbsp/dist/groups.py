@@ -236,3 +236,14 @@ def _set_timeout(group: dist.ProcessGroup, timeout: datetime.timedelta) -> None:
         log.info("SPGroups: this torch cannot set sub-group timeouts; collectives keep torch's default")
         return
     setter(timeout, group)
+
+
+def check_one_degree(groups: object, caller: str, *, unit: str) -> None:
+    """Raise unless ``groups`` is an :class:`SPGroups` whose ``unit`` degree ("ulysses" or "ring") is 1."""
+    if not isinstance(groups, SPGroups):
+        raise TypeError(f"groups must be a dbsp.dist.SPGroups, got {type(groups).__name__}")
+    if getattr(groups, unit) != 1:
+        raise ValueError(
+            f"{caller} needs groups with {unit} == 1, got ulysses={groups.ulysses}, ring={groups.ring}; "
+            "use sp_attention for hybrid layouts"
+        )

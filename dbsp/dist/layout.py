@@ -160,7 +160,6 @@ def token_exchange(
     Example (the module picture: S = 10, M = 4, chunks (5, 5), targets ((0, 1), (2,))): ring rank 1
     has send_counts (3, 2) and recv_counts (0, 2); ring rank 0 has (5, 0) and (5, 3).
     """
-    ring = len(chunk_sizes)
     matrix = exchange_matrix(seq_len, q_block, chunk_sizes, targets)
     start = sum(chunk_sizes[:ring_rank])
     owner = _block_owner(targets, -(-seq_len // q_block))

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..attention import sparse_attention
 from .comm import merge_attention, ring_pass
-from .groups import SPGroups
+from .groups import SPGroups, check_one_degree
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,6 +73,14 @@ def _kv_shape(like: torch.Tensor, tokens: int) -> tuple[int, ...]:
     return (like.shape[0], tokens, *like.shape[2:])
 
 
+def _pass_next_kv(kv: list[torch.Tensor], t: int, spec: RingSpec):
+    """Start sending this step's K/V on and receiving step ``t + 1``'s; None after the last step."""
+    if t + 1 >= spec.ring:
+        return None
+    nxt = _kv_shape(kv[0], spec.kv_lens[spec.chunk_at(t + 1)])
+    return ring_pass(kv, [nxt, nxt], group=spec.group, send_to=spec.send_to, recv_from=spec.recv_from, timeout=spec.timeout)
+
+
 def _ring_forward(q, k, v, spec: RingSpec):
     """Forward ring loop; returns ``out (B, Lq, H, D)`` (float32 when merged) and ``lse (B, H, Lq)``.
 
@@ -85,12 +93,7 @@ def _ring_forward(q, k, v, spec: RingSpec):
     out = lse = None
     kv = [k, v]
     for t in range(spec.ring):
-        pending = None
-        if t + 1 < spec.ring:
-            nxt = _kv_shape(k, spec.kv_lens[spec.chunk_at(t + 1)])
-            pending = ring_pass(
-                kv, [nxt, nxt], group=spec.group, send_to=spec.send_to, recv_from=spec.recv_from, timeout=spec.timeout
-            )
+        pending = _pass_next_kv(kv, t, spec)
         mask = spec.masks[t]
         if mask is not None:
             o, l = sparse_attention(q, kv[0], kv[1], mask, scale=spec.scale, return_lse=True, backend=spec.backend)
@@ -123,12 +126,7 @@ def _ring_backward(q, k, v, out, lse, dout, dlse, spec: RingSpec):
     finite = torch.isfinite(lse)
     lse_safe = torch.where(finite, lse, torch.zeros_like(lse))
     for t in range(spec.ring):
-        pending_kv = None
-        if t + 1 < spec.ring:
-            nxt = _kv_shape(k, spec.kv_lens[spec.chunk_at(t + 1)])
-            pending_kv = ring_pass(
-                kv, [nxt, nxt], group=spec.group, send_to=spec.send_to, recv_from=spec.recv_from, timeout=spec.timeout
-            )
+        pending_kv = _pass_next_kv(kv, t, spec)
         mask = spec.masks[t]
         grads = None
         if mask is not None:
@@ -248,13 +246,7 @@ def ring_attention(
     """
     from .usp import sp_attention
 
-    if not isinstance(groups, SPGroups):
-        raise TypeError(f"groups must be a dbsp.dist.SPGroups, got {type(groups).__name__}")
-    if groups.ulysses != 1:
-        raise ValueError(
-            f"ring_attention needs groups with ulysses == 1, got ulysses={groups.ulysses}, ring={groups.ring}; "
-            "use sp_attention for hybrid layouts"
-        )
+    check_one_degree(groups, "ring_attention", unit="ulysses")
     return sp_attention(
         q, k, v, mask, groups=groups, scale=scale, return_lse=return_lse, backend=backend, verify=verify
     )

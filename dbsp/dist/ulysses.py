@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_to_all
-from .groups import SPGroups
+from .groups import SPGroups, check_one_degree
 
 
 def seq_to_heads(
@@ -129,13 +129,7 @@ def ulysses_attention(
     """
     from .usp import sp_attention
 
-    if not isinstance(groups, SPGroups):
-        raise TypeError(f"groups must be a dbsp.dist.SPGroups, got {type(groups).__name__}")
-    if groups.ring != 1:
-        raise ValueError(
-            f"ulysses_attention needs groups with ring == 1, got ulysses={groups.ulysses}, ring={groups.ring}; "
-            "use sp_attention for hybrid layouts"
-        )
+    check_one_degree(groups, "ulysses_attention", unit="ring")
     return sp_attention(
         q, k, v, mask, groups=groups, scale=scale, return_lse=return_lse, backend=backend, verify=verify
     )

@@ -334,7 +334,7 @@ def _verify(q, k, v, mask, groups, plan, scale, backend, return_lse) -> None:
             if name == "plan":
                 shown = ["none" if x[10] == -1 else f"{x[10]:015x}{x[11]:015x}"[:16] for x in rows]
                 raise ValueError(
-                    f"every rank must run the same Plan, but the plan fingerprints differ across ranks: "
+                    "every rank must run the same Plan, but the plan fingerprints differ across ranks: "
                     + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shown))
                     + "; build the plan from identical inputs on every rank or broadcast it from one"
                 )
