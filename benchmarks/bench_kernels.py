@@ -160,7 +160,7 @@ def main(argv=None) -> int:
                                 fn = flex_fn(q, k, v, mask)
                             else:
                                 # Force the kernel even for full masks, so its own speed is measured;
-                                # "auto" would send a full mask to cuDNN (reported as dbsp-auto).
+                                # "auto" would send a full mask to cuDNN (the cudnn row of the same run).
                                 fn = lambda m=mask: sparse_attention(q, k, v, m, backend="triton")  # noqa: E731
                             fn()
                             ms = bench(fn, args.quick)
