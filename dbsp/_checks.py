@@ -122,3 +122,15 @@ def check_scale(scale: object) -> float | None:
     if not (scale > 0 and scale != float("inf")):
         raise ValueError(f"scale must be a finite positive number, got {scale}")
     return float(scale)
+
+
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_out_dtype(out_dtype: object, q: torch.Tensor) -> torch.dtype:
+    """``out_dtype`` of an attention call: None means ``q.dtype``; else one of the floating dtypes."""
+    if out_dtype is None:
+        return q.dtype
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be None or one of {', '.join(map(str, _OUT_DTYPES))}, got {out_dtype!r}")
+    return out_dtype

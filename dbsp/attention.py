@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _alloc
-from ._checks import check_mask_matches, check_qkv, check_scale
+from ._checks import check_mask_matches, check_out_dtype, check_qkv, check_scale
 from .mask import SparseMask
 from .reference import reference_attention
 
@@ -93,7 +93,7 @@ def _schedule(mask: SparseMask) -> _Schedule:
     return cached
 
 
-def _triton(q, k, v, mask: SparseMask, scale: float):
+def _triton(q, k, v, mask: SparseMask, scale: float, out_dtype: torch.dtype):
     try:
         from .kernels.op import sparse_attention_fwd
         from .kernels.sparse_fwd import check_supported
@@ -106,7 +106,8 @@ def _triton(q, k, v, mask: SparseMask, scale: float):
     check_supported(q, mask.q_block)
     order = _schedule(mask).order
     return sparse_attention_fwd(
-        q, k, v, mask.offsets, mask.indices, order, mask.q_block, mask.kv_tile, mask.seq_len_kv, scale
+        q, k, v, mask.offsets, mask.indices, order, mask.q_block, mask.kv_tile, mask.seq_len_kv, scale,
+        out_dtype == torch.float32 and q.dtype != torch.float32,
     )
 
 
@@ -148,6 +149,7 @@ def sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    out_dtype: torch.dtype | None = None,
 ):
     """Attention of ``q`` over the keys that ``mask`` selects.
 
@@ -160,9 +162,13 @@ def sparse_attention(
         return_lse: also return the ``(B, H, Sq)`` log-sum-exp (natural log; float32, float64 for
             float64 inputs), which partial results are merged with. Default: False.
         backend: ``"auto"`` or one of :func:`available_backends`. Default: ``"auto"``.
+        out_dtype: dtype of ``out``: ``q.dtype`` or float32 (the reference backend also takes the
+            other floating dtypes). float32 keeps a partial result unrounded until it is merged
+            with others (the ring does this); heads that ``"auto"`` sends to dense SDPA are
+            computed in ``q.dtype`` and then converted. Default: ``q.dtype``.
 
     Returns:
-        ``out`` ``(B, Sq, H, D)`` in ``q.dtype``, or ``(out, lse)`` with ``return_lse=True``.
+        ``out`` ``(B, Sq, H, D)`` in ``out_dtype``, or ``(out, lse)`` with ``return_lse=True``.
         Query rows that select no key get 0 (and lse = -inf).
 
     Example::
@@ -177,23 +183,26 @@ def sparse_attention(
     check_mask_matches(mask, B, Sq, Skv, H, q.device)
     scale = check_scale(scale)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out_dtype = check_out_dtype(out_dtype, q)
     name = _auto_backend(q) if backend == "auto" else backend
     if name == "reference":
-        out, lse = reference_attention(q, k, v, mask, scale=scale)
+        out, lse = reference_attention(q, k, v, mask, scale=scale, out_dtype=out_dtype)
         return (out, lse) if return_lse else out
     if q.dtype == torch.float64:
         raise TypeError("the triton backend supports float16, bfloat16 and float32; got float64 (use backend='reference')")
+    if out_dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"the triton backend writes out in q.dtype ({q.dtype}) or float32, got out_dtype={out_dtype}")
     if backend == "auto":
         plan = _schedule(mask)
         if plan.n_dense:
-            res = _split_dense_heads(q, k, v, mask, scale, plan, return_lse)
+            res = _split_dense_heads(q, k, v, mask, scale, plan, return_lse, out_dtype)
             if res is not None:
                 return res
-    out, lse = _triton(q, k, v, mask, scale)
+    out, lse = _triton(q, k, v, mask, scale, out_dtype)
     return (out, lse) if return_lse else out
 
 
-def _split_dense_heads(q, k, v, mask: SparseMask, scale: float, plan: _Schedule, return_lse: bool):
+def _split_dense_heads(q, k, v, mask: SparseMask, scale: float, plan: _Schedule, return_lse: bool, out_dtype):
     """Fully dense heads through SDPA (cuDNN), the others through the kernel; None if SDPA cannot."""
     H = q.shape[2]
 
@@ -206,13 +215,14 @@ def _split_dense_heads(q, k, v, mask: SparseMask, scale: float, plan: _Schedule,
         out, lse = dense(q, k, v)
         if out is None:
             return None
+        out = out.to(out_dtype)
         return (out, lse) if return_lse else out
     d, sp = plan.dense, plan.sparse
     dense_out, dense_lse = dense(q[:, :, d], k[:, :, d], v[:, :, d])
     if dense_out is None:
         return None
-    out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
-    sparse_out, sparse_lse = _triton(q[:, :, sp], k[:, :, sp], v[:, :, sp], plan.sparse_mask, scale)
+    out = _alloc.empty(q.shape, dtype=out_dtype, device=q.device)
+    sparse_out, sparse_lse = _triton(q[:, :, sp], k[:, :, sp], v[:, :, sp], plan.sparse_mask, scale, out_dtype)
     out[:, :, d] = dense_out
     out[:, :, sp] = sparse_out
     if not return_lse:

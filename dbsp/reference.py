@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import _alloc
-from ._checks import check_mask_matches, check_qkv, check_scale
+from ._checks import check_mask_matches, check_out_dtype, check_qkv, check_scale
 from .mask import SparseMask
 
 # Scores held at once per chunk (elements); about 64 MB of fp32 scores plus the bool mask.
@@ -25,6 +25,7 @@ def reference_attention(
     mask: SparseMask,
     *,
     scale: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the keys that ``mask`` selects, computed exactly.
 
@@ -35,9 +36,11 @@ def reference_attention(
         mask: a ``SparseMask`` with ``batch == B``, ``heads == H``, ``seq_len_q == Sq`` and
             ``seq_len_kv == Skv``, on ``q``'s device.
         scale: softmax scale. Default: ``1 / sqrt(D)``.
+        out_dtype: dtype of ``out`` (a floating dtype); float32 keeps partial results unrounded
+            for merging. Default: ``q.dtype``.
 
     Returns:
-        ``(out, lse)``: ``out`` is ``(B, Sq, H, D)`` in ``q.dtype``; ``lse`` is ``(B, H, Sq)``, the
+        ``(out, lse)``: ``out`` is ``(B, Sq, H, D)`` in ``out_dtype``; ``lse`` is ``(B, H, Sq)``, the
         natural-log sum of exp of the scaled selected scores, float32 (float64 for float64
         inputs). Arithmetic runs in float32 (float64 for float64 inputs). A query row that
         selects no key gets ``out = 0`` and ``lse = -inf``, never NaN.
@@ -56,11 +59,12 @@ def reference_attention(
     check_mask_matches(mask, B, Sq, Skv, H, q.device)
     scale = check_scale(scale)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out_dtype = check_out_dtype(out_dtype, q)
     work_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
     M, N = mask.q_block, mask.kv_tile
     mq, nt = mask.num_q_blocks, mask.num_kv_tiles
-    out = _alloc.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
+    out = _alloc.empty((B, Sq, H, D), dtype=out_dtype, device=q.device)
     lse = _alloc.empty((B, H, Sq), dtype=work_dtype, device=q.device)
 
     kt = k.permute(0, 2, 3, 1).to(work_dtype)  # (B, Skv, H, D) -> (B, H, D, Skv)
@@ -104,6 +108,6 @@ def reference_attention(
         if bad_v is not None:
             hits = torch.matmul(allowed.to(work_dtype), bad_v.to(work_dtype))  # selected non-finite values per channel
             o = o.masked_fill(hits > 0, float("nan"))
-        out[:, r0:r1] = o.permute(0, 2, 1, 3).to(q.dtype)
+        out[:, r0:r1] = o.permute(0, 2, 1, 3).to(out_dtype)
         lse[:, :, r0:r1] = row_lse
     return out, lse

@@ -125,3 +125,81 @@ def test_custom_op_under_torch_compile_matches_eager():
     eager = f(q, k, v)
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     assert max_abs_err(compiled, eager) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=BF16_BROKEN_IN_INTERPRETER)])
+@pytest.mark.parametrize("kv_tile", [1, 16])
+def test_float32_output_is_the_unrounded_kernel_result(dtype, kv_tile):
+    """``out_dtype=float32``: the kernel stores its fp32 result, which rounds to its default output."""
+    B, H, S, D = 1, 2, 90, 32
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE).to(dtype) for _ in range(3))
+    mask = random_mask(B, H, S, S, q_block=16, kv_tile=kv_tile, density=0.4, device=DEVICE)
+    low, lse = sparse_attention(q, k, v, mask, return_lse=True, backend="triton")
+    out32, lse32 = sparse_attention(q, k, v, mask, return_lse=True, backend="triton", out_dtype=torch.float32)
+    assert out32.dtype == torch.float32 and torch.equal(lse32, lse)
+    assert torch.equal(out32.to(dtype), low)
+    ref, _ = reference_attention(q, k, v, mask, out_dtype=torch.float32)
+    assert max_abs_err(out32, ref) < 2e-3
+    with pytest.raises(TypeError, match="triton backend writes out in q.dtype"):
+        sparse_attention(q, k, v, mask, backend="triton", out_dtype=torch.float64)
+
+
+CASES_TTIR = [(128, 1), (128, 16), (128, 128), (64, 1), (64, 64), (32, 4), (16, 16)]
+
+# Run in a fresh interpreter: with TRITON_INTERPRET=1 (set for this session) @triton.jit makes
+# interpreted functions, which the compiler front end cannot take.
+_TTIR_SCRIPT = """
+import sys
+import triton
+import triton._C.libtriton as lt
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dbsp.kernels import sparse_fwd as kmod
+
+kernel = kmod._sparse_fwd_kernel
+target = GPUTarget("cuda", 90, 32)
+backend = triton.compiler.make_backend(target)
+options = backend.parse_options({})
+pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "OFFSETS": "*i64",
+            "INDICES": "*i32", "ORDER": "*i32", "DESC_K": "*bf16", "DESC_V": "*bf16", "qk_scale": "fp32"}
+built = 0
+for q_block, kv_tile in CASES:
+    # DESC_K is K: no TMA descriptors, so TMA configurations (which need descriptor arguments) are pruned.
+    args = dict(DESC_K=None, K=None, NUM_KV_TILES=32760 // kv_tile, stride_ks=1536, stride_vs=1536)
+    for c in kmod._prune(kmod.CONFIGS, args, Q_BLOCK=q_block, KV_TILE=kv_tile):
+        const = dict(Q_BLOCK=q_block, KV_TILE=kv_tile, HEAD_DIM=128, BLOCK_D=128, IEEE=False, **c.kwargs)
+        sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in kernel.arg_names}
+        ctx = lt.ir.context()
+        lt.ir.load_dialects(ctx)
+        backend.load_dialects(ctx)
+        try:
+            ASTSource(kernel, sig, constexprs=const).make_ir(
+                target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+        except Exception as exc:
+            sys.exit(f"q_block={q_block} kv_tile={kv_tile} {c.kwargs}: {exc}")
+        built += 1
+print(built)
+"""
+
+
+def test_every_autotuner_configuration_compiles_for_hopper():
+    """The compiler front end accepts every configuration the autotuner may pick for sm_90 (the
+    interpreter runs one configuration and checks no types: a type error would otherwise first
+    surface on a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = f"CASES = {CASES_TTIR!r}\n" + _TTIR_SCRIPT
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.split()[-1]) >= len(CASES_TTIR) + 6  # gather cases carry their load variants
+
+
+def test_off32_is_pruned_when_offsets_do_not_fit():
+    from dbsp.kernels import sparse_fwd as kmod
+
+    big = dict(DESC_K=object(), K=object(), NUM_KV_TILES=2**21, stride_ks=2**11, stride_vs=2**11)
+    kept = kmod._prune(kmod.CONFIGS, big, Q_BLOCK=64, KV_TILE=1)
+    assert kept and not any(c.kwargs["OFF32"] for c in kept)

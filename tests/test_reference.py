@@ -93,3 +93,19 @@ def test_sparse_attention_reference_backend_and_lse_flag():
     out2, lse = sparse_attention(q, k, v, mask, return_lse=True)
     ref_out, ref_lse = reference_attention(q, k, v, mask)
     assert torch.equal(out, ref_out) and torch.equal(out2, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_out_dtype_float32_is_the_unrounded_result():
+    """bf16 inputs, out_dtype=float32: the exact fp32 result (what the ring merges), which rounds
+    to the default bf16 output; through sparse_attention too."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=gen).to(torch.bfloat16) for _ in range(3))
+    mask = random_mask(1, 2, 70, 70, q_block=16, kv_tile=4, density=0.4)
+    out16, lse16 = reference_attention(q, k, v, mask)
+    out32, lse32 = reference_attention(q, k, v, mask, out_dtype=torch.float32)
+    exact, _ = reference_attention(q.float(), k.float(), v.float(), mask)
+    assert out32.dtype == torch.float32 and out16.dtype == torch.bfloat16
+    assert torch.equal(out32, exact) and torch.equal(lse32, lse16)
+    assert torch.equal(out32.to(torch.bfloat16), out16)
+    via = sparse_attention(q, k, v, mask, out_dtype=torch.float32)
+    assert torch.equal(via, out32)

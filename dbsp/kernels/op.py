@@ -20,10 +20,12 @@ def sparse_attention_fwd(
     kv_tile: int,
     seq_len_kv: int,
     scale: float,
+    out_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Sq, H, D), lse (B, H, Sq) float32)`` of attention under a CSR mask; see sparse_fwd."""
+    """``(out (B, Sq, H, D), lse (B, H, Sq) float32)`` of attention under a CSR mask; see sparse_fwd.
+    ``out`` is in ``q.dtype``, or float32 with ``out_fp32`` (the kernel rounds once, on store)."""
     B, Sq, H, _ = q.shape
-    out = _alloc.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _alloc.empty(q.shape, dtype=torch.float32 if out_fp32 else q.dtype, device=q.device)
     lse = _alloc.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     return sparse_fwd(
         q, k, v, offsets, indices, order,
@@ -32,6 +34,6 @@ def sparse_attention_fwd(
 
 
 @sparse_attention_fwd.register_fake
-def _(q, k, v, offsets, indices, order, q_block, kv_tile, seq_len_kv, scale):
+def _(q, k, v, offsets, indices, order, q_block, kv_tile, seq_len_kv, scale, out_fp32=False):
     B, Sq, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Sq), dtype=torch.float32)
+    return q.new_empty(q.shape, dtype=torch.float32 if out_fp32 else q.dtype), q.new_empty((B, H, Sq), dtype=torch.float32)

@@ -85,6 +85,7 @@ def _sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    PREFETCH: tl.constexpr = False, OFF32: tl.constexpr = False,
 ):
     SUB: tl.constexpr = Q_BLOCK // BLOCK_M
     CONTIG: tl.constexpr = KV_TILE >= BLOCK_N
@@ -126,6 +127,11 @@ def _sparse_fwd_kernel(
     o_n = tl.arange(0, BLOCK_N)
 
     n_full = n_keys // BLOCK_N
+    # Gather path options (both off by default): PREFETCH loads the next chunk's key ids one
+    # iteration ahead, so the gather's addresses never wait on the index load; OFF32 computes
+    # row offsets in int32 (the launcher sets it only when every offset fits).
+    if PREFETCH:
+        nxt = (tl.load(p_idx + o_n // KV_TILE, mask=o_n < n_full * BLOCK_N, other=0) * KV_TILE + o_n % KV_TILE).to(tl.int32)
     for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
         r0 = j * BLOCK_N
         if CONTIG and USE_TMA:
@@ -137,9 +143,18 @@ def _sparse_fwd_kernel(
         else:
             if CONTIG:
                 keys = tl.load(p_idx + r0 // KV_TILE).to(tl.int64) * KV_TILE + (r0 % KV_TILE) + o_n
+            elif PREFETCH:
+                keys = nxt
+                r = r0 + BLOCK_N + o_n
+                nxt = (tl.load(p_idx + r // KV_TILE, mask=r < n_full * BLOCK_N, other=0) * KV_TILE + r % KV_TILE).to(tl.int32)
+                if not OFF32:
+                    keys = keys.to(tl.int64)
             else:
                 r = r0 + o_n
-                keys = tl.load(p_idx + r // KV_TILE).to(tl.int64) * KV_TILE + r % KV_TILE
+                if OFF32:
+                    keys = tl.load(p_idx + r // KV_TILE) * KV_TILE + r % KV_TILE
+                else:
+                    keys = tl.load(p_idx + r // KV_TILE).to(tl.int64) * KV_TILE + r % KV_TILE
             k = _load_rows(base_k + keys[:, None] * stride_ks, o_n, d_ok, False, D_MASK)
             v = _load_rows(base_v + keys[:, None] * stride_vs, o_n, d_ok, False, D_MASK)
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, o_n, qk_scale, False, IEEE)
@@ -175,8 +190,12 @@ def _sparse_fwd_kernel(
 # * 16- and 32-row query blocks (small tests): 32/64-wide key chunks.
 # The prune keeps only BLOCK_M = min(q_block, 128), the largest tile a program may own (a program
 # never spans two key lists), and TMA configurations only where the chunk is contiguous.
+# * Gather (fine-grained) configurations also come with the PREFETCH and OFF32 load options
+#   (benchmarks/sweep_gather.py); the prune drops those variants for contiguous chunks.
+_GATHER_FLAGS = [(False, False), (True, False), (False, True), (True, True)]
 CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "WARP_SPEC": False}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "WARP_SPEC": False, "PREFETCH": pf, "OFF32": o32},
+                  num_warps=w, num_stages=s)
     for bm, bn, w, s, tma in [
         (128, 128, 8, 2, True),
         (128, 128, 8, 3, True),
@@ -189,23 +208,32 @@ CONFIGS = [
         (16, 32, 4, 3, False),
         (16, 64, 4, 3, False),
     ]
+    for pf, o32 in (_GATHER_FLAGS if not tma and bm >= 64 else _GATHER_FLAGS[:1])
 ]
 
 # The one configuration the CPU interpreter runs (autotuning does not work there).
-INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": False, "WARP_SPEC": False}
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "USE_TMA": False, "WARP_SPEC": False, "PREFETCH": False, "OFF32": False}
 
 
 def _prune(configs, named_args, **kwargs):
     q_block, kv_tile = (named_args[n] if n in named_args else kwargs[n] for n in ("Q_BLOCK", "KV_TILE"))
     tma_ok = named_args["DESC_K"] is not named_args["K"]  # the launcher passes descriptors when TMA can work
     bm = min(q_block, 128)
+    off32_ok = _offsets_fit_int32(named_args["NUM_KV_TILES"] * kv_tile, named_args["stride_ks"], named_args["stride_vs"])
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_M"] == bm and not (c.kwargs["USE_TMA"] and (not tma_ok or kv_tile < c.kwargs["BLOCK_N"]))
+        and (off32_ok or not c.kwargs["OFF32"])
+        and not (kv_tile >= c.kwargs["BLOCK_N"] and (c.kwargs["PREFETCH"] or c.kwargs["OFF32"]))
     ]
     if not kept:
         raise ValueError(f"no kernel configuration fits q_block={q_block}")
     return kept
+
+
+def _offsets_fit_int32(keys: int, stride_ks: int, stride_vs: int) -> bool:
+    """Whether every gathered row offset (key id x sequence stride, for K and V) fits in int32."""
+    return all(keys * abs(stride) < 2**31 for stride in (stride_ks, stride_vs))
 
 
 def _set_block_shapes(nargs):
@@ -311,6 +339,8 @@ def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv
     meta = dict(Q_BLOCK=q_block, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     n_items = order.numel()
     if cfg is not None:
+        if cfg.get("OFF32") and not _offsets_fit_int32(nkt * kv_tile, k.stride(1), v.stride(1)):
+            cfg["OFF32"] = False
         grid = (n_items * (q_block // cfg["BLOCK_M"]),)
         _sparse_fwd_kernel[grid](*args, **meta, **cfg)
     else:
