@@ -143,3 +143,24 @@ def test_merge_attention_is_exact_and_nan_free():
     finite = torch.isfinite(ref_lse)
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12)
     assert torch.equal(out[:, 8:16], torch.zeros_like(out[:, 8:16]))
+
+
+def test_local_masks_are_cached_per_mask_and_released_with_it():
+    """A mask sliced twice for the same layout is sliced once; the cache does not keep it alive."""
+    import gc
+    import weakref
+
+    from dbsp.dist import layout as L
+
+    mask = random_mask(1, 4, 96, 96, q_block=8, kv_tile=2, density=0.4)
+    lay = rank_layout(seq_len=96, q_block=8, heads=4, ulysses=1, ring=2, rank=1)
+    first = lay.local_masks(mask)
+    second = lay.local_masks(mask)
+    assert all(a is b for a, b in zip(first, second))
+    whole = rank_layout(seq_len=96, q_block=8, heads=4, ulysses=1, ring=1, rank=0)
+    assert whole.local_masks(mask)[0] is mask  # the unsplit case returns the mask itself
+    assert whole.local_masks(mask)[0] is mask  # also from the cache
+    ref = weakref.ref(mask)
+    del mask, first, second
+    gc.collect()
+    assert ref() is None and len(L._local_cache) == 0

@@ -25,6 +25,7 @@ concatenated in source order, are already in its block order: only the sender re
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -311,12 +312,27 @@ class RankLayout:
     def local_masks(self, mask: SparseMask) -> list[SparseMask | None]:
         """This rank's R sub-masks in ring-step order (None where nothing is selected).
 
-        ``mask`` is the global mask with the natural head order.
+        ``mask`` is the global mask with the natural head order. The result is cached on the
+        mask for the latest layout it was sliced for (masks are immutable), so a mask reused
+        across calls (fixed masks, a predictor's reused mask) is sliced once; the cache entry
+        goes with the mask.
         """
+        hit = _local_cache.get(mask)
+        if hit is not None and hit[0] is self:
+            return [mask if sub is _WHOLE else sub for sub in hit[1]]
+        global_mask = mask
         heads = list(self.heads)
         if heads != list(range(mask.heads)):
             mask = mask.select_heads(torch.as_tensor(heads, dtype=torch.int64, device=mask.device))
-        return sub_masks(mask, self.q_blocks[self.ring_rank], self.step_kv_blocks())
+        subs = sub_masks(mask, self.q_blocks[self.ring_rank], self.step_kv_blocks())
+        # The cache must not hold the mask itself, or the weak key would never be released.
+        _local_cache[global_mask] = (self, tuple(_WHOLE if sub is global_mask else sub for sub in subs))
+        return subs
+
+
+# mask -> (the RankLayout it was last sliced for, its sub-masks); see RankLayout.local_masks.
+_WHOLE = object()  # stands for the mask itself in a cached entry
+_local_cache: "weakref.WeakKeyDictionary[SparseMask, tuple[RankLayout, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def rank_layout(

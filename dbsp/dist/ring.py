@@ -96,8 +96,10 @@ def _ring_forward(q, k, v, spec: RingSpec):
         pending = _pass_next_kv(kv, t, spec)
         mask = spec.masks[t]
         if mask is not None:
-            o, l = sparse_attention(q, kv[0], kv[1], mask, scale=spec.scale, return_lse=True, backend=spec.backend)
-            out, lse = (o.to(acc), l.to(acc)) if out is None else merge_attention(out, lse, o, l)
+            # float32 partials: the merge rounds once at the end instead of once per step.
+            o, l = sparse_attention(q, kv[0], kv[1], mask, scale=spec.scale, return_lse=True, backend=spec.backend,
+                                    out_dtype=acc)
+            out, lse = (o, l.to(acc)) if out is None else merge_attention(out, lse, o, l)
         if pending is not None:
             kv = pending.wait()
     if out is None:  # no step selected anything: every row is empty
