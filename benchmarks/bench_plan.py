@@ -4,14 +4,20 @@
     python benchmarks/bench_plan.py --out /tmp/plan --quick       # small CPU smoke run
 
 1. rho_s before and after balancing for every U x R factorisation of 8 ranks, on synthetic skewed
-   workloads (``dbsp.simulate.synthetic_work``: five head patterns, two seeds each).
-2. Time of a full re-plan (``make_plan``, both passes over the work included), of the reuse check
-   (``PlanCache.get`` on a hit: one tile pass), and a 50-step run of drifting masks through a
-   ``PlanCache``: planning time over the attention time the cost model predicts for the run.
+   workloads (``dbsp.simulate.synthetic_work``: five head patterns, two seeds each), planned from
+   the dense work tensor and from its ``WorkSummary`` (``rho_s`` of both judged exactly on the
+   full work).
+2. Time of a full re-plan (``make_plan``) and of the reuse check (``PlanCache.get`` on a hit), each
+   from the dense work tensor (passes over 224 MB at Wan2.1-14B 720p) and from the summary; the
+   time to build the summary (``summarize_work``) is reported apart: in a real run it is done
+   where the mask lives (on the GPU for online predictors), and only the summary travels.
+3. A 50-step run of drifting masks through a ``PlanCache``, both ways: planning time over the
+   attention time the cost model predicts for the run.
 
 Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv`` and ``plan_balance.png`` to
 ``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
-the passes over it run there; the greedy, the refinement and the plan itself run on the CPU.
+the passes over it (and the summary's pooling) run there; the greedy, the refinement and the plan
+itself run on the CPU. Times are medians; the CPU machines are shared, so expect some noise.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dbsp.plan import CostModel, PlanCache, choose_degrees, imbalance_ratio, make_plan, tile_work
+from dbsp.plan import CostModel, PlanCache, choose_degrees, imbalance_ratio, make_plan, summarize_work, tile_work
 from dbsp.simulate import KINDS, WORKLOADS, synthetic_work
 
 FACTORISATIONS = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -60,50 +66,78 @@ def balance(geom: dict, device: torch.device, seeds: list[int]) -> list[dict]:
                 t0 = time.perf_counter()
                 plan = make_plan(work, ulysses=u, ring=r, **kw)
                 ms = 1e3 * (time.perf_counter() - t0)
+                summary = summarize_work(work, **kw)
+                t0 = time.perf_counter()
+                coarse = make_plan(summary, ulysses=u, ring=r)
+                coarse_ms = 1e3 * (time.perf_counter() - t0)
+                exact = imbalance_ratio(work, ulysses=u, ring=r, plan=coarse)  # judged on the full work
+                assert exact == coarse.imbalance(), "a summary's rho_s must be exact"
                 rows.append(dict(pattern=name, seed=seed, ulysses=u, ring=r, rho_before=naive, rho_after=plan.imbalance(),
                                  moved_q=plan.moved_blocks("q"), moved_kv=plan.moved_blocks("kv"),
-                                 blocks=u * plan.num_blocks, plan_ms=ms))
+                                 blocks=u * plan.num_blocks, plan_ms=ms, coarse=summary.coarse, rho_summary=exact,
+                                 moved_summary=coarse.moved_blocks("q") + coarse.moved_blocks("kv"), plan_summary_ms=coarse_ms))
     return rows
 
 
 def timing(geom: dict, device: torch.device, repeat: int) -> list[dict]:
     work = synthetic_work(**geom, seed=0).to(device)
     kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
+    summary = summarize_work(work, **kw)
+    summarize_ms = _time(lambda: summarize_work(work, **kw), device, repeat)
     rows = []
     for u, r in FACTORISATIONS:
         plan = make_plan(work, ulysses=u, ring=r, **kw)
-        cache = PlanCache()
+        cache, small = PlanCache(), PlanCache()
         cache.get(0, work, ulysses=u, ring=r, **kw)
+        small.get(0, summary, ulysses=u, ring=r)
         rows.append(dict(
             ulysses=u, ring=r, device=device.type,
             replan_ms=_time(lambda: make_plan(work, ulysses=u, ring=r, **kw), device, repeat),
             check_ms=_time(lambda: cache.get(0, work, ulysses=u, ring=r, **kw), device, repeat),
             tile_pass_ms=_time(lambda: tile_work(work, plan), device, repeat),
+            summarize_ms=summarize_ms,
+            summary_mb=summary.nbytes / 1e6,
+            summary_replan_ms=_time(lambda: make_plan(summary, ulysses=u, ring=r), device, 4 * repeat),
+            summary_check_ms=_time(lambda: small.get(0, summary, ulysses=u, ring=r), device, 4 * repeat),
         ))
+        assert small.hits > 0 and cache.hits > 0, "the timed checks must be hits"
     return rows
 
 
-def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, head_dim: int) -> list[dict]:
+def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, head_dim: int, path: str) -> list[dict]:
     """One layer over ``steps`` denoising steps of drifting masks; degrees chosen at step 0 (its
-    time counts as planning of step 0)."""
+    time counts as planning of step 0). ``path`` "dense" plans from the work tensor, "summary"
+    from its summary (built every step; its time is the ``summarize_ms`` column, not planning)."""
     kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
-    work = synthetic_work(**geom, seed=0, step=0).to(device)
+
+    def source(step: int):
+        work = synthetic_work(**geom, seed=0, step=step).to(device)
+        if path == "dense":
+            return work, work, kw, 0.0
+        _sync(device)
+        t0 = time.perf_counter()
+        summary = summarize_work(work, **kw)
+        return work, summary, {}, 1e3 * (time.perf_counter() - t0)
+
+    work, src, extra, _ = source(0)
     t0 = time.perf_counter()
-    u, r, _ = choose_degrees(work, world=8, heads=geom["heads"], cost_model=cost_model, head_dim=head_dim, **kw)
+    u, r, _ = choose_degrees(src, world=8, heads=geom["heads"], cost_model=cost_model, head_dim=head_dim, **extra)
     choose_ms = 1e3 * (time.perf_counter() - t0)
     cache = PlanCache()
     rows = []
     for step in range(steps):
-        work = synthetic_work(**geom, seed=0, step=step).to(device)
+        work, src, extra, summarize_ms = source(step)
         misses = cache.misses
         _sync(device)
         t0 = time.perf_counter()
-        plan = cache.get(0, work, ulysses=u, ring=r, **kw)
+        plan = cache.get(0, src, ulysses=u, ring=r, **extra)
         _sync(device)
         ms = 1e3 * (time.perf_counter() - t0)
+        exact = imbalance_ratio(work, ulysses=u, ring=r, plan=plan)
         attn = cost_model.predict(plan.with_tile_work(work), head_dim=head_dim).total_ms
-        rows.append(dict(step=step, ulysses=u, ring=r, replanned=int(cache.misses > misses), rho=cache.last_imbalance,
-                         planning_ms=ms + (choose_ms if step == 0 else 0.0), predicted_attention_ms=attn))
+        rows.append(dict(path=path, step=step, ulysses=u, ring=r, replanned=int(cache.misses > misses), rho=exact,
+                         planning_ms=ms + (choose_ms if step == 0 else 0.0), summarize_ms=summarize_ms,
+                         predicted_attention_ms=attn))
     return rows
 
 
@@ -162,33 +196,44 @@ def main() -> None:
     bal = balance(geom, device, seeds)
     write_csv(bal, args.out / "plan_balance.csv")
     plot(bal, args.out / "plan_balance.png", title)
-    print("\n1. rho_s before -> after (worst over seeds), moved q+kv blocks, make_plan ms")
-    print(f"{'pattern':>11} | " + " | ".join(f"{f'U{u}R{r}':^30}" for u, r in FACTORISATIONS))
+    print("\n1. rho_s before -> after (worst over seeds), moved q+kv blocks, make_plan ms; dense work / summary")
+    print(f"{'pattern':>11} | " + " | ".join(f"{f'U{u}R{r}':^42}" for u, r in FACTORISATIONS))
     for name in PATTERNS:
         cells = []
         for u, r in FACTORISATIONS:
             sel = [x for x in bal if x["pattern"] == name and (x["ulysses"], x["ring"]) == (u, r)]
             before, after = max(x["rho_before"] for x in sel), max(x["rho_after"] for x in sel)
+            coarse = max(x["rho_summary"] for x in sel)
             moved = max(x["moved_q"] + x["moved_kv"] for x in sel)
-            cells.append(f"{before:5.3f} -> {after:6.4f} {moved:5d} {max(x['plan_ms'] for x in sel):5.0f}")
+            cells.append(f"{before:5.3f} -> {after:6.4f} / {coarse:6.4f} {moved:5d} {max(x['plan_ms'] for x in sel):4.0f}/"
+                         f"{max(x['plan_summary_ms'] for x in sel):<4.1f}")
         print(f"{name:>11} | " + " | ".join(cells))
-    worst = max(x["rho_after"] for x in bal)
-    print(f"worst rho_s after balancing: {worst:.4f} (target <= 1.05: {'met' if worst <= 1.05 else 'NOT met'})")
+    for key, label in (("rho_after", "dense work"), ("rho_summary", f"summary (coarse={bal[0]['coarse']}, exact rho_s)")):
+        worst = max(x[key] for x in bal)
+        print(f"worst rho_s after balancing from {label}: {worst:.4f} (target <= 1.05: {'met' if worst <= 1.05 else 'NOT met'})")
 
     tim = timing(geom, device, repeat)
     write_csv(tim, args.out / "plan_timing.csv")
-    print(f"\n2. planning cost on {device} (median of {repeat}): full re-plan, reuse check (a hit), one tile pass")
+    print(f"\n2. planning cost on {device} (median): full re-plan and reuse check (a hit), from the dense work / the summary")
     for x in tim:
-        print(f"   U{x['ulysses']}R{x['ring']}: re-plan {x['replan_ms']:7.1f} ms   check {x['check_ms']:6.1f} ms   tile pass {x['tile_pass_ms']:6.1f} ms")
+        print(f"   U{x['ulysses']}R{x['ring']}: re-plan {x['replan_ms']:7.1f} / {x['summary_replan_ms']:5.2f} ms (target <= 10)   "
+              f"check {x['check_ms']:6.1f} / {x['summary_check_ms']:5.2f} ms (target <= 1)   dense tile pass {x['tile_pass_ms']:6.1f} ms")
+    print(f"   building the summary ({tim[0]['summary_mb']:.1f} MB) from the dense work on {device}: {tim[0]['summarize_ms']:.1f} ms "
+          f"(done where the mask lives; on a GPU mask only the summary comes to the CPU)")
 
-    reu = reuse(geom, device, steps, cost_model, head_dim=128)
+    print(f"\n3. {steps}-step run of one layer on 8 GPUs")
+    reu = []
+    for path in ("dense", "summary"):
+        rows = reuse(geom, device, steps, cost_model, head_dim=128, path=path)
+        reu += rows
+        plan_ms = sum(x["planning_ms"] for x in rows)
+        summ_ms = sum(x["summarize_ms"] for x in rows)
+        attn_ms = sum(x["predicted_attention_ms"] for x in rows)
+        print(f"   from the {path:>7}: U{rows[0]['ulysses']}R{rows[0]['ring']}, {sum(x['replanned'] for x in rows)} re-plans, "
+              f"{steps - sum(x['replanned'] for x in rows)} reuses, max exact rho_s {max(x['rho'] for x in rows):.4f}; planning "
+              f"{plan_ms:.1f} ms vs predicted attention {attn_ms:.1f} ms: {100 * plan_ms / attn_ms:.2f}% (target <= 1%)"
+              + (f"; with the CPU summaries {100 * (plan_ms + summ_ms) / attn_ms:.1f}%" if path == "summary" else ""))
     write_csv(reu, args.out / "plan_reuse.csv")
-    plan_ms = sum(x["planning_ms"] for x in reu)
-    attn_ms = sum(x["predicted_attention_ms"] for x in reu)
-    print(f"\n   {steps}-step run of one layer at U{reu[0]['ulysses']}R{reu[0]['ring']} on 8 GPUs: "
-          f"{sum(x['replanned'] for x in reu)} re-plans, {steps - sum(x['replanned'] for x in reu)} reuses, "
-          f"max rho_s {max(x['rho'] for x in reu):.4f}")
-    print(f"   planning {plan_ms:.1f} ms vs predicted attention {attn_ms:.1f} ms: {100 * plan_ms / attn_ms:.2f}% (target <= 1%)")
     print(f"\nwrote {', '.join(p.name for p in sorted(args.out.iterdir()))} to {args.out}")
 
 

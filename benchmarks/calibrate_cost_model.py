@@ -1,24 +1,47 @@
-"""Write the planner's cost-model calibration (``dbsp/cost_model.json``) from a kernel benchmark CSV.
+"""Write the planner's cost-model calibration (``dbsp/cost_model.json``) from benchmark CSVs.
 
-    python benchmarks/calibrate_cost_model.py results/h100/kernels_wan1.3b-480p.csv --out dbsp/cost_model.json
+    python benchmarks/calibrate_cost_model.py --problems R/sp_emu8/sp_problems.csv \\
+        --gather R/gather/gather_sweep.csv --comm R/sp_real/sp_real_comm.csv --out dbsp/cost_model.json
+    python benchmarks/calibrate_cost_model.py --kernels results/h100/kernels_wan1.3b-480p.csv   # curves only
 
-The throughput curves become the measured effective TFLOPS of ``benchmarks/bench_kernels.py``'s
-dbsp rows on random masks, per density: block masks from ``--block-mask`` (default 64x64, the
-planner's 64-token blocks), fine-grained masks from ``--fine-mask`` (default 64x1). Densities at
-1.0 are left out (``sparse_attention`` sends full masks to cuDNN). Communication fields and the
-per-call overhead are kept from the current calibration (they are stated, not measured here).
+Each source replaces the fields it measures; the others are kept from ``--base`` (default: the
+shipped calibration), and ``source`` in the JSON says which came from where.
+
+* ``--problems`` (``sp_problems.csv`` of ``benchmarks/bench_sp.py --emulate``: every distinct local
+  problem of every rank, timed with the real kernel): a least-squares fit, in relative error, of
+  ``ms = a + sparse entries / r_s + dense entries / r_d`` over the block-mask problems (dense
+  entries are those of fully selected heads, which ``sparse_attention`` sends to cuDNN). Sets
+  ``call_overhead_us = a``, a flat ``block_tflops`` at ``r_s`` and ``dense_tflops = r_d``.
+* ``--gather`` (``gather_sweep.csv`` of ``benchmarks/sweep_gather.py``): ``fine_tflops`` from the
+  fastest configuration per density of the ``--fine-mask`` kind (the autotuner's pick).
+* ``--kernels`` (``kernels.csv`` of ``benchmarks/bench_kernels.py``): block and fine curves from the
+  dbsp rows on random masks (densities below 1.0; full masks go to cuDNN).
+* ``--comm`` (``sp_real_comm.csv`` of ``benchmarks/bench_sp.py --real``): ``nvlink_gbps`` = the
+  slower of the measured all-to-all and ring P2P bandwidths at full message size (per GPU and
+  direction), ``comm_latency_us`` = the median time of the 1-token messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from dbsp.plan import CostModel
 
 
-def curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
+def _rows(path: Path) -> list[dict]:
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        raise SystemExit(f"{path} has no rows")
+    return rows
+
+
+def kernel_curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
     points = sorted(
         (float(r["density"]), float(r["tflops"]))
         for r in rows
@@ -29,35 +52,98 @@ def curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
     return tuple((round(d, 4), round(t, 1)) for d, t in points)
 
 
-def main() -> int:
+def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, str]:
+    """``(a us, sparse TFLOPS, dense TFLOPS, summary)`` from block-mask local problems."""
+    block = [r for r in rows if r["kv_tile"] == r["q_block"] and "dense_entries" in r]
+    if len(block) < 3:
+        raise SystemExit("need at least 3 block-mask problems with dense_entries (bench_sp.py --emulate)")
+    y = np.array([float(r["ms"]) for r in block])
+    dense = np.array([float(r["dense_entries"]) for r in block])
+    sparse = np.array([float(r["entries"]) for r in block]) - dense
+    A = np.stack([np.ones_like(y), sparse, dense], axis=1)
+    coef, *_ = np.linalg.lstsq(A / y[:, None], np.ones_like(y), rcond=None)  # minimises relative error
+    if np.any(coef <= 0):
+        raise SystemExit(f"the fit has a non-positive term ({coef}); the problems do not determine the model")
+    rel = np.abs(A @ coef / y - 1)
+    flops = 4.0 * head_dim
+    a_us, r_s, r_d = 1e3 * coef[0], flops / (coef[1] * 1e-3) / 1e12, flops / (coef[2] * 1e-3) / 1e12
+    summary = (f"{len(block)} block-mask problems: relative error median {np.median(rel):.3f}, 90th percentile "
+               f"{np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
+    return float(a_us), float(r_s), float(r_d), summary
+
+
+def gather_curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
+    best: dict[float, float] = {}
+    for r in rows:
+        if r["mask"] == mask:
+            d = round(float(r["density"]), 4)
+            best[d] = max(best.get(d, 0.0), float(r["tflops"]))
+    if not best:
+        raise SystemExit(f"no rows for mask {mask} in the gather sweep")
+    return tuple(sorted((d, round(t, 1)) for d, t in best.items()))
+
+
+def comm_fit(rows: list[dict]) -> tuple[float, float]:
+    """``(GB/s, latency us)``."""
+    big = [r for r in rows if int(r["tokens"]) > 1]
+    small = [float(r["ms"]) for r in rows if int(r["tokens"]) == 1]
+    if not big or not small:
+        raise SystemExit("the comm CSV needs full-size and 1-token rows")
+    per_kind = {k: statistics.median(float(r["GBps"]) for r in big if r["kind"] == k) for k in {r["kind"] for r in big}}
+    return min(per_kind.values()), 1e3 * statistics.median(small)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("csv", type=Path, help="kernels.csv written by benchmarks/bench_kernels.py")
-    p.add_argument("--block-mask", default="64x64")
-    p.add_argument("--fine-mask", default="64x1")
+    p.add_argument("--kernels", type=Path, help="kernels.csv of benchmarks/bench_kernels.py")
+    p.add_argument("--problems", type=Path, help="sp_problems.csv of benchmarks/bench_sp.py --emulate")
+    p.add_argument("--gather", type=Path, help="gather_sweep.csv of benchmarks/sweep_gather.py")
+    p.add_argument("--comm", type=Path, help="sp_real_comm.csv of benchmarks/bench_sp.py --real")
+    p.add_argument("--block-mask", default="64x64", help="--kernels: the block-mask kind. Default: 64x64")
+    p.add_argument("--fine-mask", default="64x1", help="--kernels/--gather: the fine-grained kind. Default: 64x1")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--device", default="", help="the GPU the CSVs come from, for the source note")
+    p.add_argument("--base", type=Path, default=None, help="calibration to start from. Default: the shipped one")
     p.add_argument("--out", type=Path, default=Path("dbsp/cost_model.json"))
-    args = p.parse_args()
-    rows = list(csv.DictReader(args.csv.open()))
-    shape = rows[0]["shape"]
-    old = CostModel.default()
-    new = CostModel(
-        block_tflops=curve(rows, args.block_mask),
-        fine_tflops=curve(rows, args.fine_mask),
-        call_overhead_us=old.call_overhead_us,
-        comm_latency_us=old.comm_latency_us,
-        nvlink_gbps=old.nvlink_gbps,
-        internode_gbps=old.internode_gbps,
-        gpus_per_node=old.gpus_per_node,
-        source=(f"kernel throughput measured by benchmarks/bench_kernels.py ({args.csv.name}, {shape}, dbsp on random "
-                f"{args.block_mask} and {args.fine_mask} masks); communication and per-call overhead kept from the "
-                f"previous calibration (stated, not measured: {old.nvlink_gbps:g} GB/s NVLink and "
-                f"{old.internode_gbps:g} GB/s between nodes per GPU and direction, {old.call_overhead_us:g} us per call, "
-                f"{old.comm_latency_us:g} us per transfer)"),
-    )
-    new.to_json(args.out, description=(
+    args = p.parse_args(argv)
+    if not any((args.kernels, args.problems, args.gather, args.comm)):
+        p.error("give at least one of --kernels, --problems, --gather, --comm")
+    model = CostModel.default() if args.base is None else CostModel.from_json(args.base)
+    notes = []
+    if args.kernels:
+        rows = _rows(args.kernels)
+        model = replace(model, block_tflops=kernel_curve(rows, args.block_mask), fine_tflops=kernel_curve(rows, args.fine_mask))
+        notes.append(f"block and fine curves: bench_kernels.py {args.kernels.name} ({rows[0]['shape']}, random "
+                     f"{args.block_mask} / {args.fine_mask} masks)")
+    if args.problems:
+        a_us, r_s, r_d, summary = fit_problems(_rows(args.problems), args.head_dim)
+        model = replace(model, call_overhead_us=round(a_us, 1), block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))),
+                        dense_tflops=round(r_d, 1))
+        notes.append(f"per-call overhead {a_us:.0f} us, block {r_s:.0f} TFLOPS, dense heads {r_d:.0f} TFLOPS: fit to "
+                     f"bench_sp.py --emulate local problems ({args.problems.name}; {summary})")
+        print(f"problems: a = {a_us:.1f} us, sparse {r_s:.1f} TFLOPS, dense {r_d:.1f} TFLOPS; {summary}")
+    if args.gather:
+        model = replace(model, fine_tflops=gather_curve(_rows(args.gather), args.fine_mask))
+        notes.append(f"fine curve: sweep_gather.py {args.gather.name} (random {args.fine_mask} masks, fastest configuration)")
+    if args.comm:
+        gbps, lat = comm_fit(_rows(args.comm))
+        model = replace(model, nvlink_gbps=round(gbps, 1), comm_latency_us=round(lat, 1))
+        notes.append(f"intra-node bandwidth {gbps:.0f} GB/s and latency {lat:.0f} us: bench_sp.py --real "
+                     f"{args.comm.name} (all-to-all and ring P2P, slower of the two)")
+        print(f"comm: {gbps:.1f} GB/s, latency {lat:.1f} us")
+    where = f" on {args.device}" if args.device else ""
+    kept = [name for name, given in (("block/fine curves", args.kernels or args.problems or args.gather),
+                                      ("per-call overhead", args.problems), ("bandwidth and latency", args.comm)) if not given]
+    model = replace(model, source=f"measured{where}: " + "; ".join(notes)
+                    + (f". Kept from the base calibration: {', '.join(kept)}, " if kept else ". Kept from the base calibration: ")
+                    + "internode_gbps and gpus_per_node (stated, not measured)")
+    model.to_json(args.out, description=(
         "Calibration of dbsp.plan.CostModel (one GPU per rank, bf16, head_dim 128). Throughput is effective TFLOPS "
         "on computed score entries (4 * entries * head_dim FLOPs), as [density, TFLOPS] points, linear in between, "
-        "flat outside. Bandwidths are GB/s per GPU and direction. Written by benchmarks/calibrate_cost_model.py."))
-    print(f"wrote {args.out}: block {new.block_tflops}, fine {new.fine_tflops}")
+        "flat outside; dense_tflops is the rate of fully dense heads (dense SDPA). Bandwidths are GB/s per GPU and "
+        "direction. Written by benchmarks/calibrate_cost_model.py."))
+    print(f"wrote {args.out}: block {model.block_tflops}, fine {model.fine_tflops}, dense {model.dense_tflops}, "
+          f"overhead {model.call_overhead_us} us, {model.nvlink_gbps} GB/s, latency {model.comm_latency_us} us")
     return 0
 
 

@@ -16,7 +16,7 @@ Public surface:
 
 from .attention import available_backends, sparse_attention
 from .mask import SparseMask
-from .plan import CostModel, Plan, PlanCache, choose_degrees, imbalance_ratio, make_plan
+from .plan import CostModel, Plan, PlanCache, WorkSummary, choose_degrees, imbalance_ratio, make_plan, summarize_work
 from .predict import MaskPredictor, PredictConfig, predict_mask
 from .reference import reference_attention
 from .video import VideoGeometry, make_workload
@@ -29,6 +29,7 @@ __all__ = [
     "PredictConfig",
     "SparseMask",
     "VideoGeometry",
+    "WorkSummary",
     "available_backends",
     "choose_degrees",
     "imbalance_ratio",
@@ -37,5 +38,6 @@ __all__ = [
     "predict_mask",
     "reference_attention",
     "sparse_attention",
+    "summarize_work",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .mask import SparseMask
-from .plan import DEFAULT_REWARD, CostModel, Plan, _as_work, _tile_work, make_plan
+from .plan import DEFAULT_REWARD, CostModel, Plan, _as_work, _dense_heads_of, _tile_work, make_plan
 
 _MASK_FIELDS = ("offsets", "indices", "q_block", "kv_tile", "seq_len_q", "seq_len_kv")
 
@@ -68,8 +68,9 @@ def run_cli(args: argparse.Namespace) -> int:
         base = Plan(**base._layout(), tile_work=torch.from_numpy(_tile_work(w, base)), _checked=False)
         shown.append(("before (contiguous heads and blocks)", base))
     shown.append((f"after (db-SP, R_b = {args.reward:g})", plan))
+    full = _dense_heads_of(w) if cost_model.dense_tflops is not None else None
     for title, p in shown:
-        pred = cost_model.predict(p, head_dim=args.head_dim, batch=w.batch, kv_tile=kv_tile)
+        pred = cost_model.predict(p, head_dim=args.head_dim, batch=w.batch, kv_tile=kv_tile, dense_heads=full)
         print(f"\n{title}: rho_s = {p.imbalance():.4f}, predicted {pred.total_ms:.2f} ms "
               f"(all-to-all {pred.all_to_all_ms:.2f}, block exchange {pred.exchange_ms:.2f}, ring {pred.ring_ms:.2f})")
         print(p.table())

@@ -20,7 +20,9 @@ from dbsp.plan import (
     choose_degrees,
     imbalance_ratio,
     make_plan,
+    WorkSummary,
     score_degrees,
+    summarize_work,
     tile_work,
 )
 from dbsp.plan import _biased_greedy, _home
@@ -463,6 +465,41 @@ def test_cost_model_against_hand_formulas():
     assert slow.ring_ms == pytest.approx(1e3 * 15 * (5e-6 + 2 * 64 * 4 * D * 2 / 10e9))
 
 
+def test_dense_heads_run_at_the_dense_rate():
+    """With dense_tflops, a full head's entries of each tile cost 4 D / dense rate, the others the
+    sparse rate; dense_heads() finds the full heads from a mask, its work and its summary."""
+    from dbsp.plan import dense_heads, summarize_work
+
+    D, S = 128, 500  # 8 blocks of 64, the last one partial (52 tokens)
+    tiles = random_work(4, 8, seed=4)[0] > 0
+    tiles[1] = True  # head 1 selects everything
+    mask = SparseMask.from_dense(tiles[None], q_block=64, kv_tile=64, seq_len_q=S, seq_len_kv=S)
+    work = mask.work()
+    assert dense_heads(mask) == dense_heads(work, q_block=64, seq_len=S) == (1,)
+    assert dense_heads(summarize_work(mask, coarse=2, ring=2)) == (1,)
+    m = model(dense_tflops=800.0)
+    plan = Plan.identity(ulysses=2, ring=2, heads=4, q_block=64, seq_len=S).with_tile_work(work)
+    pred = m.predict(plan, head_dim=D, dense_heads=(1,))
+    W = plan.tile_work.double()
+    # head group 0 = heads {0, 1}; ring rank 0 holds blocks 0-3 (256 tokens), rank 1 blocks 4-7 (244).
+    toks = torch.tensor([256.0, 244.0])
+    dense = torch.zeros_like(W)
+    dense[0] = toks[:, None] * toks[None, :]
+    sparse_density = float(W.sum() - dense.sum()) / (3 * S * S)
+    rate = m.tflops(density=sparse_density, fine_grained=False) * 1e12
+    secs = (W - dense) * 4 * D / rate + dense * 4 * D / 800e12
+    for k in range(2):
+        for i in range(2):
+            want = sum(1e3 * (10e-6 + float(secs[k, i, j])) for j in range(2) if W[k, i, j] > 0)
+            assert pred.rank_compute_ms[k][i] == pytest.approx(want)
+    # Without dense_tflops (or without dense heads) the prediction is the single-rate one.
+    assert model().predict(plan, head_dim=D, dense_heads=(1,)) == model().predict(plan, head_dim=D)
+    with pytest.raises(ValueError, match="dense_heads must be head ids"):
+        m.predict(plan, head_dim=D, dense_heads=(7,))
+    with pytest.raises(ValueError, match="dense_tflops must be None or a finite number > 0"):
+        model(dense_tflops=0.0)
+
+
 def test_choose_degrees_enumerates_what_the_heads_allow():
     work = synthetic_work(heads=12, seq_len=6000, frames=6, seed=3)
     kw = dict(world=8, q_block=64, seq_len=6000, cost_model=model())
@@ -488,6 +525,8 @@ def test_choose_degrees_enumerates_what_the_heads_allow():
 def _plan_in_process(rank, world):
     work = synthetic_work(heads=12, seq_len=9000, frames=7, seed=11)
     plans = [make_plan(work, ulysses=u, ring=r, q_block=64, seq_len=9000) for u, r in ((2, 4), (1, 8), (4, 2))]
+    summary = summarize_work(work, q_block=64, seq_len=9000)
+    plans += [make_plan(summary, ulysses=u, ring=r) for u, r in ((2, 4), (1, 8))]
     u, r, chosen = choose_degrees(work, world=8, heads=12, q_block=64, seq_len=9000)
     return [p.fingerprint() for p in plans] + [chosen.fingerprint(), f"{u}x{r}"], [p.imbalance() for p in plans]
 
@@ -556,3 +595,167 @@ def test_plans_from_gpu_work_equal_cpu_plans():
         gpu = make_plan(work.cuda(), ulysses=U, ring=R, q_block=64, seq_len=20_000)
         assert cpu == gpu and torch.equal(cpu.tile_work, gpu.tile_work)
         assert torch.equal(tile_work(work.cuda(), cpu), cpu.tile_work)
+
+
+# ---------------------------------------------------------------------------- work summaries
+
+
+def brute_pooled(work, starts):
+    """``(H, NU, NU)`` by explicit sums of the work tensor over unit pairs."""
+    a = work.sum(0).to(torch.int64)
+    nu = len(starts) - 1
+    out = torch.zeros(a.shape[0], nu, nu, dtype=torch.int64)
+    for x in range(nu):
+        for y in range(nu):
+            out[:, x, y] = a[:, starts[x] : starts[x + 1], starts[y] : starts[y + 1]].sum((1, 2))
+    return out
+
+
+def unit_constant(plan, starts):
+    """True when no query or key unit is split between ring ranks in any head group."""
+    owners = torch.cat([plan.block_owner("q"), plan.block_owner("kv")])  # (2U, NB)
+    return all(bool((owners[:, lo:hi] == owners[:, lo : lo + 1]).all()) for lo, hi in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("S,ring,coarse,B", [(2600, 4, 3, 1), (3001, 8, 2, 2), (1000, 2, 1, 1), (4100, 3, 5, 1)])
+def test_summary_of_a_mask_equals_summary_of_its_work_and_the_brute_sums(S, ring, coarse, B):
+    tiles = torch.cat([synthetic_tiles(heads=4, seq_len=S, frames=4, seed=s) for s in range(B)])
+    mask = SparseMask.from_dense(tiles, q_block=64, kv_tile=64, seq_len_q=S, seq_len_kv=S)
+    work = mask.work()
+    a = summarize_work(mask, ring=ring, coarse=coarse)
+    b = summarize_work(work, ring=ring, coarse=coarse, q_block=64, seq_len=S)
+    c = summarize_work(_torch_work(work, 64, S), ring=ring, coarse=coarse)  # the device path, on CPU
+    starts = list(a.unit_bounds)
+    assert starts == list(b.unit_bounds) and starts[0] == 0 and starts[-1] == -(-S // 64)
+    assert max(np.diff(starts)) == coarse and all(np.diff(starts) >= 1)
+    expected = brute_pooled(work, starts)
+    for s in (a, b, c):
+        assert torch.equal(s.pooled.to(torch.int64), expected) and (s.heads, s.batch) == (4, B)
+    assert a.kv_tile == 64 and b.kv_tile is None and "WorkSummary(H=4" in repr(a)
+    # A fine-grained mask summarises to its computed entries: 64x8 tiles, the same keys.
+    fine = SparseMask.from_dense(tiles.repeat_interleave(8, -1)[..., : -(-S // 8)], q_block=64, kv_tile=8, seq_len_q=S, seq_len_kv=S)
+    assert torch.equal(summarize_work(fine, ring=ring, coarse=coarse).pooled, a.pooled)
+
+
+@pytest.mark.parametrize("U,R,H,S,coarse,ring", [(2, 4, 8, 4000, 3, 8), (4, 2, 12, 3001, 4, 8), (1, 8, 4, 5000, 2, 8),
+                                                 (8, 1, 16, 999, 1, 8), (2, 2, 6, 2100, 5, 2), (1, 3, 4, 2500, 2, 6)])
+def test_summary_tiles_and_rho_are_exact_and_its_plans_valid(U, R, H, S, coarse, ring):
+    nb = -(-S // 64)
+    for seed in range(2):
+        work = random_work(H, nb, seed=seed)
+        s = summarize_work(work, coarse=coarse, ring=ring, q_block=64, seq_len=S)
+        identity = Plan.identity(ulysses=U, ring=R, heads=H, q_block=64, seq_len=S)
+        assert torch.equal(tile_work(s, identity), brute_tiles(work, identity))
+        naive = imbalance_ratio(s, ulysses=U, ring=R)
+        assert naive == imbalance_ratio(work, ulysses=U, ring=R, q_block=64, seq_len=S)
+        plan = make_plan(s, ulysses=U, ring=R, world=U * R)
+        Plan(**plan._layout())  # the validating constructor accepts it
+        assert unit_constant(plan, list(s.unit_bounds))
+        assert torch.equal(plan.tile_work, brute_tiles(work, plan)) and torch.equal(tile_work(s, plan), plan.tile_work)
+        assert plan.imbalance() == pytest.approx(brute_rho(work, plan), rel=1e-12)
+        assert 1.0 <= plan.imbalance() <= naive  # never worse than unplanned, on the exact objective
+        again = make_plan(summarize_work(work.clone(), coarse=coarse, ring=ring, q_block=64, seq_len=S), ulysses=U, ring=R)
+        assert again == plan and again.fingerprint() == plan.fingerprint()
+
+
+def test_summary_with_single_block_units_plans_like_the_work_tensor():
+    work = synthetic_work(heads=8, seq_len=5000, frames=5, seed=2)
+    s = summarize_work(work, coarse=1, q_block=64, seq_len=5000)
+    for U, R in FACTORISATIONS_8[1:]:
+        for kw in ({}, {"reward": 0.0}, {"per_group_blocks": False}):
+            a = make_plan(s, ulysses=U, ring=R, **kw)
+            b = make_plan(work, ulysses=U, ring=R, q_block=64, seq_len=5000, **kw)
+            assert a == b and torch.equal(a.tile_work, b.tile_work)
+    kw = dict(world=8, cost_model=model())
+    assert choose_degrees(s, heads=8, **kw) == choose_degrees(work, heads=8, q_block=64, seq_len=5000, **kw)
+
+
+@pytest.mark.parametrize("kinds", [KINDS, ("window",), ("hotspot",), ("sink", "dense"), ("temporal",)], ids=lambda k: "+".join(k) if len(k) < 5 else "mix")
+def test_summary_plans_reach_target_rho_on_every_factorisation_of_8(kinds):
+    """Target 1 from summaries (default coarse, 4 blocks per unit here), judged on the full work."""
+    work = synthetic_work(heads=40, seq_len=40_000, frames=21, seed=0, kinds=kinds)
+    s = summarize_work(work, q_block=64, seq_len=40_000)
+    assert s.coarse == 4
+    for U, R in FACTORISATIONS_8:
+        plan = make_plan(s, ulysses=U, ring=R)
+        exact = imbalance_ratio(work, ulysses=U, ring=R, plan=plan)
+        assert exact == plan.imbalance() and exact <= 1.05, (kinds, U, R, exact)
+
+
+def test_plan_cache_with_summaries_hits_and_misses_like_tensors():
+    kw = dict(heads=8, seq_len=6400, frames=10, seed=7, kinds=("hotspot", "dense", "sink"))
+    by_work, by_summary, by_units = PlanCache(), PlanCache(), PlanCache()
+    for step in range(12):
+        work = synthetic_work(step=step, drift=0.01, **kw)
+        a = by_work.get(0, work, ulysses=2, ring=4, q_block=64, seq_len=6400)
+        b = by_summary.get(0, summarize_work(work, coarse=1, q_block=64, seq_len=6400), ulysses=2, ring=4)
+        assert a == b and by_work.last_imbalance == by_summary.last_imbalance
+        s = summarize_work(work, coarse=3, q_block=64, seq_len=6400)
+        c = by_units.get(0, s, ulysses=2, ring=4)
+        assert by_units.last_imbalance == imbalance_ratio(work, ulysses=2, ring=4, plan=c)  # the check is exact
+    assert (by_work.hits, by_work.misses) == (by_summary.hits, by_summary.misses)
+    assert by_work.misses >= 2 and by_work.hits >= 6 and by_units.misses >= 2 and by_units.hits >= 6
+    # Another kind of input, or other units, is a miss: the cached plan may split the new units.
+    by_units.get(0, work, ulysses=2, ring=4, q_block=64, seq_len=6400)
+    by_units.get(0, summarize_work(work, coarse=2, q_block=64, seq_len=6400), ulysses=2, ring=4)
+    assert by_units.misses == 12 - by_units.hits + 2
+    chooser = PlanCache(cost_model=model())
+    p1 = chooser.get(1, s, world=8)
+    assert chooser.get(1, s, world=8) is p1 and (chooser.hits, chooser.misses) == (1, 1)
+
+
+def test_summary_bad_inputs_get_clear_errors():
+    work = random_work(4, 20, seed=0)  # 20 blocks
+    kw = dict(q_block=64, seq_len=1280)
+    with pytest.raises(ValueError, match=r"coarse=3 is too large: the units must fit in the smallest home chunk of ring=8 \(2 blocks of num_blocks=20\); use coarse <= 2"):
+        summarize_work(work, coarse=3, **kw)
+    with pytest.raises(ValueError, match="coarse must be >= 1"):
+        summarize_work(work, coarse=0, **kw)
+    with pytest.raises(ValueError, match="ring=32 exceeds the number of blocks 20"):
+        summarize_work(work, ring=32, **kw)
+    with pytest.raises(TypeError, match="needs q_block= and seq_len="):
+        summarize_work(work)
+    with pytest.raises(ValueError, match=r"ceil\(2000 / 64\) = 32; got \(1, 4, 20, 20\)"):
+        summarize_work(work, q_block=64, seq_len=2000)
+    s = summarize_work(work, ring=4, coarse=2, **kw)
+    with pytest.raises(TypeError, match="already a WorkSummary"):
+        summarize_work(s)
+    with pytest.raises(ValueError, match=r"ring=8 does not fit the summary: its home chunks start at blocks .* \(summary built for ring=4, coarse=2\)"):
+        make_plan(s, ulysses=1, ring=8)
+    with pytest.raises(ValueError, match="ring=7 does not fit the summary"):
+        imbalance_ratio(s, ulysses=1, ring=7)  # chunks from blocks 0, 3, 6, ...; units from 0, 2, 4, 5, ...
+    assert imbalance_ratio(s, ulysses=1, ring=3) == imbalance_ratio(work, ulysses=1, ring=3, **kw)  # 0, 7, 14 fit
+    with pytest.raises(ValueError, match="seq_len=1300 disagrees with the summary's seq_len=1280"):
+        make_plan(s, ulysses=2, ring=2, seq_len=1300)
+    split = make_plan(work, ulysses=1, ring=4, reward=0.0, **kw)  # block-level moves split units
+    assert not unit_constant(split, list(s.unit_bounds))
+    with pytest.raises(ValueError, match="the plan splits a summary unit of 2 blocks"):
+        tile_work(s, split)
+    with pytest.raises(ValueError, match=r"work is for heads=4, .* but the plan is for heads=8"):
+        tile_work(s, Plan.identity(ulysses=2, ring=2, heads=8, q_block=64, seq_len=1280))
+    good = dict(q_block=64, seq_len=1280, coarse=2, ring=4)
+    with pytest.raises(ValueError, match=r"pooled must have shape \(H, NU, NU\) with NU = 12 units .* got \(4, 11, 11\)"):
+        WorkSummary(s.pooled[:, :11, :11], **good)
+    with pytest.raises(TypeError, match="pooled must be an int32 or int64 tensor"):
+        WorkSummary(s.pooled.float(), **good)
+    with pytest.raises(ValueError, match="non-negative"):
+        WorkSummary(-s.pooled - 1, **good)
+    with pytest.raises(ValueError, match="coarse=6 is too large"):
+        WorkSummary(s.pooled, **{**good, "coarse": 6})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_summaries_built_on_the_gpu_equal_cpu_summaries():
+    """summarize_work pools where the input lives (index_add_ on CUDA): same numbers as on the CPU."""
+    from dbsp.plan import summarize_work
+
+    gen = torch.Generator().manual_seed(5)
+    for kv_tile in (64, 1):
+        dense = torch.rand(1, 6, 90, 5760 // kv_tile, generator=gen) < 0.3
+        mask = SparseMask.from_dense(dense, q_block=64, kv_tile=kv_tile, seq_len_q=5760, seq_len_kv=5760)
+        cpu = summarize_work(mask, coarse=4, ring=8)
+        gpu = summarize_work(mask.to("cuda"), coarse=4, ring=8)
+        assert torch.equal(torch.as_tensor(cpu.pooled), torch.as_tensor(gpu.pooled).cpu())
+        work_gpu = summarize_work(mask.work().cuda(), coarse=4, ring=8, q_block=64, seq_len=5760)
+        assert torch.equal(torch.as_tensor(cpu.pooled), torch.as_tensor(work_gpu.pooled).cpu())
