@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import statistics
 import sys
@@ -53,7 +54,7 @@ from dbsp import SparseMask, sparse_attention
 from dbsp.dist import SPGroups, sp_attention
 from dbsp.dist.layout import block_token_ids, rank_layout, shard_sizes
 from dbsp.dist.predict import predict_mask_sharded
-from dbsp.plan import CostModel, Plan, choose_degrees, make_plan
+from dbsp.plan import CostModel, Plan, choose_degrees, dense_heads, make_plan
 from dbsp.predict import DENSE_CROSSOVER, predict_mask
 from dbsp.video import get_shape, make_workload
 
@@ -186,16 +187,24 @@ def model_rho(plan: Plan, cost: CostModel, *, head_dim: int, kv_tile: int, densi
     return float(steps.max(dim=1).values.sum(-1).max()) / mean if mean > 0 else 1.0
 
 
-def emulate(cfg: Config, w, mask: SparseMask, cache: dict, timer: Timer, cost: CostModel, bw_bytes: float) -> Emulated:
-    """The configuration's per-rank, per-step local work timed with the real kernel (see module doc)."""
+def local_steps(cfg: Config, w, mask: SparseMask, cache: dict, timer: Timer, *, ranks=None, problems=None):
+    """Time the local problems of ``ranks`` (default: all) under ``cfg`` with the real kernel.
+
+    Returns ``(steps, rows, slice_ms, layouts)``: ``steps[k, i, t]`` the compute ms of ring rank
+    ``i`` of head group ``k`` at ring step ``t`` (0 for ranks not timed here and for empty steps),
+    ``rows[k, i, t]`` its non-empty (batch, head, query block) rows (kernel programs that do work),
+    the slowest sub-mask construction, and every rank's layout. Each distinct local problem is
+    timed once (``cache``); ``problems`` (a list) receives one feature row per timed problem.
+    """
     U, R = cfg.ulysses, cfg.ring
-    B, S, H, D = w.q.shape
-    elem = w.q.element_size()
-    lat = cost.comm_latency_us * 1e-3
+    S = w.q.shape[1]
     steps = torch.zeros(U, R, R, dtype=torch.float64)
+    rows = torch.zeros(U, R, R, dtype=torch.float64)
     slice_ms = 0.0
     layouts = [layout_of(cfg, r, mask, w.q.device) for r in range(U * R)]
     for r, lay in enumerate(layouts):
+        if ranks is not None and r not in ranks:
+            continue
         i, k = lay.ring_rank, lay.ulysses_rank
         t0 = time.perf_counter()
         subs = lay.local_masks(mask)
@@ -214,17 +223,37 @@ def emulate(cfg: Config, w, mask: SparseMask, cache: dict, timer: Timer, cost: C
                 q = w.q.index_select(1, q_tok).index_select(2, heads)
                 kk = w.k.index_select(1, kv_tok).index_select(2, heads)
                 vv = w.v.index_select(1, kv_tok).index_select(2, heads)
-                cache[key] = timer(lambda: sparse_attention(q, kk, vv, sub, return_lse=R > 1))
+                ms = timer(lambda: sparse_attention(q, kk, vv, sub, return_lse=R > 1))
+                live = int((sub.offsets[..., 1:] > sub.offsets[..., :-1]).sum())
+                cache[key] = (ms, live)
+                if problems is not None:
+                    # Heads whose every tile is selected go to dense SDPA (cuDNN) under backend="auto".
+                    counts, work = sub.row_counts(), sub.work()
+                    dense = (counts == sub.num_kv_tiles).all(dim=2).all(dim=0)
+                    problems.append(dict(heads=len(lay.heads), q_tokens=int(q_tok.numel()), kv_tokens=int(kv_tok.numel()),
+                                         q_block=sub.q_block, kv_tile=sub.kv_tile, lse=int(R > 1), rows=live,
+                                         entries=int(work.sum()), dense_heads=int(dense.sum()),
+                                         dense_entries=int(work[:, dense].sum()), density=round(sub.density(), 4),
+                                         ms=round(ms, 4)))
                 del q, kk, vv
-            steps[k, i, t] = cache[key]
-    token_bytes = B * D * elem
+            steps[k, i, t], rows[k, i, t] = cache[key]
+    return steps, rows, slice_ms, layouts
+
+
+def model_comm(cfg: Config, steps: torch.Tensor, layouts, w, mask: SparseMask, *, latency_ms: float,
+               a2a_bytes_s: float, p2p_bytes_s: float, slice_ms: float = 0.0) -> Emulated:
+    """Add communication to measured per-rank compute: the emulated time of the call (module doc)."""
+    U, R = cfg.ulysses, cfg.ring
+    B, S, H, D = w.q.shape
+    lat = latency_ms
+    token_bytes = B * D * w.q.element_size()
     offsets = layouts[0].head_offsets
     heads_k = [offsets[j + 1] - offsets[j] for j in range(U)]
     # Ulysses: q, k, v there and o back; each rank sends (U - 1) / U of each shard.
     a2a = 0.0
     if U > 1:
         shard = max(shard_sizes(S, U * R)) * H * token_bytes
-        a2a = 2 * lat + 1e3 * 4 * shard * (U - 1) / U / bw_bytes
+        a2a = 2 * lat + 1e3 * 4 * shard * (U - 1) / U / a2a_bytes_s
     # Block exchange: q and o (one all-to-all each) and k with v (one, packed) of the moved tokens;
     # a collective lasts as long as the rank that sends or receives the most.
     exch = 0.0
@@ -235,7 +264,7 @@ def emulate(cfg: Config, w, mask: SparseMask, cache: dict, timer: Timer, cost: C
             for lay in layouts
         )
         if busiest:
-            exch += collectives * (lat + 1e3 * tensors * busiest * token_bytes / bw_bytes)
+            exch += collectives * (lat + 1e3 * tensors * busiest * token_bytes / a2a_bytes_s)
     # Ring: step t waits for its slowest rank and for the next K/V chunk (2 tensors).
     ring = 0.0
     for k in range(U):
@@ -245,12 +274,22 @@ def emulate(cfg: Config, w, mask: SparseMask, cache: dict, timer: Timer, cost: C
             compute = float(steps[k, :, t].max())
             if t + 1 < R:
                 incoming = max(lay_k.kv_lens[(i + t + 1) % R] for i in range(R))
-                p2p = lat + 1e3 * 2 * incoming * heads_k[k] * token_bytes / bw_bytes
+                p2p = lat + 1e3 * 2 * incoming * heads_k[k] * token_bytes / p2p_bytes_s
                 compute = max(compute, p2p)
             total += compute
         ring = max(ring, total)
     moved = sum(lay.q_exchange.moved_tokens + lay.kv_exchange.moved_tokens for lay in layouts)
     return Emulated(cfg, steps, a2a, exch, ring, slice_ms, moved)
+
+
+def emulate(cfg: Config, w, mask: SparseMask, cache: dict, timer: Timer, cost: CostModel, bw_bytes: float,
+            problems=None) -> tuple[Emulated, torch.Tensor]:
+    """The configuration's per-rank, per-step local work timed with the real kernel (see module doc);
+    returns the emulated call and the live rows per (k, i, t)."""
+    steps, rows, slice_ms, layouts = local_steps(cfg, w, mask, cache, timer, problems=problems)
+    em = model_comm(cfg, steps, layouts, w, mask, latency_ms=cost.comm_latency_us * 1e-3, a2a_bytes_s=bw_bytes,
+                    p2p_bytes_s=bw_bytes, slice_ms=slice_ms)
+    return em, rows
 
 
 def make_mask(w, kind: str, args) -> SparseMask:
@@ -271,7 +310,7 @@ def run_emulate(args) -> int:
     print(f"emulated {P} ranks on one {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
           f"shape {shape.name} (H {shape.heads}, S {shape.geometry.num_tokens}, D {shape.head_dim}), "
           f"{args.q_block}x{args.kv_tile} masks, {dtype}; comm {bw / 1e9:.0f} GB/s, {cost.comm_latency_us} us latency")
-    rows, rank_rows, results = [], [], {}
+    rows, rank_rows, results, problems, tiles = [], [], {}, [], []
     for kind in args.workloads:
         layers = 1 if kind == "full" else args.layers
         for layer in range(layers):
@@ -279,17 +318,19 @@ def run_emulate(args) -> int:
             w = make_workload(shape, layer=layer, seed=args.seed, skew=WORKLOADS[kind], device=device, dtype=dtype)
             mask = make_mask(w, kind, args)
             work = mask.work().cpu()  # the planner runs on the host (the path the CPU smoke run tests)
+            full_heads = dense_heads(mask)
             configs = make_configs(mask, work, P, cost, head_dim=w.head_dim)
             cache: dict = {}
             for cfg in configs:
-                em = emulate(cfg, w, mask, cache, timer, cost, bw)
+                em, live = emulate(cfg, w, mask, cache, timer, cost, bw, problems=problems)
                 sizes = dict(ulysses=cfg.ulysses, ring=cfg.ring, q_block=mask.q_block, seq_len=mask.seq_len_q)
                 tiled = cfg.plan if cfg.plan is not None else Plan.identity(heads=mask.heads, **sizes).with_tile_work(work)
                 rho_plan = tiled.imbalance()
                 pred = cost.predict(tiled, head_dim=w.head_dim, batch=w.batch, element_bytes=w.q.element_size(),
-                                    kv_tile=mask.kv_tile)
+                                    kv_tile=mask.kv_tile, dense_heads=full_heads)
                 rho_model = model_rho(tiled, cost, head_dim=w.head_dim, kv_tile=mask.kv_tile, density=mask.density())
                 results[(kind, layer, cfg.name)] = em
+                tiles.append(_tile_record(kind, layer, cfg, mask, tiled, em, live))
                 rows.append(dict(
                     mode="emulated", workload=kind, layer=layer, config=cfg.name, family=cfg.family, U=cfg.ulysses, R=cfg.ring,
                     density=round(mask.density(), 4), total_ms=round(em.total_ms, 3), ring_ms=round(em.ring_ms, 3),
@@ -310,8 +351,20 @@ def run_emulate(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "sp.csv", rows)
     _write_csv(out / "sp_ranks.csv", rank_rows)
+    _write_csv(out / "sp_problems.csv", problems)
+    torch.save(tiles, out / "sp_tiles.pt")
     _summarise(rows, results, args, out)
     return 0
+
+
+def _tile_record(kind: str, layer: int, cfg: Config, mask: SparseMask, tiled: Plan, em: Emulated, live) -> dict:
+    """What an offline cost-model fit needs about one configuration of one layer (``sp_tiles.pt``):
+    the planned tile work, the measured per-step compute and live rows, and the communication."""
+    return dict(workload=kind, layer=layer, config=cfg.name, family=cfg.family, U=cfg.ulysses, R=cfg.ring,
+                q_block=mask.q_block, kv_tile=mask.kv_tile, heads=mask.heads, seq_len=mask.seq_len_q,
+                density=mask.density(), heads_per_rank=tiled.heads_per_rank, tile_work=tiled.tile_work.clone(),
+                steps_ms=em.steps.clone(), rows=live.clone(), all_to_all_ms=em.all_to_all_ms,
+                exchange_ms=em.exchange_ms, ring_ms=em.ring_ms, total_ms=em.total_ms)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -372,7 +425,33 @@ def _summarise(rows: list[dict], results: dict, args, out: Path) -> None:
         print(f"  target 2 (rho_s within 5%): {'PASS' if max(errs) <= 0.05 else 'FAIL'}")
         if before_after is None:
             before_after = (kind, layers[0], base_name, auto[0]["config"])
+    _print_agreement(rows, "the emulated times")
     _plot(results, before_after, speedups, out)
+
+
+def model_agreement(rows: list[dict]) -> tuple[int, int, int, int]:
+    """Issue 6 target 3: ``(pairs ordered alike, pairs, predictions within 20%, configurations)``.
+
+    Within each (workload, layer), every pair of configurations whose measured times differ by
+    at least 1% counts; a pair agrees when the cost model orders it the same way.
+    """
+    agree = pairs = within = n = 0
+    for key in dict.fromkeys((r["workload"], r["layer"]) for r in rows):
+        mine = [r for r in rows if (r["workload"], r["layer"]) == key]
+        for a, b in itertools.combinations(mine, 2):
+            if abs(a["total_ms"] - b["total_ms"]) >= 0.01 * max(a["total_ms"], b["total_ms"]):
+                pairs += 1
+                agree += (a["predicted_ms"] < b["predicted_ms"]) == (a["total_ms"] < b["total_ms"])
+        n += len(mine)
+        within += sum(abs(r["predicted_ms"] / r["total_ms"] - 1) <= 0.2 for r in mine)
+    return agree, pairs, within, n
+
+
+def _print_agreement(rows: list[dict], what: str) -> None:
+    agree, pairs, within, n = model_agreement(rows)
+    if pairs and n:
+        print(f"cost model vs {what}: ranking agrees on {agree}/{pairs} pairs ({100 * agree / pairs:.1f}%, target 80%); "
+              f"predictions within 20%: {within}/{n} ({100 * within / n:.1f}%)")
 
 
 def _plot(results: dict, before_after, speedups: dict, out: Path) -> None:
@@ -415,8 +494,76 @@ def _plot(results: dict, before_after, speedups: dict, out: Path) -> None:
     print(f"wrote {out / 'sp.csv'}, {out / 'sp_ranks.csv'}, {out / 'sp_ranks.png'}, {out / 'sp_speedup.png'}")
 
 
+def _timed(fn, device: torch.device, repeats: int, group=None) -> float:
+    """Median wall ms of a collective or transfer: all ranks start together, one warm-up call."""
+    times = []
+    for _ in range(1 + repeats):
+        dist.barrier(group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # timing only
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # timing only
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times[1:])
+
+
+def comm_bench(groups: dict, shape, dtype: torch.dtype, device: torch.device, repeats: int) -> list[dict]:
+    """Measured all-to-all (Ulysses group) and ring P2P (ring group) at this run's message sizes.
+
+    Bandwidth = bytes each rank sends / median time (per GPU and direction, as the cost model
+    counts it); latency = the median time of a 1-token message. Every rank runs every transfer.
+    """
+    S, H, D = shape.geometry.num_tokens, shape.heads, shape.head_dim
+    P = dist.get_world_size()
+    elem = torch.finfo(dtype).bits // 8
+    rows = []
+    for (u, r), g in groups.items():
+        shard = -(-S // P)
+        if u > 1:
+            for tokens in (1, shard):
+                x = torch.randn(u, tokens * (H // u) * D, device=device, dtype=dtype)
+                y = torch.empty_like(x)
+                ms = _timed(lambda: dist.all_to_all_single(y, x, group=g.ulysses_group), device, repeats)
+                sent = x.numel() * elem * (u - 1) // u
+                rows.append(dict(kind="all_to_all", U=u, R=r, tokens=tokens, bytes_per_rank=sent, ms=round(ms, 4),
+                                 GBps=round(sent / ms / 1e6, 2)))
+        if r > 1:
+            me = dist.get_rank(g.ring_group)
+            nxt = dist.get_global_rank(g.ring_group, (me + 1) % r)
+            prv = dist.get_global_rank(g.ring_group, (me - 1) % r)
+            for tokens in (1, shard):
+                send = [torch.randn(tokens, H // u, D, device=device, dtype=dtype) for _ in range(2)]  # K and V
+                recv = [torch.empty_like(x) for x in send]
+
+                def p2p():
+                    ops = [dist.P2POp(dist.isend, x, nxt, group=g.ring_group) for x in send]
+                    ops += [dist.P2POp(dist.irecv, x, prv, group=g.ring_group) for x in recv]
+                    for work in dist.batch_isend_irecv(ops):
+                        work.wait()
+
+                ms = _timed(p2p, device, repeats)
+                sent = 2 * send[0].numel() * elem
+                rows.append(dict(kind="ring_p2p", U=u, R=r, tokens=tokens, bytes_per_rank=sent, ms=round(ms, 4),
+                                 GBps=round(sent / ms / 1e6, 2)))
+    return rows
+
+
+def _comm_rates(rows: list[dict], cost: CostModel) -> tuple[float, float, float]:
+    """(latency ms, all-to-all bytes/s, P2P bytes/s) from ``comm_bench``; the cost model where a
+    kind was not measured (a world of one)."""
+    big = {kind: [r for r in rows if r["kind"] == kind and r["tokens"] > 1] for kind in ("all_to_all", "ring_p2p")}
+    small = [r["ms"] for r in rows if r["tokens"] == 1]
+    lat = statistics.median(small) if small else cost.comm_latency_us * 1e-3
+    rate = {k: statistics.median(r["GBps"] for r in v) * 1e9 if v else cost.nvlink_gbps * 1e9 for k, v in big.items()}
+    return lat, rate["all_to_all"], rate["ring_p2p"]
+
+
 def run_real(args) -> int:
-    """``sp_attention`` on real processes (launch with torchrun); rank 0 writes ``sp_real.csv``."""
+    """``sp_attention`` on real processes (launch with torchrun); rank 0 writes the CSVs (module doc)."""
+    if "RANK" not in os.environ:
+        raise SystemExit("--real runs under torchrun, e.g. torchrun --nproc_per_node 2 benchmarks/bench_sp.py --real --out DIR")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -427,9 +574,21 @@ def run_real(args) -> int:
     shape = get_shape(args.shape)
     groups = SPGroups.all_degrees(heads=shape.heads)
     cost = CostModel.default() if args.cost_model is None else CostModel.from_json(args.cost_model)
-    rows = []
+    say = print if rank == 0 else (lambda *a, **k: None)
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    say(f"real {P}-process run ({'NCCL' if cuda else 'gloo'}, {name}); shape {shape.name} (H {shape.heads}, "
+        f"S {shape.geometry.num_tokens}, D {shape.head_dim}), {args.q_block}x{args.kv_tile} masks, {dtype}")
+    comm = comm_bench(groups, shape, dtype, device, args.repeats)
+    lat, a2a_bw, p2p_bw = _comm_rates(comm, cost)
+    for row in comm:
+        say(f"  {row['kind']:<10} U{row['U']}R{row['R']} {row['bytes_per_rank'] / 1e6:9.3f} MB/rank {row['ms']:8.3f} ms "
+            f"{row['GBps']:8.1f} GB/s")
+    say(f"  -> latency {1e3 * lat:.1f} us, all-to-all {a2a_bw / 1e9:.1f} GB/s, ring P2P {p2p_bw / 1e9:.1f} GB/s per GPU")
+    timer = Timer(device, args.repeats, warmup=not args.quick)
+    rows, rank_rows, problems = [], [], []
     for kind in args.workloads:
         for layer in range(1 if kind == "full" else args.layers):
+            t_layer = time.perf_counter()
             w = make_workload(shape, layer=layer, seed=args.seed, skew=WORKLOADS[kind], device=device, dtype=dtype)
             sizes = shard_sizes(w.seq_len, P)
             lo = sum(sizes[:rank])
@@ -441,7 +600,8 @@ def run_real(args) -> int:
                 mask = predict_mask_sharded(q, k, groups=next(iter(groups.values())), q_block=args.q_block,
                                             kv_tile=args.kv_tile, top_p=args.top_p, dense_above=args.dense_above)
             work = mask.work().cpu()
-            del w
+            full_heads = dense_heads(mask)
+            cache: dict = {}
             for cfg in make_configs(mask, work, P, cost, head_dim=shape.head_dim):
                 g = groups[(cfg.ulysses, cfg.ring)]
                 times = []
@@ -453,19 +613,73 @@ def run_real(args) -> int:
                         torch.cuda.synchronize()  # timing only
                     times.append(1e3 * (time.perf_counter() - t0))
                 mine = torch.tensor([statistics.median(times[1:])], dtype=torch.float64, device=device)
-                dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-                rows.append(dict(mode="real", workload=kind, layer=layer, config=cfg.name, family=cfg.family, U=cfg.ulysses, R=cfg.ring,
-                                 density=round(mask.density(), 4), total_ms=round(float(mine), 3)))
+                per_rank = [torch.zeros_like(mine) for _ in range(P)]
+                dist.all_gather(per_rank, mine)
+                real = [float(x) for x in per_rank]
+                # This rank's local problems on its own GPU; the sum over ranks fills every (k, i, t).
+                steps, live, _, layouts = local_steps(cfg, w, mask, cache, timer, ranks={rank}, problems=problems)
+                both = torch.stack([steps, live]).to(device)
+                dist.all_reduce(both)
+                steps, live = both.cpu().unbind(0)
+                em = model_comm(cfg, steps, layouts, w, mask, latency_ms=lat, a2a_bytes_s=a2a_bw, p2p_bytes_s=p2p_bw)
+                sizes_kw = dict(ulysses=cfg.ulysses, ring=cfg.ring, q_block=mask.q_block, seq_len=mask.seq_len_q)
+                tiled = cfg.plan if cfg.plan is not None else Plan.identity(heads=mask.heads, **sizes_kw).with_tile_work(work)
+                pred = cost.predict(tiled, head_dim=w.head_dim, batch=w.batch, element_bytes=w.q.element_size(),
+                                    kv_tile=mask.kv_tile, dense_heads=full_heads)
+                rows.append(dict(
+                    mode="real", workload=kind, layer=layer, config=cfg.name, family=cfg.family, U=cfg.ulysses, R=cfg.ring,
+                    density=round(mask.density(), 4), total_ms=round(max(real), 3), emulated_ms=round(em.total_ms, 3),
+                    emulated_over_real=round(em.total_ms / max(real), 4), predicted_ms=round(pred.total_ms, 3),
+                    max_rank_compute_ms=round(float(em.rank_ms.max()), 3), mean_rank_compute_ms=round(float(em.rank_ms.mean()), 3),
+                    rho_planned=round(tiled.imbalance(), 4), rho_measured=round(em.rho_measured, 4),
+                    all_to_all_ms=round(em.all_to_all_ms, 3), exchange_ms=round(em.exchange_ms, 3),
+                    moved_tokens=em.moved_tokens, device=name, world=P,
+                ))
+                for r in range(P):
+                    kk, i = r % cfg.ulysses, r // cfg.ulysses
+                    rank_rows.append(dict(workload=kind, layer=layer, config=cfg.name, rank=r, wall_ms=round(real[r], 3),
+                                          compute_ms=round(float(em.rank_ms[kk, i]), 4)))
+            say(f"  {kind} layer {layer}: density {mask.density():.3f}, {time.perf_counter() - t_layer:.1f} s")
+            del w, q, k, v, mask, work, cache
+    gathered = [None] * P
+    dist.all_gather_object(gathered, problems)
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         _write_csv(out / "sp_real.csv", rows)
-        print(f"{'workload':<8} {'layer':>5} {'config':<20} {'ms (slowest rank)':>18}")
-        for row in rows:
-            print(f"{row['workload']:<8} {row['layer']:>5} {row['config']:<20} {row['total_ms']:>18.2f}")
-        print(f"real {P}-process run ({'NCCL' if cuda else 'gloo'}); wrote {out / 'sp_real.csv'}")
+        _write_csv(out / "sp_real_ranks.csv", rank_rows)
+        _write_csv(out / "sp_real_comm.csv", comm)
+        _write_csv(out / "sp_real_problems.csv", [dict(rank=r, **p) for r, ps in enumerate(gathered) for p in ps])
+        _summarise_real(rows, P, name, cuda)
+        print(f"wrote sp_real.csv, sp_real_ranks.csv, sp_real_comm.csv, sp_real_problems.csv to {out}")
     dist.destroy_process_group()
     return 0
+
+
+def _summarise_real(rows: list[dict], P: int, device: str, cuda: bool) -> None:
+    """Table of the real run; dbsp vs the best fixed unbalanced configuration; emulated vs real."""
+    print(f"\n{'workload':<8} {'layer':>5} {'config':<20} {'real ms':>8} {'emul ms':>8} {'emul/real':>9} {'pred ms':>8} "
+          f"{'rho plan':>8} {'rho meas':>8}")
+    for r in rows:
+        print(f"{r['workload']:<8} {r['layer']:>5} {r['config']:<20} {r['total_ms']:>8.2f} {r['emulated_ms']:>8.2f} "
+              f"{r['emulated_over_real']:>9.3f} {r['predicted_ms']:>8.2f} {r['rho_planned']:>8.3f} {r['rho_measured']:>8.3f}")
+    print(f"\nREAL {P}-process run ({'NCCL' if cuda else 'gloo'}, {device}); 'emul' = per-rank kernels timed alone "
+          "+ communication modelled with the bandwidth measured above")
+    for kind in dict.fromkeys(r["workload"] for r in rows):
+        mine = [r for r in rows if r["workload"] == kind]
+        layers = sorted({r["layer"] for r in mine})
+        fixed: dict[str, float] = {}
+        for r in mine:
+            if r["family"] in ("ulysses", "ring", "usp"):
+                fixed[r["config"]] = fixed.get(r["config"], 0.0) + r["total_ms"]
+        base = min(fixed, key=fixed.get)
+        auto = sum(r["total_ms"] for r in mine if r["family"] == "dbsp-auto")
+        best = sum(min(r["total_ms"] for r in mine if r["layer"] == layer and r["family"].startswith("dbsp")) for layer in layers)
+        ratio = [r["emulated_over_real"] for r in mine]
+        print(f"{kind}: best fixed unbalanced {base} {fixed[base]:.1f} ms; dbsp-auto {fixed[base] / auto:.3f}x, best dbsp config "
+              f"per layer {fixed[base] / best:.3f}x; emulated/real min {min(ratio):.3f} median {statistics.median(ratio):.3f} "
+              f"max {max(ratio):.3f}")
+    _print_agreement(rows, "the real times")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------- distributed
 
 
-def _worker(fn, rank, world_size, init_method, results, args, collective_timeout):
+def _worker(fn, rank, world_size, init_method, results, args, collective_timeout, backend):
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=init_method,
             rank=rank,
             world_size=world_size,
@@ -37,9 +39,13 @@ def _worker(fn, rank, world_size, init_method, results, args, collective_timeout
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 120.0, collective_timeout: float = 30.0):
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes on gloo; return the results.
+def run_distributed(
+    fn, world_size: int, *args, timeout: float = 120.0, collective_timeout: float = 30.0, backend: str = "gloo"
+):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return the results.
 
+    ``backend`` is ``"gloo"`` (CPU, the CI default) or ``"nccl"`` (one GPU per rank: rank r uses
+    ``cuda:r``).
     ``fn`` must be a module-level function (it is pickled into spawned processes). A failure on
     any rank raises ``RuntimeError`` quoting every failing rank's traceback. Collectives time out
     after ``collective_timeout`` seconds, so ranks waiting on a dead peer fail too; and the whole
@@ -53,7 +59,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120.0, collecti
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(fn, rank, world_size, init_method, results, args, collective_timeout),
+                args=(fn, rank, world_size, init_method, results, args, collective_timeout, backend),
                 daemon=True,
             )
             for rank in range(world_size)
