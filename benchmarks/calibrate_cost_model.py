@@ -9,9 +9,10 @@ shipped calibration), and ``source`` in the JSON says which came from where.
 
 * ``--problems`` (``sp_problems.csv`` of ``benchmarks/bench_sp.py --emulate``: every distinct local
   problem of every rank, timed with the real kernel): a least-squares fit, in relative error, of
-  ``ms = a + sparse entries / r_s + dense entries / r_d`` over the block-mask problems (dense
-  entries are those of fully selected heads, which ``sparse_attention`` sends to cuDNN). Sets
-  ``call_overhead_us = a``, a flat ``block_tflops`` at ``r_s`` and ``dense_tflops = r_d``.
+  ``ms = a + m [call mixes dense and sparse heads] + sparse entries / r_s + dense entries / r_d`` over
+  the block-mask problems (dense entries are those of fully selected heads, which
+  ``sparse_attention`` sends to cuDNN). Sets ``call_overhead_us = a``, ``mixed_overhead_us = m``, a
+  flat ``block_tflops`` at ``r_s`` and ``dense_tflops = r_d``.
 * ``--gather`` (``gather_sweep.csv`` of ``benchmarks/sweep_gather.py``): ``fine_tflops`` from the
   fastest configuration per density of the ``--fine-mask`` kind (the autotuner's pick).
 * ``--kernels`` (``kernels.csv`` of ``benchmarks/bench_kernels.py``): block and fine curves from the
@@ -52,24 +53,42 @@ def kernel_curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]
     return tuple((round(d, 4), round(t, 1)) for d, t in points)
 
 
-def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, str]:
-    """``(a us, sparse TFLOPS, dense TFLOPS, summary)`` from block-mask local problems."""
+def _nonneg_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: drop the most negative term and refit."""
+    keep = list(range(A.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(A[:, keep], y, rcond=None)
+        if np.all(coef >= 0):
+            out = np.zeros(A.shape[1])
+            out[keep] = coef
+            return out
+        keep.pop(int(np.argmin(coef)))
+
+
+def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, float, str]:
+    """``(a us, mixed us, sparse TFLOPS, dense TFLOPS, summary)`` from block-mask local problems.
+
+    ``ms = a + mixed * [dense and sparse heads in the call] + sparse entries / r_s + dense entries / r_d``,
+    fitted in relative error with non-negative terms.
+    """
     block = [r for r in rows if r["kv_tile"] == r["q_block"] and "dense_entries" in r]
-    if len(block) < 3:
-        raise SystemExit("need at least 3 block-mask problems with dense_entries (bench_sp.py --emulate)")
+    if len(block) < 4:
+        raise SystemExit("need at least 4 block-mask problems with dense_entries (bench_sp.py --emulate)")
     y = np.array([float(r["ms"]) for r in block])
     dense = np.array([float(r["dense_entries"]) for r in block])
     sparse = np.array([float(r["entries"]) for r in block]) - dense
-    A = np.stack([np.ones_like(y), sparse, dense], axis=1)
-    coef, *_ = np.linalg.lstsq(A / y[:, None], np.ones_like(y), rcond=None)  # minimises relative error
-    if np.any(coef <= 0):
-        raise SystemExit(f"the fit has a non-positive term ({coef}); the problems do not determine the model")
+    n_dense, heads = (np.array([int(r[c]) for r in block]) for c in ("dense_heads", "heads"))
+    mixed = ((n_dense > 0) & (n_dense < heads)).astype(np.float64)
+    A = np.stack([np.ones_like(y), mixed, sparse, dense], axis=1)
+    coef = _nonneg_lstsq(A / y[:, None], np.ones_like(y))  # minimises relative error
+    if coef[2] <= 0 or coef[3] <= 0:
+        raise SystemExit(f"the fit has no throughput term ({coef}); the problems do not determine the model")
     rel = np.abs(A @ coef / y - 1)
     flops = 4.0 * head_dim
-    a_us, r_s, r_d = 1e3 * coef[0], flops / (coef[1] * 1e-3) / 1e12, flops / (coef[2] * 1e-3) / 1e12
-    summary = (f"{len(block)} block-mask problems: relative error median {np.median(rel):.3f}, 90th percentile "
-               f"{np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
-    return float(a_us), float(r_s), float(r_d), summary
+    r_s, r_d = flops / (coef[2] * 1e-3) / 1e12, flops / (coef[3] * 1e-3) / 1e12
+    summary = (f"{len(block)} block-mask problems ({int(mixed.sum())} mixed): relative error median "
+               f"{np.median(rel):.3f}, 90th percentile {np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
+    return float(1e3 * coef[0]), float(1e3 * coef[1]), float(r_s), float(r_d), summary
 
 
 def gather_curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
@@ -116,12 +135,13 @@ def main(argv=None) -> int:
         notes.append(f"block and fine curves: bench_kernels.py {args.kernels.name} ({rows[0]['shape']}, random "
                      f"{args.block_mask} / {args.fine_mask} masks)")
     if args.problems:
-        a_us, r_s, r_d, summary = fit_problems(_rows(args.problems), args.head_dim)
-        model = replace(model, call_overhead_us=round(a_us, 1), block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))),
-                        dense_tflops=round(r_d, 1))
-        notes.append(f"per-call overhead {a_us:.0f} us, block {r_s:.0f} TFLOPS, dense heads {r_d:.0f} TFLOPS: fit to "
-                     f"bench_sp.py --emulate local problems ({args.problems.name}; {summary})")
-        print(f"problems: a = {a_us:.1f} us, sparse {r_s:.1f} TFLOPS, dense {r_d:.1f} TFLOPS; {summary}")
+        a_us, mixed_us, r_s, r_d, summary = fit_problems(_rows(args.problems), args.head_dim)
+        model = replace(model, call_overhead_us=round(a_us, 1), mixed_overhead_us=round(mixed_us, 1),
+                        block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))), dense_tflops=round(r_d, 1))
+        notes.append(f"per-call overhead {a_us:.0f} us (+{mixed_us:.0f} us for calls mixing dense and sparse heads), "
+                     f"block {r_s:.0f} TFLOPS, dense heads {r_d:.0f} TFLOPS: fit to bench_sp.py --emulate local "
+                     f"problems ({args.problems.name}; {summary})")
+        print(f"problems: a = {a_us:.1f} us, mixed +{mixed_us:.1f} us, sparse {r_s:.1f} TFLOPS, dense {r_d:.1f} TFLOPS; {summary}")
     if args.gather:
         model = replace(model, fine_tflops=gather_curve(_rows(args.gather), args.fine_mask))
         notes.append(f"fine curve: sweep_gather.py {args.gather.name} (random {args.fine_mask} masks, fastest configuration)")
@@ -143,7 +163,7 @@ def main(argv=None) -> int:
         "flat outside; dense_tflops is the rate of fully dense heads (dense SDPA). Bandwidths are GB/s per GPU and "
         "direction. Written by benchmarks/calibrate_cost_model.py."))
     print(f"wrote {args.out}: block {model.block_tflops}, fine {model.fine_tflops}, dense {model.dense_tflops}, "
-          f"overhead {model.call_overhead_us} us, {model.nvlink_gbps} GB/s, latency {model.comm_latency_us} us")
+          f"overhead {model.call_overhead_us} (+{model.mixed_overhead_us}) us, {model.nvlink_gbps} GB/s, latency {model.comm_latency_us} us")
     return 0
 
 

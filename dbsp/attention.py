@@ -223,7 +223,7 @@ def _split_dense_heads(q, k, v, mask: SparseMask, scale: float, plan: _Schedule,
         return None
     out = _alloc.empty(q.shape, dtype=out_dtype, device=q.device)
     sparse_out, sparse_lse = _triton(q[:, :, sp], k[:, :, sp], v[:, :, sp], plan.sparse_mask, scale, out_dtype)
-    out[:, :, d] = dense_out
+    out[:, :, d] = dense_out.to(out_dtype)
     out[:, :, sp] = sparse_out
     if not return_lse:
         return out

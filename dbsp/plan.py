@@ -1722,6 +1722,8 @@ class CostModel:
         dense_tflops: effective TFLOPS of fully dense heads, which ``sparse_attention`` sends to
             dense SDPA (cuDNN) rather than the sparse kernel; used when :meth:`predict` is told
             which heads are dense. None: dense heads run at the sparse curve's rate. Default: None.
+        mixed_overhead_us: extra cost of a call that holds both dense and sparse heads (the head
+            split copies q, k, v and scatters the outputs); used with ``dense_tflops``. Default: 0.
         source: where the numbers come from (free text; not compared).
     """
 
@@ -1733,6 +1735,7 @@ class CostModel:
     internode_gbps: float
     gpus_per_node: int
     dense_tflops: float | None = None
+    mixed_overhead_us: float = 0.0
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -1748,6 +1751,9 @@ class CostModel:
         d = self.dense_tflops
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0):
             raise ValueError(f"dense_tflops must be None or a finite number > 0, got {d!r}")
+        m = self.mixed_overhead_us
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise ValueError(f"mixed_overhead_us must be a finite number >= 0, got {m!r}")
 
     # ------------------------------------------------------------------ loading
 
@@ -1765,7 +1771,7 @@ class CostModel:
         if missing:
             raise ValueError(f"{path}: cost model JSON lacks {missing}; it needs {list(cls._FIELDS)}")
         return cls(**{f: data[f] for f in cls._FIELDS}, dense_tflops=data.get("dense_tflops"),
-                   source=str(data.get("source", path)))
+                   mixed_overhead_us=data.get("mixed_overhead_us", 0.0), source=str(data.get("source", path)))
 
     @classmethod
     def default(cls) -> "CostModel":
@@ -1777,6 +1783,7 @@ class CostModel:
         data = {**extra, "source": self.source, **{f: getattr(self, f) for f in self._FIELDS}}
         if self.dense_tflops is not None:
             data["dense_tflops"] = self.dense_tflops
+            data["mixed_overhead_us"] = self.mixed_overhead_us
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
     # ------------------------------------------------------------------ prediction
@@ -1860,7 +1867,12 @@ class CostModel:
         else:
             seconds = (W - dense_w) * (4.0 * head_dim) / rate + dense_w * (4.0 * head_dim) / (self.dense_tflops * 1e12)
         D = _steps(W)  # (U, R, R): D[k, i, t]
-        compute = np.where(D > 0, self.call_overhead_us * 1e-6 + _steps(seconds), 0.0)
+        overhead = np.full((U, 1, 1), self.call_overhead_us * 1e-6)
+        if dense_w is not None:  # a group holding dense and sparse heads makes mixed calls
+            dense_k = np.array([sum(h in set(dense_heads) for h in plan.head_group(k)) for k in range(U)])
+            mixed = (dense_k > 0) & (dense_k < np.array(plan.heads_per_rank))
+            overhead = overhead + np.where(mixed, self.mixed_overhead_us * 1e-6, 0.0)[:, None, None]
+        compute = np.where(D > 0, overhead + _steps(seconds), 0.0)
         lat = self.comm_latency_us * 1e-6
         heads_k = np.array(plan.heads_per_rank, dtype=np.float64)
         ring_bw = self._bandwidth(R, U * R)

@@ -72,6 +72,10 @@ def test_auto_dense_heads_with_lse_match_reference(dtype):
         kernel_out, kernel_lse = sparse_attention(lq, lk, lv, m, return_lse=True, backend="triton")
         assert max_abs_err(lse, ref_lse) < 5e-3
         assert max_abs_err(out, ref) <= 2 * max_abs_err(kernel_out, ref) + 1e-3
+        # float32 partial outputs (the ring's path): dense and sparse heads both come back in float32.
+        out32, lse32 = sparse_attention(lq, lk, lv, m, return_lse=True, out_dtype=torch.float32)
+        assert out32.dtype == torch.float32 and torch.equal(lse32, lse)
+        assert torch.equal(out32.to(dtype), out)
 
 
 def test_large_batch_head_int64_addressing():

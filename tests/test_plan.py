@@ -467,7 +467,8 @@ def test_cost_model_against_hand_formulas():
 
 def test_dense_heads_run_at_the_dense_rate():
     """With dense_tflops, a full head's entries of each tile cost 4 D / dense rate, the others the
-    sparse rate; dense_heads() finds the full heads from a mask, its work and its summary."""
+    sparse rate, and a group holding both kinds pays mixed_overhead_us per call; dense_heads()
+    finds the full heads from a mask, its work and its summary."""
     from dbsp.plan import dense_heads, summarize_work
 
     D, S = 128, 500  # 8 blocks of 64, the last one partial (52 tokens)
@@ -477,7 +478,7 @@ def test_dense_heads_run_at_the_dense_rate():
     work = mask.work()
     assert dense_heads(mask) == dense_heads(work, q_block=64, seq_len=S) == (1,)
     assert dense_heads(summarize_work(mask, coarse=2, ring=2)) == (1,)
-    m = model(dense_tflops=800.0)
+    m = model(dense_tflops=800.0, mixed_overhead_us=50.0)
     plan = Plan.identity(ulysses=2, ring=2, heads=4, q_block=64, seq_len=S).with_tile_work(work)
     pred = m.predict(plan, head_dim=D, dense_heads=(1,))
     W = plan.tile_work.double()
@@ -490,7 +491,8 @@ def test_dense_heads_run_at_the_dense_rate():
     secs = (W - dense) * 4 * D / rate + dense * 4 * D / 800e12
     for k in range(2):
         for i in range(2):
-            want = sum(1e3 * (10e-6 + float(secs[k, i, j])) for j in range(2) if W[k, i, j] > 0)
+            mixed = 50e-6 if k == 0 else 0.0  # group 0 holds dense head 1 and sparse head 0
+            want = sum(1e3 * (10e-6 + mixed + float(secs[k, i, j])) for j in range(2) if W[k, i, j] > 0)
             assert pred.rank_compute_ms[k][i] == pytest.approx(want)
     # Without dense_tflops (or without dense heads) the prediction is the single-rate one.
     assert model().predict(plan, head_dim=D, dense_heads=(1,)) == model().predict(plan, head_dim=D)
@@ -498,6 +500,8 @@ def test_dense_heads_run_at_the_dense_rate():
         m.predict(plan, head_dim=D, dense_heads=(7,))
     with pytest.raises(ValueError, match="dense_tflops must be None or a finite number > 0"):
         model(dense_tflops=0.0)
+    with pytest.raises(ValueError, match="mixed_overhead_us must be a finite number >= 0"):
+        model(mixed_overhead_us=-1.0)
 
 
 def test_choose_degrees_enumerates_what_the_heads_allow():
