@@ -59,6 +59,8 @@ import hashlib
 import heapq
 import json
 import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -2098,14 +2100,29 @@ class PlanCache:
     reused only for inputs of the same kind (summaries of the same ``coarse`` and ``ring``, or
     masks and work tensors); switching kind is a miss.
 
+    **Deferred decisions** (``defer=True``) take planning off the caller's thread: each ``get``
+    returns the plan decided at the previous call for the key and hands this call's mask to one
+    background thread, which checks it and re-plans (or re-chooses degrees) if needed; the next
+    ``get`` for the key waits for that decision (usually long finished: it had a whole step of
+    GPU work to run beside) and returns it. Every rank therefore switches plans at the same call,
+    so ranks that feed identical masks still make identical decisions. The first call for a key
+    (or after the degrees or input kind change) returns the unbalanced layout: the requested
+    degrees, or with ``world=`` the largest Ulysses degree the heads allow. The plan in use lags
+    the masks by one step, which the reuse rule already tolerates (masks drift slowly). The thread
+    shares Python's GIL with the caller: its decisions still slow the caller's Python work (kernel
+    launches) a little; on this repository's CPU benchmark the caller's share of planning fell from
+    21% to 4% of the predicted attention time (``benchmarks/bench_plan.py``).
+
     Args:
         threshold: P_s >= 1. Default: ``DEFAULT_REUSE_THRESHOLD`` (1.05).
         reward, uneven_heads: as in :func:`make_plan`.
         cost_model, head_dim, element_bytes: for ``world=`` (degree choice).
+        defer: decide in a background thread, one call late (above). Default: False.
 
     Attributes:
-        hits, misses: counts since construction (or :meth:`clear`).
-        last_imbalance: rho_s of the last mask under the plan ``get`` returned.
+        hits, misses: counts of decisions since construction (or :meth:`clear`).
+        decide_ms: wall time spent deciding (checks and re-plans), on whichever thread.
+        last_imbalance: rho_s of the mask of the latest decision under the plan it chose.
 
     Example::
 
@@ -2125,10 +2142,17 @@ class PlanCache:
         cost_model: CostModel | None = None,
         head_dim: int = 128,
         element_bytes: int = 2,
+        defer: bool = False,
     ) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 1.0:
             raise ValueError(f"threshold must be a number >= 1.0 (P_s), got {threshold!r}")
+        if not isinstance(defer, bool):
+            raise TypeError(f"defer must be True or False, got {defer!r}")
         self.threshold = float(threshold)
+        self.defer = defer
+        self._pending: dict[Any, Future] = {}  # key -> the background decision of the last call
+        self.decide_ms = 0.0
+        self._worker: ThreadPoolExecutor | None = None
         self._options = {"reward": _check_reward(reward), "uneven_heads": bool(uneven_heads)}
         self._choice = {"cost_model": cost_model, "head_dim": head_dim, "element_bytes": element_bytes}
         self._plans: dict[Any, tuple[tuple, Plan, float]] = {}  # key -> (request, plan, limit)
@@ -2140,9 +2164,13 @@ class PlanCache:
         return len(self._plans)
 
     def clear(self) -> None:
-        """Forget every plan and reset the counts."""
+        """Forget every plan and reset the counts (after any pending deferred decision finishes)."""
+        for fut in self._pending.values():
+            fut.result()
+        self._pending.clear()
         self._plans.clear()
         self.hits = self.misses = 0
+        self.decide_ms = 0.0
 
     def get(
         self,
@@ -2173,6 +2201,45 @@ class PlanCache:
         # Plans from summaries move whole units; they are kept for summaries of the same units only.
         source = ("summary", w.coarse, w.ring) if isinstance(w, WorkSummary) else ("work",)
         request += (w.heads, w.num_blocks, w.q_block, w.seq_len) + source
+        if not self.defer:
+            return self._decide(key, request, w, ulysses, ring, world)
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.result()  # the previous call's decision (re-raises its error, if any)
+        cached = self._plans.get(key)
+        plan = cached[1] if cached is not None and cached[0] == request else None
+        if plan is None:
+            plan = self._unbalanced(request, w)
+        if plan is None:  # no unbalanced layout for these degrees (uneven heads): decide now
+            return self._decide(key, request, w, ulysses, ring, world)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbsp-plan")
+        self._pending[key] = self._worker.submit(self._decide, key, request, w, ulysses, ring, world)
+        return plan
+
+    def _unbalanced(self, request: tuple, w: "_Work | WorkSummary") -> "Plan | None":
+        """The contiguous layout for ``request`` (``world=``: the largest Ulysses degree), or None."""
+        if request[0] == "degrees":
+            u, r = request[1], request[2]
+        else:
+            try:
+                u, r = max(_candidates(request[1], w.heads, w.num_blocks, False))
+            except ValueError:
+                return None
+        if w.heads % u or r > w.num_blocks:
+            return None
+        base = Plan.identity(ulysses=u, ring=r, heads=w.heads, q_block=w.q_block, seq_len=w.seq_len)
+        return Plan(**base._layout(), tile_work=torch.from_numpy(_tile_work(w, base)), _checked=False)
+
+    def _decide(self, key, request: tuple, w, ulysses, ring, world) -> Plan:
+        """Check the cached plan on ``w`` and keep it, or plan afresh; record the decision."""
+        t0 = time.perf_counter()
+        try:
+            return self._decide_now(key, request, w, ulysses, ring, world)
+        finally:
+            self.decide_ms += 1e3 * (time.perf_counter() - t0)
+
+    def _decide_now(self, key, request: tuple, w, ulysses, ring, world) -> Plan:
         cached = self._plans.get(key)
         if cached is not None and cached[0] == request:
             rho = _rho(torch.from_numpy(_tile_work(w, cached[1])))

@@ -763,3 +763,41 @@ def test_summaries_built_on_the_gpu_equal_cpu_summaries():
         assert torch.equal(torch.as_tensor(cpu.pooled), torch.as_tensor(gpu.pooled).cpu())
         work_gpu = summarize_work(mask.work().cuda(), coarse=4, ring=8, q_block=64, seq_len=5760)
         assert torch.equal(torch.as_tensor(cpu.pooled), torch.as_tensor(work_gpu.pooled).cpu())
+
+
+@pytest.mark.parametrize("request_kw", [dict(ulysses=4, ring=2), dict(world=8)])
+def test_deferred_plan_cache_makes_the_same_decisions_one_call_later(request_kw):
+    """defer=True: call t returns what the synchronous cache returned at call t - 1 (the first call
+    the unbalanced layout), with the same hit/miss decisions."""
+    geom = dict(heads=40, seq_len=12_000, frames=21)
+    sync, deferred = PlanCache(), PlanCache(defer=True)
+    got_sync, got_deferred = [], []
+    for step in range(12):
+        work = synthetic_work(**geom, seed=1, step=3 * step)  # drifts fast enough to re-plan
+        got_sync.append(sync.get("layer", work, q_block=64, seq_len=12_000, **request_kw))
+        got_deferred.append(deferred.get("layer", work, q_block=64, seq_len=12_000, **request_kw))
+    assert sync.misses > 1  # the drift forced re-plans
+    first = got_deferred[0]
+    U, R = (4, 2) if "ulysses" in request_kw else (8, 1)  # world=8: the largest Ulysses degree
+    assert (first.ulysses, first.ring) == (U, R)
+    assert first.fingerprint() == Plan.identity(ulysses=U, ring=R, heads=40, q_block=64, seq_len=12_000).fingerprint()
+    assert [p.fingerprint() for p in got_deferred[1:]] == [p.fingerprint() for p in got_sync[:-1]]
+    deferred.clear()  # waits for the last decision
+    assert (deferred.hits, deferred.misses) == (0, 0) and len(deferred) == 0
+
+
+def test_deferred_plan_cache_reports_background_errors_at_the_next_call():
+    cache = PlanCache(defer=True)
+    work = synthetic_work(heads=4, seq_len=4_000, frames=4, seed=0)
+    kw = dict(ulysses=2, ring=2, q_block=64, seq_len=4_000)
+    cache.get(0, work, **kw)
+
+    def fails(*args):
+        raise RuntimeError("planner failed in the background")
+
+    cache._decide = fails
+    cache.get(0, work, **kw)  # hands the (failing) decision to the background thread
+    with pytest.raises(RuntimeError, match="planner failed in the background"):
+        cache.get(0, work, **kw)  # the next call waits for it and re-raises its error
+    with pytest.raises(TypeError, match="defer must be True or False"):
+        PlanCache(defer=1)
