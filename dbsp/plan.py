@@ -1795,27 +1795,27 @@ class CostModel:
         curve = self.fine_tflops if fine_grained else self.block_tflops
         return float(np.interp(density, [d for d, _ in curve], [t for _, t in curve]))
 
-    def _dense_tiles(self, plan: Plan, dense_heads, batch: int) -> np.ndarray | None:
-        """``(U, R, R)`` score entries of the dense heads in each tile, or None when not modelled."""
+    def _dense_tiles(self, plan: Plan, dense_heads, batch: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``((U, R, R) score entries of the dense heads in each tile, (U,) dense heads per group)``,
+        or None when dense heads are not modelled."""
         if self.dense_tflops is None or not dense_heads:
             return None
         dense = set(int(h) for h in dense_heads)
         if not dense <= set(range(plan.heads)):
             raise ValueError(f"dense_heads must be head ids in [0, {plan.heads}), got {sorted(dense)}")
         S, M, nb = plan.seq_len, plan.q_block, plan.num_blocks
-        last = S - (nb - 1) * M  # the last block may be partial
+        short = nb * M - S  # the last block may be partial
 
-        def tokens(blocks) -> int:
-            return len(blocks) * M - (M - last if nb - 1 in blocks else 0)
+        def tokens(blocks: tuple[int, ...]) -> int:  # sorted block ids
+            return len(blocks) * M - (short if blocks and blocks[-1] == nb - 1 else 0)
 
+        counts = np.array([sum(h in dense for h in plan.head_group(k)) for k in range(plan.ulysses)])
         out = np.zeros((plan.ulysses, plan.ring, plan.ring))
-        for k in range(plan.ulysses):
-            nd = sum(h in dense for h in plan.head_group(k))
-            if nd:
-                q = np.array([tokens(set(b)) for b in plan.q_blocks[k]], dtype=np.float64)
-                kv = np.array([tokens(set(b)) for b in plan.kv_blocks[k]], dtype=np.float64)
-                out[k] = batch * nd * np.outer(q, kv)
-        return out
+        for k in np.nonzero(counts)[0]:
+            q = np.array([tokens(b) for b in plan.q_blocks[k]], dtype=np.float64)
+            kv = np.array([tokens(b) for b in plan.kv_blocks[k]], dtype=np.float64)
+            out[k] = batch * counts[k] * np.outer(q, kv)
+        return out, counts
 
     def _bandwidth(self, group: int, span: int) -> float:
         """Bytes/s of a group of ``group`` ranks spread over ``span`` consecutive global ranks."""
@@ -1857,7 +1857,8 @@ class CostModel:
             check_positive_int(name, value)
         W = plan._need_tile_work().numpy().astype(np.float64)
         U, R, S, H = plan.ulysses, plan.ring, plan.seq_len, plan.heads
-        dense_w = self._dense_tiles(plan, dense_heads, batch)  # (U, R, R) entries of dense heads
+        modelled = self._dense_tiles(plan, dense_heads, batch)
+        dense_w, dense_k = modelled if modelled is not None else (None, None)  # (U, R, R) entries, (U,) heads
         n_dense = 0 if dense_heads is None else len(set(dense_heads))
         if density is None:
             sparse_heads = H - n_dense if dense_w is not None else H
@@ -1871,7 +1872,6 @@ class CostModel:
         D = _steps(W)  # (U, R, R): D[k, i, t]
         overhead = np.full((U, 1, 1), self.call_overhead_us * 1e-6)
         if dense_w is not None:  # a group holding dense and sparse heads makes mixed calls
-            dense_k = np.array([sum(h in set(dense_heads) for h in plan.head_group(k)) for k in range(U)])
             mixed = (dense_k > 0) & (dense_k < np.array(plan.heads_per_rank))
             overhead = overhead + np.where(mixed, self.mixed_overhead_us * 1e-6, 0.0)[:, None, None]
         compute = np.where(D > 0, overhead + _steps(seconds), 0.0)
@@ -2007,11 +2007,12 @@ def dense_heads(mask_or_work: "SparseMask | torch.Tensor | WorkSummary", *, q_bl
 
 
 def _dense_heads_of(w: "_Work | WorkSummary") -> tuple[int, ...]:
-    cells = w.pooled if isinstance(w, WorkSummary) else w.cells
-    if isinstance(cells, np.ndarray):
-        totals = cells.reshape(cells.shape[0], -1).sum(1, dtype=np.int64)
+    if isinstance(w, WorkSummary):
+        totals = w._head_totals
+    elif isinstance(w.cells, np.ndarray):
+        totals = w.cells.reshape(w.heads, -1).sum(1, dtype=np.int64)
     else:
-        totals = cells.reshape(cells.shape[0], -1).sum(1, dtype=torch.int64).cpu().numpy()
+        totals = w.cells.reshape(w.heads, -1).sum(1, dtype=torch.int64).cpu().numpy()
     full = w.batch * w.seq_len * w.seq_len
     return tuple(int(h) for h in np.nonzero(totals == full)[0])
 
