@@ -458,6 +458,15 @@ class _Work:
         return self.cells.shape[1]
 
 
+def _check_planning_mask(m: SparseMask, *, q_block: int | None, seq_len: int | None) -> None:
+    """A mask the planner can take: self-attention, and agreeing with any q_block / seq_len given."""
+    if m.seq_len_q != m.seq_len_kv:
+        raise ValueError(f"planning needs self-attention masks; got seq_len_q={m.seq_len_q}, seq_len_kv={m.seq_len_kv}")
+    for name, value, have in (("q_block", q_block, m.q_block), ("seq_len", seq_len, m.seq_len_q)):
+        if value is not None and value != have:
+            raise ValueError(f"{name}={value} disagrees with the mask's {name}={have}; leave it out for masks")
+
+
 def _as_work(mask_or_work: object, *, q_block: int | None = None, seq_len: int | None = None) -> _Work:
     """Normalise the planner's input: a SparseMask (self-attention) or a ``(B, H, NB, NB)`` work tensor."""
     if isinstance(mask_or_work, _Work):
@@ -470,11 +479,7 @@ def _as_work(mask_or_work: object, *, q_block: int | None = None, seq_len: int |
         return s
     if isinstance(mask_or_work, SparseMask):
         m = mask_or_work
-        if m.seq_len_q != m.seq_len_kv:
-            raise ValueError(f"planning needs self-attention masks; got seq_len_q={m.seq_len_q}, seq_len_kv={m.seq_len_kv}")
-        for name, value, have in (("q_block", q_block, m.q_block), ("seq_len", seq_len, m.seq_len_q)):
-            if value is not None and value != have:
-                raise ValueError(f"{name}={value} disagrees with the mask's {name}={have}; leave it out for masks")
+        _check_planning_mask(m, q_block=q_block, seq_len=seq_len)
         work, q_block, seq_len, kv_tile = m.work(), m.q_block, m.seq_len_q, m.kv_tile
     elif isinstance(mask_or_work, torch.Tensor):
         work, kv_tile = mask_or_work, None
@@ -718,11 +723,7 @@ def summarize_work(
     check_positive_int("ring", ring)
     if isinstance(mask_or_work, SparseMask):
         m = mask_or_work
-        if m.seq_len_q != m.seq_len_kv:
-            raise ValueError(f"planning needs self-attention masks; got seq_len_q={m.seq_len_q}, seq_len_kv={m.seq_len_kv}")
-        for name, value, have in (("q_block", q_block, m.q_block), ("seq_len", seq_len, m.seq_len_q)):
-            if value is not None and value != have:
-                raise ValueError(f"{name}={value} disagrees with the mask's {name}={have}; leave it out for masks")
+        _check_planning_mask(m, q_block=q_block, seq_len=seq_len)
         q_block, seq_len, kv_tile, batch = m.q_block, m.seq_len_q, m.kv_tile, m.batch
         nb = m.num_q_blocks
         cell_max = batch * q_block * q_block
