@@ -208,34 +208,32 @@ def timing_study(shape: str, device: torch.device, quick: bool) -> list[dict]:
     rows = [dict(shape=shape, variant="dense SDPA" + (" (cuDNN)" if device.type == "cuda" else " (CPU)"), ms=t_dense, pct_of_dense=100.0)]
     variants = {
         "128x128 pooled keys": dict(q_block=128, kv_tile=128),
+        "128x128 pooled keys, torch": dict(q_block=128, kv_tile=128, backend="torch"),
         "64x64 pooled keys": dict(q_block=64, kv_tile=64),
+        "64x64 pooled keys, torch": dict(q_block=64, kv_tile=64, backend="torch"),
+        "64x16 pooled keys": dict(q_block=64, kv_tile=16, pool_keys=True),
         "64x64 per-key": dict(q_block=64, kv_tile=64, pool_keys=False),
         "64x16 per-key": dict(q_block=64, kv_tile=16),
         "64x1 per-key": dict(q_block=64, kv_tile=1),
         "64x1 per-key, 16 candidates, no refine": dict(q_block=64, kv_tile=1, candidates=16, refine=0),
         "64x1 per-key, torch passes": dict(q_block=64, kv_tile=1, backend="torch"),
     }
-    if quick:
-        variants = {k_: v_ for k_, v_ in variants.items() if "torch passes" not in k_}
+    if quick or device.type != "cuda":  # the torch rows are the GPU baselines of the fused kernels
+        variants = {k_: v_ for k_, v_ in variants.items() if "torch" not in k_}
     for name, kw in variants.items():
         ms = bench(lambda: predict_mask(q, k, **kw))
         m = predict_mask(q, k, **kw)
         rows.append(dict(shape=shape, variant=name, ms=ms, pct_of_dense=100 * ms / t_dense, density=round(m.density(), 4)))
-    pred = MaskPredictor(kv_tile=1)
-    pred(q, k)
-    ms = bench(lambda: pred(q, k))
-    rows.append(dict(shape=shape, variant="MaskPredictor reuse hit (pool + compare)", ms=ms, pct_of_dense=100 * ms / t_dense))
+    backends = ("auto", "torch") if device.type == "cuda" else ("auto",)
+    for backend in backends:
+        pred = MaskPredictor(q_block=64, kv_tile=64, backend=backend)
+        pred(q, k)
+        ms = bench(lambda: pred(q, k))
+        assert pred.stats.misses == 1, pred.stats  # every timed call was a hit
+        name = "MaskPredictor reuse hit (pool + compare)" + (", torch" if backend == "torch" else "")
+        rows.append(dict(shape=shape, variant=name, ms=ms, pct_of_dense=100 * ms / t_dense))
     if device.type == "cuda":
         rows += pass_breakdown(q, k, shape, t_dense, bench)
-        from dbsp.kernels import predict_select
-
-        saved = predict_select.BLOCK_M, predict_select.GROUPS_PER_PROG
-        for bm in (32, 64, 128):
-            for gpp in (4, 8, 16):
-                predict_select.BLOCK_M, predict_select.GROUPS_PER_PROG = bm, gpp
-                ms = bench(lambda: predict_mask(q, k, q_block=64, kv_tile=1))
-                rows.append(dict(shape=shape, variant=f"64x1 sweep BLOCK_M={bm} GROUPS_PER_PROG={gpp}", ms=ms, pct_of_dense=100 * ms / t_dense))
-        predict_select.BLOCK_M, predict_select.GROUPS_PER_PROG = saved
     return rows
 
 
@@ -261,12 +259,18 @@ def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
     pick = P._select(mass, theta, cfg.top_p)
     theta_row = theta.gather(1, pick[:, None]).squeeze(1)
     forced = P._forced(cfg, S, S)
+    from dbsp.kernels import predict_pooled
+
+    counts, indices = passes.emit(theta_row, forced)
+    counts = counts.reshape(B, H, -1)
     parts = {
         "block_pool(q)": lambda: P.block_pool(q, 64),
+        "fused pool(q) kernel": lambda: predict_pooled.pool(q, 64),
         "pass 1 stats kernel": lambda: passes.stats(gs, ng),
         "bracket (torch, small)": lambda: P._bracket(lse, gmax, gsum, n_g, cfg.top_p),
         "pass 2 candidates kernel (8)": lambda: passes.candidates(lse, theta),
         "pass 3 emit + expand kernels": lambda: passes.emit(theta_row, forced),
+        "round up dense heads + offsets (torch)": lambda: P._offsets(P._round_up_dense_heads(counts, indices, S, S, cfg)[0]),
     }
     rows = []
     for name, fn in parts.items():

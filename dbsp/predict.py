@@ -228,7 +228,9 @@ def predict_mask(
     return _predict(q, k, cfg)
 
 
-def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig) -> SparseMask:
+def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig, pooled: tuple | None = None) -> SparseMask:
+    """``predict_mask`` with a checked config; ``pooled`` = ``(qbar, kbar)`` from :func:`_pool_pair`
+    of the same q and k (a MaskPredictor miss has them already)."""
     B, Sq, Skv, H, D = check_qkv(q, k)
     if cfg.text_tokens > min(Sq, Skv):
         raise ValueError(f"text_tokens={cfg.text_tokens} exceeds the sequence (Sq={Sq}, Skv={Skv})")
@@ -236,10 +238,16 @@ def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig) -> SparseMask
     if cfg.top_p >= 1.0:
         return SparseMask.full(B, H, Sq, Skv, q_block=M, kv_tile=N, device=q.device)
     scale = 1.0 / math.sqrt(D) if cfg.scale is None else cfg.scale
-    qbar = block_pool(q, M).permute(0, 2, 1, 3).reshape(B * H, -1, D)  # (B, Mq, H, D) -> (BH, Mq, D)
+    fused = _fused(cfg, q.device, -(-Skv // N) if cfg.uses_pooled_keys else 0)
+    if pooled is None or (cfg.uses_pooled_keys and N != M):
+        pooled = _pool_pair(q, k, M, N if cfg.uses_pooled_keys else None, fused)
+    qbar, kbar = pooled
+    if cfg.uses_pooled_keys and fused:
+        offsets, indices = _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg)
+        return SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
+    qbar = qbar.reshape(B * H, -1, D)  # (B, H, Mq, D) -> (BH, Mq, D)
     if cfg.uses_pooled_keys:
-        kbar = block_pool(k, N).permute(0, 2, 1, 3).reshape(B * H, -1, D)  # (BH, Nt, D)
-        counts, indices = _predict_pooled(qbar, kbar, Sq, Skv, scale, cfg)
+        counts, indices = _predict_pooled(qbar, kbar.reshape(B * H, -1, D), Sq, Skv, scale, cfg)
     else:
         counts, indices = _predict_per_key(qbar, k, Sq, Skv, scale, cfg)
     counts = counts.reshape(B, H, -1)
@@ -247,6 +255,67 @@ def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig) -> SparseMask
         counts, indices = _round_up_dense_heads(counts, indices, Sq, Skv, cfg)
     offsets = _offsets(counts)
     return SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
+
+
+def _fused(cfg: PredictConfig, device: torch.device, pooled_tiles: int) -> bool:
+    """Whether the fused Triton kernels (pooling, and for pooled keys the selection) run.
+
+    ``"auto"``: on CUDA when Triton imports and the tiles per query block (``pooled_tiles``, 0 for
+    per-key scoring) fit the select kernel. Both backends compute the same masks (up to float
+    rounding at the top_p cut), so this only picks speed.
+    """
+    if cfg.backend == "torch":
+        return False
+    try:
+        from .kernels import predict_pooled
+    except ImportError:
+        predict_pooled = None
+    usable = predict_pooled is not None and (device.type == "cuda" or _interpreted())
+    fits = predict_pooled is not None and pooled_tiles <= predict_pooled.MAX_TILES
+    if cfg.backend == "triton":
+        if not usable:
+            raise ValueError(
+                f"backend='triton' needs Triton (pip install 'dbsp[triton]') and CUDA tensors (or TRITON_INTERPRET=1 "
+                f"set before importing dbsp); got device {device}"
+            )
+        if not fits:
+            raise ValueError(
+                f"backend='triton' scores pooled keys for at most {predict_pooled.MAX_TILES} key tiles per query "
+                f"block, got {pooled_tiles}; use a larger kv_tile, pool_keys=False or backend='torch'"
+            )
+        return True
+    return usable and fits and device.type == "cuda"
+
+
+def _interpreted() -> bool:
+    from .kernels.predict_select import is_interpreted
+
+    return is_interpreted()
+
+
+def _pool_pair(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_tile: int | None, fused: bool,
+               old: tuple | None = None) -> tuple:
+    """Pooled ``(qbar, kbar)``, each ``(B, H, blocks, D)`` float32: q per ``q_block`` tokens, k per
+    ``kv_tile`` tokens (None: k is not pooled). With ``old`` (an earlier pair of the same shapes)
+    also returns the largest relative change of the pair (see :class:`MaskPredictor`)."""
+    if not fused:
+        qbar = block_pool(q, q_block).permute(0, 2, 1, 3)
+        kbar = None if kv_tile is None else block_pool(k, kv_tile).permute(0, 2, 1, 3)
+        if old is None:
+            return qbar, kbar
+        return qbar, kbar, max(_relative_change(qbar, old[0]), _relative_change(kbar, old[1]))
+    from .kernels import predict_pooled
+
+    B, _, H, _ = q.shape
+    acc = None if old is None else torch.zeros(2, B * H, 2, dtype=torch.float32, device=q.device)
+    qbar = predict_pooled.pool(q, q_block, None if old is None else old[0], None if acc is None else acc[0])
+    kbar = None
+    if kv_tile is not None:
+        kbar = predict_pooled.pool(k, kv_tile, None if old is None else old[1], None if acc is None else acc[1])
+    if old is None:
+        return qbar, kbar
+    num, den = acc[..., 0].sqrt(), acc[..., 1].sqrt().clamp_min(1e-30)
+    return qbar, kbar, float((num / den).max())
 
 
 # ------------------------------------------------------------------------------ shared pieces
@@ -375,6 +444,51 @@ def _predict_pooled(qbar, kbar, Sq, Skv, scale, cfg):
         counts.append(c)
         chunks.append(i)
     return torch.cat(counts), torch.cat(chunks)
+
+
+def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
+    """The pooled-key rule with the Triton select and emit kernels (same masks as
+    :func:`_predict_pooled` + :func:`_round_up_dense_heads`, up to float rounding at the top_p cut),
+    with one host synchronisation (the total tile count, to size the indices).
+
+    Args: ``qbar (B, H, Mq, D)``, ``kbar (B, H, Nt, D)`` float32. Returns ``(offsets, indices)``.
+    """
+    from .kernels import predict_pooled
+
+    B, H, mq, D = qbar.shape
+    nt = kbar.shape[2]
+    M, N = cfg.q_block, cfg.kv_tile
+    BH, rows, dev = B * H, B * H * mq, qbar.device
+    q3, k3 = qbar.reshape(BH, mq, D), kbar.reshape(BH, nt, D)
+    log_keys = torch.full((nt,), math.log(N), device=dev)
+    log_keys[-1] = math.log(Skv - (nt - 1) * N)
+    keep = torch.empty(rows, nt, dtype=torch.int8, device=dev)
+    counts = torch.empty(rows, dtype=torch.int32, device=dev)
+    keys = torch.empty(rows, dtype=torch.int64, device=dev)
+    heads_per_chunk = max(1, _CHUNK_ELEMENTS // (mq * nt))
+    for h0 in range(0, BH, heads_per_chunk):
+        h1 = min(BH, h0 + heads_per_chunk)
+        logm = torch.baddbmm(log_keys, q3[h0:h1], k3[h0:h1].transpose(1, 2), alpha=scale)  # (h, Mq, Nt)
+        predict_pooled.select(
+            logm.reshape(-1, nt), h0 * mq, keep, counts, keys, mq=mq, Sq=Sq, Skv=Skv, top_p=cfg.top_p,
+            lo=min(cfg.min_keep, nt), hi=nt if cfg.max_keep is None else cfg.max_keep, M=M, N=N,
+            diagonal=cfg.keep_diagonal, text=cfg.text_tokens,
+        )
+    counts = counts.reshape(BH, mq)
+    if cfg.dense_above is None:
+        dense = torch.zeros(BH, dtype=torch.int8, device=dev)
+    else:
+        q_rows = torch.full((mq,), M, dtype=torch.int64, device=dev)
+        q_rows[-1] = Sq - (mq - 1) * M
+        per_head = (keys.reshape(BH, mq) * q_rows).sum(dim=1)
+        dense = (per_head.to(torch.float64) / (Sq * Skv) > cfg.dense_above).to(torch.int8)
+        counts = torch.where(dense[:, None] != 0, nt, counts)
+    flat = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(counts.reshape(-1), 0, out=flat[1:])
+    indices = predict_pooled.emit(keep, flat, dense, int(flat[-1]), mq=mq)
+    # Row i of head h starts at flat[h * mq + i]; the head's last boundary is the next head's first.
+    offsets = flat.as_strided((BH, mq + 1), (mq, 1)).reshape(B, H, mq + 1).clone()
+    return offsets, indices
 
 
 # ------------------------------------------------------------------------------ per-key scoring
@@ -697,9 +811,9 @@ class _LayerState:
 
 
 def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
-    """Largest per-(batch, head) relative Frobenius change of pooled ``(B, blocks, H, D)`` stats."""
-    num = (new - old).pow(2).sum(dim=(1, 3)).sqrt()
-    den = old.pow(2).sum(dim=(1, 3)).sqrt().clamp_min(1e-30)
+    """Largest per-(batch, head) relative Frobenius change of pooled ``(B, H, blocks, D)`` stats."""
+    num = (new - old).pow(2).sum(dim=(2, 3)).sqrt()
+    den = old.pow(2).sum(dim=(2, 3)).sqrt().clamp_min(1e-30)
     return float((num / den).max())
 
 
@@ -778,22 +892,24 @@ class MaskPredictor:
         if step < self.dense_steps:
             self._dense += 1
             return SparseMask.full(B, H, Sq, Skv, q_block=cfg.q_block, kv_tile=cfg.kv_tile, device=q.device)
-        qbar, kbar = block_pool(q, cfg.q_block), block_pool(k, cfg.q_block)
+        fused = _fused(cfg, q.device, -(-Skv // cfg.kv_tile) if cfg.uses_pooled_keys else 0)
         old = state.mask
-        if (
+        comparable = (
             old is not None
-            and state.qbar.shape == qbar.shape
-            and state.kbar.shape == kbar.shape
-            and state.qbar.device == qbar.device
+            and state.qbar.shape == (B, H, -(-Sq // cfg.q_block), D)
+            and state.kbar.shape == (B, H, -(-Skv // cfg.q_block), D)
+            and state.qbar.device == q.device
             and state.dtype == q.dtype
-        ):
-            state.last_change = max(_relative_change(qbar, state.qbar), _relative_change(kbar, state.kbar))
+        )
+        if comparable:
+            qbar, kbar, state.last_change = _pool_pair(q, k, cfg.q_block, cfg.q_block, fused, old=(state.qbar, state.kbar))
             if state.last_change <= self.reuse_threshold:
                 self._hits += 1
                 return old
         else:
+            qbar, kbar = _pool_pair(q, k, cfg.q_block, cfg.q_block, fused)
             state.last_change = math.inf
         self._misses += 1
-        mask = _predict(q, k, cfg)
+        mask = _predict(q, k, cfg, pooled=(qbar, kbar))
         state.qbar, state.kbar, state.mask, state.dtype = qbar, kbar, mask, q.dtype
         return mask

@@ -1,6 +1,7 @@
 """Mask predictors: valid masks, the keep rule against brute force, budgets, forced tiles, step reuse."""
 
 import math
+from importlib.util import find_spec
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ CONFIGS = [
     pytest.param(16, 1, {}, id="16x1"),
     pytest.param(32, 4, {"pool_keys": True}, id="32x4-pooled"),
 ]
+
+triton_only = pytest.mark.skipif(not find_spec("triton"), reason="needs triton (its interpreter on CPU)")
 
 
 def structured_qk(b=2, sq=97, skv=97, h=3, d=16, seed=0):
@@ -232,9 +235,7 @@ def test_workload_masks_are_sparse_where_the_heads_are_sharp():
     assert float(dens.max() - dens.min()) > 0.3
 
 
-@pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("triton"), reason="needs triton (its interpreter on CPU)"
-)
+@triton_only
 @pytest.mark.parametrize("B,S,kv_tile,top_p,extra", [
     (1, 200, 1, 0.9, {"text_tokens": 20}),
     (1, 257, 4, 0.95, {"min_keep": 3, "max_keep": 9}),
@@ -252,6 +253,86 @@ def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
     b = predict_mask(q, k, backend="triton", **kw)
     b.validate()
     assert torch.equal(a.offsets, b.offsets) and torch.equal(a.indices, b.indices)
+
+
+def _fused_or_skip():
+    from dbsp.kernels import predict_select
+
+    if not (torch.cuda.is_available() or predict_select.is_interpreted()):
+        pytest.skip("the fused Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_same_rows(a, b):
+    """Masks equal row by row, except that a row whose mass crosses top_p within float rounding
+    may keep one tile more or less (the two backends add the cumulative mass in different orders)."""
+    ca, cb = a.offsets.diff(dim=-1).flatten(), b.offsets.diff(dim=-1).flatten()
+    assert int((ca - cb).abs().max()) <= 1
+    rows_a, rows_b = a.to_dense().flatten(0, 2), b.to_dense().flatten(0, 2)  # (rows, Skv)
+    same = (rows_a == rows_b).all(dim=1).float().mean().item()
+    assert same >= 0.99, f"only {same:.3f} of rows identical"
+
+
+@triton_only
+@pytest.mark.parametrize("q_block,kv_tile,top_p,extra", [
+    (32, 32, 0.9, {}),
+    (16, 16, 0.6, {"min_keep": 2, "max_keep": 3, "text_tokens": 20}),
+    (32, 32, 0.7, {"dense_above": 0.5}),  # some heads rounded up to full
+    (32, 4, 0.8, {"pool_keys": True, "keep_diagonal": False}),
+])
+def test_fused_pooled_predictor_matches_the_torch_path(q_block, kv_tile, top_p, extra):
+    dev = _fused_or_skip()
+    q, k = (t.to(dev) for t in structured_qk(b=2, sq=203, skv=203, h=3, d=32, seed=11))
+    kw = {"dense_above": None, **extra}
+    a = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=top_p, backend="torch", **kw)
+    b = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=top_p, backend="triton", **kw)
+    b.validate()
+    assert 0.05 < b.density() < 1.0
+    assert_same_rows(a, b)
+    if extra.get("dense_above"):
+        tiles = b.offsets[..., -1] - b.offsets[..., 0]  # (B, H) tiles kept per head
+        full = tiles == (b.offsets.shape[-1] - 1) * -(-203 // kv_tile)
+        assert 0 < int(full.sum()) < full.numel()
+
+
+@triton_only
+def test_fused_pooled_predictor_breaks_ties_towards_lower_tile_ids():
+    dev = _fused_or_skip()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 128, 2, 16, generator=g)
+    k = torch.randn(1, 1, 2, 16, generator=g).expand(1, 128, 2, 16).contiguous()  # every key tile scores the same
+    kw = dict(q_block=16, kv_tile=16, top_p=0.5, keep_diagonal=False, dense_above=None)
+    b = predict_mask(q.to(dev), k.to(dev), backend="triton", **kw)
+    a = predict_mask(q, k, backend="torch", **kw)
+    assert torch.equal(b.indices.cpu(), a.indices) and torch.equal(b.offsets.cpu(), a.offsets)
+    assert b.indices.view(-1, 4).tolist() == [[0, 1, 2, 3]] * 16  # 8 equal tiles, half the mass each row
+
+
+@triton_only
+def test_fused_pooling_and_reuse_check_match_the_torch_path():
+    dev = _fused_or_skip()
+    w0, w1 = make_workload("cpu-tiny", step=0), make_workload("cpu-tiny", step=3)
+    from dbsp.kernels import predict_pooled
+
+    got = predict_pooled.pool(w0.q.to(dev), 64).cpu()
+    torch.testing.assert_close(got, block_pool(w0.q, 64).permute(0, 2, 1, 3), rtol=1e-5, atol=1e-6)
+    changes = {}
+    for backend in ("torch", "triton"):
+        pred = MaskPredictor(reuse_threshold=0.02, q_block=64, kv_tile=64, backend=backend)
+        masks = [pred(w.q.to(dev), w.k.to(dev)) for w in (w0, w0, w1)]
+        changes[backend] = (pred.last_change(), pred.stats)
+        assert masks[1] is masks[0] and masks[2] is not masks[0]
+    assert changes["torch"][1] == changes["triton"][1]
+    assert changes["triton"][0] == pytest.approx(changes["torch"][0], rel=1e-4)
+
+
+def test_fused_pooled_predictor_refuses_too_many_tiles():
+    pytest.importorskip("triton")
+    from dbsp.kernels import predict_pooled
+
+    q = torch.randn(1, predict_pooled.MAX_TILES + 8, 1, 16)
+    with pytest.raises(ValueError, match="at most 4096 key tiles"):
+        predict_mask(q, q, q_block=16, kv_tile=1, pool_keys=True, backend="triton")
 
 
 # ------------------------------------------------------------------------------ step reuse

@@ -1,0 +1,151 @@
+"""Triton kernels of ``dbsp.predict``'s pooled paths (private; see predict.py).
+
+The PyTorch version of the pooled-key predictor issues about a hundred small operations per call
+(softmax, sort, cumsum, gathers, forced tiles, nonzero, dense-head rounding, offsets); at video
+shapes their launches cost more than the arithmetic. Here one call is::
+
+    pool    (x2)  block means of q and k, float32, laid out (B, H, blocks, D); with the stored
+                  means of an earlier call, also the squared change per (batch, head), so a
+                  MaskPredictor reuse check is two launches and one host read
+    bmm           pooled query x pooled key scores per head (torch, chunked over heads)
+    select        per query block, in registers: softmax, a descending sort, cumsum, the top_p
+                  cut, the min/max budgets, ties towards lower tile ids, the forced tiles
+                  -> a keep byte per tile, the tile count and the kept key count of the row
+    (torch)       per-head density from the key counts, heads rounded up to full, offsets
+    emit          keep bytes (or a full row for a rounded-up head) -> sorted int32 tile ids
+
+The selection is the same rule as ``predict._exact_top_p`` (softmax, stable descending order,
+smallest prefix whose cumulative mass reaches top_p, clamped to the budgets); the cumulative sums
+are added in a different order, so a row whose mass crosses top_p within float rounding may keep
+one tile more or less than the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest tile count per query block the select kernel holds in registers.
+MAX_TILES = 4096
+# Tokens per load of the pooling kernel.
+_POOL_TOKENS = 32
+
+
+@triton.jit
+def _pool_kernel(X, OUT, OLD, ACC, S, H, nb, block, s_xb, s_xs, s_xh, s_xd,
+                 HAS_OLD: tl.constexpr, TB: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = blk * block
+    n = tl.minimum(block, S - start)
+    offs_d = tl.arange(0, DP)
+    d_ok = offs_d < D
+    offs_t = tl.arange(0, TB)
+    base = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + offs_d[None, :].to(tl.int64) * s_xd
+    acc = tl.zeros((DP,), tl.float32)
+    for t0 in range(0, block, TB):
+        t = t0 + offs_t
+        ok = t < n
+        x = tl.load(base + (start + t)[:, None].to(tl.int64) * s_xs, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    mean = acc / n.to(tl.float32)
+    dst = (bh.to(tl.int64) * nb + blk) * D + offs_d
+    tl.store(OUT + dst, mean, mask=d_ok)
+    if HAS_OLD:
+        old = tl.load(OLD + dst, mask=d_ok, other=0.0)
+        diff = mean - old
+        tl.atomic_add(ACC + 2 * bh, tl.sum(diff * diff, axis=0))
+        tl.atomic_add(ACC + 2 * bh + 1, tl.sum(old * old, axis=0))
+
+
+@triton.jit
+def _select_kernel(LOGM, KEEP, COUNT, KEYS, row0, mq, nt, Sq, Skv, top_p, lo, hi, M, N, text,
+                   DIAG: tl.constexpr, NTP: tl.constexpr):
+    r = tl.program_id(0)  # row of this chunk
+    row = row0 + r  # global row: head * mq + query block
+    qb = row % mq
+    j = tl.arange(0, NTP)
+    valid = j < nt
+    x = tl.load(LOGM + r.to(tl.int64) * nt + j, mask=valid, other=float("-inf"))
+    e = tl.where(valid, tl.exp(x - tl.max(x, axis=0)), 0.0)
+    p = e / tl.sum(e, axis=0)
+    ps = tl.sort(p, descending=True)
+    cum = tl.cumsum(ps, 0)
+    n_keep = tl.sum((cum < top_p).to(tl.int32), axis=0) + 1
+    n_keep = tl.maximum(tl.minimum(tl.minimum(n_keep, nt), hi), lo)
+    thr = tl.sum(tl.where(j == n_keep - 1, ps, 0.0), axis=0)
+    above = valid & (p > thr)
+    tied = valid & (p == thr)
+    # Of the tiles tied at the threshold keep the lowest ids, as a stable sort would.
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= n_keep - tl.sum(above.to(tl.int32), axis=0)))
+    if DIAG:
+        keep |= (j * N < (qb + 1) * M) & ((j + 1) * N > qb * M)
+    if text > 0:
+        keep |= ((j + 1) * N > Skv - text) | ((qb + 1) * M > Sq - text)
+    keep &= valid
+    tl.store(KEEP + row.to(tl.int64) * nt + j, keep.to(tl.int8), mask=valid)
+    count = tl.sum(keep.to(tl.int32), axis=0)
+    # Keys kept: the partial last tile holds only Skv - (nt - 1) * N of its N keys.
+    short = tl.sum(tl.where(keep & (j == nt - 1), nt * N - Skv, 0), axis=0)
+    tl.store(COUNT + row, count)
+    tl.store(KEYS + row, count.to(tl.int64) * N - short)
+
+
+@triton.jit
+def _emit_kernel(KEEP, OFFS, DENSE, OUT, mq, nt, NTP: tl.constexpr):
+    row = tl.program_id(0)
+    j = tl.arange(0, NTP)
+    valid = j < nt
+    keep = tl.load(KEEP + row.to(tl.int64) * nt + j, mask=valid, other=0) != 0
+    keep = tl.where(tl.load(DENSE + row // mq) != 0, valid, keep)
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(OUT + tl.load(OFFS + row) + pos, j, mask=keep)
+
+
+def _warps(ntp: int) -> int:
+    return 4 if ntp <= 1024 else 8
+
+
+def pool(x: torch.Tensor, block: int, old: torch.Tensor | None = None, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """Block means of ``x (B, S, H, D)`` as ``(B, H, ceil(S / block), D)`` float32 (a partial last
+    block is averaged over its real tokens).
+
+    With ``old`` (an earlier result of the same shape), adds ``sum((mean - old) ** 2)`` and
+    ``sum(old ** 2)`` of every (batch, head) to ``acc[bh, 0]`` and ``acc[bh, 1]`` (float32,
+    ``(B * H, 2)``, zeroed by the caller).
+    """
+    B, S, H, D = x.shape
+    nb = -(-S // block)
+    out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)
+    has_old = old is not None
+    _pool_kernel[(nb, B * H)](
+        x, out, old if has_old else out, acc if has_old else out, S, H, nb, block, *x.stride(),
+        HAS_OLD=has_old, TB=min(_POOL_TOKENS, triton.next_power_of_2(block)), D=D,
+        DP=triton.next_power_of_2(D),
+    )
+    return out
+
+
+def select(logm: torch.Tensor, row0: int, keep: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, *, mq: int,
+           Sq: int, Skv: int, top_p: float, lo: int, hi: int, M: int, N: int, diagonal: bool, text: int) -> None:
+    """Run the select kernel on ``logm (rows, nt)`` (rows ``row0 ..`` of the whole grid), writing
+    ``keep[row0 + r]`` (int8 per tile), ``counts`` (int32 tiles) and ``keys`` (int64 keys) per row."""
+    rows, nt = logm.shape
+    ntp = max(16, triton.next_power_of_2(nt))
+    _select_kernel[(rows,)](
+        logm, keep, counts, keys, row0, mq, nt, Sq, Skv, float(top_p), lo, hi, M, N, text,
+        DIAG=diagonal, NTP=ntp, num_warps=_warps(ntp),
+    )
+
+
+def emit(keep: torch.Tensor, flat_offsets: torch.Tensor, dense: torch.Tensor, total: int, *, mq: int) -> torch.Tensor:
+    """Sorted int32 tile ids of every row: the kept tiles, or all of them in rounded-up heads."""
+    rows, nt = keep.shape
+    out = torch.empty(total, dtype=torch.int32, device=keep.device)
+    if total:
+        ntp = max(16, triton.next_power_of_2(nt))
+        _emit_kernel[(rows,)](keep, flat_offsets, dense, out, mq, nt, NTP=ntp, num_warps=_warps(ntp))
+    return out
