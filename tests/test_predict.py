@@ -240,6 +240,8 @@ def test_workload_masks_are_sparse_where_the_heads_are_sharp():
     (1, 200, 1, 0.9, {"text_tokens": 20}),
     (1, 257, 4, 0.95, {"min_keep": 3, "max_keep": 9}),
     (2, 190, 64, 0.8, {"pool_keys": False}),
+    (2, 190, 1, 0.8, {"dense_above": 0.675}),  # heads rounded up to full on the device
+    (2, 190, 16, 0.8, {"dense_above": 0.73}),
 ])
 def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
     from dbsp.kernels import predict_select
@@ -248,11 +250,15 @@ def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
         pytest.skip("the Triton passes need CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q, k = (t.to(dev) for t in structured_qk(b=B, sq=S, skv=S, h=2, d=32, seed=6))
-    kw = dict(q_block=64, kv_tile=kv_tile, top_p=top_p, dense_above=None, **extra)
+    kw = {"q_block": 64, "kv_tile": kv_tile, "top_p": top_p, "dense_above": None, **extra}
     a = predict_mask(q, k, backend="torch", **kw)
     b = predict_mask(q, k, backend="triton", **kw)
     b.validate()
     assert torch.equal(a.offsets, b.offsets) and torch.equal(a.indices, b.indices)
+    if "dense_above" in extra:
+        tiles = b.offsets[..., -1] - b.offsets[..., 0]
+        full = tiles == (b.offsets.shape[-1] - 1) * -(-S // kv_tile)
+        assert 0 < int(full.sum()) < full.numel()
 
 
 def _fused_or_skip():

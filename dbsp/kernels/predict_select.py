@@ -259,7 +259,9 @@ class TritonPasses:
             T=T, T_P=triton.next_power_of_2(T), **meta)
         return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64)
 
-    def emit(self, theta_row: torch.Tensor, forced):
+    def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
+        """Kept tiles per row and their sorted ids; with ``dense_above``, heads whose density
+        exceeds it come back full (as ``predict._round_up_dense_heads`` does, on the device)."""
         R = self.BH * self.mq
         words = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int64)
         counts = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int32)
@@ -268,12 +270,32 @@ class TritonPasses:
             self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts,
             self.mq, self.H, forced.seq_len_q, self.Skv, self.ng, self.nt, self.scale, sb, ss, sh,
             SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, **meta)
+        if dense_above is not None:
+            words, counts = self._round_up(words, counts, forced, dense_above)
         starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
         nnz = int(counts.sum())
         out = torch.empty(nnz, device=theta_row.device, dtype=torch.int32)
         BW = 64
         _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, starts, out, R * self.ng, self.ng, BW=BW, GT=self.gs)
         return counts.view(R, self.ng).sum(dim=1, dtype=torch.int64), out
+
+    def _round_up(self, words, counts, forced, dense_above: float):
+        """Bit words and counts with every row of a head denser than ``dense_above`` set full."""
+        R, ng, gs, nt, N, dev = self.BH * self.mq, self.ng, self.gs, self.nt, self.N, words.device
+        w2, c2 = words.view(R, ng), counts.view(R, ng)
+        last = nt - 1  # the partial last tile holds only Skv - (nt - 1) * N keys
+        short = ((w2[:, last // gs] >> (last % gs)) & 1) * (nt * N - self.Skv)
+        keys = c2.sum(dim=1, dtype=torch.int64) * N - short
+        M, Sq = forced.q_block, forced.seq_len_q
+        q_rows = torch.full((self.mq,), M, dtype=torch.int64, device=dev)
+        q_rows[-1] = Sq - (self.mq - 1) * M
+        per_head = (keys.view(self.BH, self.mq) * q_rows).sum(dim=1)
+        dense = (per_head.to(torch.float64) / (Sq * self.Skv) > dense_above).repeat_interleave(self.mq)[:, None]
+        n_g = torch.full((ng,), gs, dtype=torch.int64, device=dev)
+        n_g[-1] = nt - (ng - 1) * gs
+        full = torch.where(n_g >= 64, -1, (1 << n_g.clamp(max=63)) - 1)  # all tiles of the group
+        return (torch.where(dense, full, w2).reshape(-1),
+                torch.where(dense, n_g.to(torch.int32), c2).reshape(-1))
 
     def logmass_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Tile log-masses of a few rows, in torch (budget fix-ups)."""
