@@ -15,6 +15,49 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 
+# ---------------------------------------------------------------------------- Triton IR for sm_90
+
+_TTIR_PRELUDE = """
+import triton
+import triton._C.libtriton as lt
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_target = GPUTarget("cuda", 90, 32)
+_backend = triton.compiler.make_backend(_target)
+_options = _backend.parse_options({})
+
+
+def make_ir(kernel, types, const):
+    \"\"\"Build ``kernel``'s Triton IR for sm_90: arguments named in ``const`` are constexprs, the
+    others take ``types`` (default i32).\"\"\"
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in kernel.arg_names}
+    ctx = lt.ir.context()
+    lt.ir.load_dialects(ctx)
+    _backend.load_dialects(ctx)
+    ASTSource(kernel, sig, constexprs=const).make_ir(
+        _target, _options, _backend.get_codegen_implementation(_options), _backend.get_module_map(), ctx)
+"""
+
+
+def build_for_hopper(script: str) -> str:
+    """Run ``script`` (which may call ``make_ir(kernel, types, const)``) in a fresh interpreter
+    without TRITON_INTERPRET and return its stdout; fails the test if it exits non-zero.
+
+    The interpreter runs kernels without checking types, so a type error would otherwise first
+    surface on a GPU; the compiler front end catches it on the CPU. A fresh interpreter is needed
+    because with TRITON_INTERPRET=1 ``@triton.jit`` makes interpreted functions.
+    """
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _TTIR_PRELUDE + script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 # ---------------------------------------------------------------------------- distributed
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dbsp import SparseMask, reference_attention, sparse_attention
-from harness import max_abs_err, random_mask
+from harness import build_for_hopper, max_abs_err, random_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -146,20 +146,10 @@ def test_float32_output_is_the_unrounded_kernel_result(dtype, kv_tile):
 
 CASES_TTIR = [(128, 1), (128, 16), (128, 128), (64, 1), (64, 64), (32, 4), (16, 16)]
 
-# Run in a fresh interpreter: with TRITON_INTERPRET=1 (set for this session) @triton.jit makes
-# interpreted functions, which the compiler front end cannot take.
 _TTIR_SCRIPT = """
 import sys
-import triton
-import triton._C.libtriton as lt
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from dbsp.kernels import sparse_fwd as kmod
 
-kernel = kmod._sparse_fwd_kernel
-target = GPUTarget("cuda", 90, 32)
-backend = triton.compiler.make_backend(target)
-options = backend.parse_options({})
 pointers = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "LSE": "*fp32", "OFFSETS": "*i64",
             "INDICES": "*i32", "ORDER": "*i32", "DESC_K": "*bf16", "DESC_V": "*bf16", "qk_scale": "fp32"}
 built = 0
@@ -168,13 +158,8 @@ for q_block, kv_tile in CASES:
     args = dict(DESC_K=None, K=None, NUM_KV_TILES=32760 // kv_tile, stride_ks=1536, stride_vs=1536)
     for c in kmod._prune(kmod.CONFIGS, args, Q_BLOCK=q_block, KV_TILE=kv_tile):
         const = dict(Q_BLOCK=q_block, KV_TILE=kv_tile, HEAD_DIM=128, BLOCK_D=128, IEEE=False, **c.kwargs)
-        sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in kernel.arg_names}
-        ctx = lt.ir.context()
-        lt.ir.load_dialects(ctx)
-        backend.load_dialects(ctx)
         try:
-            ASTSource(kernel, sig, constexprs=const).make_ir(
-                target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+            make_ir(kmod._sparse_fwd_kernel, pointers, const)
         except Exception as exc:
             sys.exit(f"q_block={q_block} kv_tile={kv_tile} {c.kwargs}: {exc}")
         built += 1
@@ -186,15 +171,8 @@ def test_every_autotuner_configuration_compiles_for_hopper():
     """The compiler front end accepts every configuration the autotuner may pick for sm_90 (the
     interpreter runs one configuration and checks no types: a type error would otherwise first
     surface on a GPU)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = f"CASES = {CASES_TTIR!r}\n" + _TTIR_SCRIPT
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert int(res.stdout.split()[-1]) >= len(CASES_TTIR) + 6  # gather cases carry their load variants
+    out = build_for_hopper(f"CASES = {CASES_TTIR!r}\n" + _TTIR_SCRIPT)
+    assert int(out.split()[-1]) >= len(CASES_TTIR) + 6  # gather cases carry their load variants
 
 
 def test_off32_is_pruned_when_offsets_do_not_fit():

@@ -9,6 +9,7 @@ import torch
 from dbsp.predict import DENSE_CROSSOVER, MaskPredictor, block_pool, oracle_mask, predict_mask
 from dbsp.quality import attention_recall, tile_attention_mass
 from dbsp.video import make_workload
+from harness import build_for_hopper
 
 # (q_block, kv_tile, extra predict_mask kwargs): pooled block, per-key block, fine tiles, single keys.
 CONFIGS = [
@@ -446,15 +447,8 @@ def test_bad_input_gets_a_clear_error():
 
 _TTIR_SCRIPT = """
 import sys
-import triton
-import triton._C.libtriton as lt
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from dbsp.kernels import predict_pooled as P
 
-target = GPUTarget("cuda", 90, 32)
-backend = triton.compiler.make_backend(target)
-options = backend.parse_options({})
 cases = [
     (P._pool_kernel, {"X": "*bf16", "OUT": "*fp32", "OLD": "*fp32", "ACC": "*fp32"}, dict(HAS_OLD=old, TB=32, D=128, DP=128))
     for old in (False, True)
@@ -463,13 +457,8 @@ cases = [
     for diag in (False, True) for ntp in (512, 4096)
 ] + [(P._emit_kernel, {"KEEP": "*i8", "OFFS": "*i64", "DENSE": "*i8", "OUT": "*i32"}, dict(NTP=1024))]
 for kernel, types, const in cases:
-    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in kernel.arg_names}
-    ctx = lt.ir.context()
-    lt.ir.load_dialects(ctx)
-    backend.load_dialects(ctx)
     try:
-        ASTSource(kernel, sig, constexprs=const).make_ir(
-            target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+        make_ir(kernel, types, const)
     except Exception as exc:
         sys.exit(f"{kernel.__name__} {const}: {exc}")
 print(len(cases))
@@ -479,11 +468,4 @@ print(len(cases))
 @triton_only
 def test_fused_kernels_compile_for_hopper():
     """The compiler front end accepts the fused kernels for sm_90 (the interpreter checks no types)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split()[-1] == "7"
+    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "7"
