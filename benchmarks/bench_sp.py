@@ -36,7 +36,7 @@ Workloads: Wan2.1-14B 720p shapes (H 40, S 75600, D 128) from ``dbsp.video.make_
 masks from ``dbsp.predict.predict_mask``: ``skewed`` (head focus spread over [0, 1]), ``mild``
 (focus spread 0.3) and ``full`` (a dense mask, for the no-slowdown target).
 
-    python benchmarks/bench_sp.py --emulate 8 --out results/sp                  # GPU, ~4 min
+    python benchmarks/bench_sp.py --emulate 8 --layers 2 --out results/sp       # GPU, 2-4 min
     python benchmarks/bench_sp.py --emulate 8 --quick --out /tmp/spq            # CPU smoke run
     torchrun --nproc_per_node 8 benchmarks/bench_sp.py --real --out results/sp_real
     torchrun --nproc_per_node 4 benchmarks/bench_sp.py --real --quick --out /tmp/spr   # CPU, gloo
@@ -775,9 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="wan14b-720p", help="dbsp.video preset. Default: wan14b-720p")
     parser.add_argument("--workloads", default="skewed,mild,full", help="comma list of skewed, mild, full. Default: all")
     parser.add_argument("--layers", type=int, default=4, help="layers per workload (the distribution). Default: 4")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=int, default=None,
                         help="--emulate: timing rounds over all distinct local problems of a layer, interleaved (median "
-                             "per problem); --real: timed calls per configuration and transfer. Default: 5")
+                             "per problem; 3 or more for a spread); --real: timed calls per configuration and transfer "
+                             "(median), and rounds of the per-rank local problems. Default: 5 (--emulate), 3 (--real)")
     parser.add_argument("--q-block", type=int, default=64, help="mask block (db-SP: 64). Default: 64")
     parser.add_argument("--kv-tile", type=int, default=64, help="mask key tile (64: block mask). Default: 64")
     parser.add_argument("--top-p", type=float, default=0.9, help="predictor's kept softmax mass. Default: 0.9")
@@ -791,6 +792,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in args.workloads if x not in WORKLOADS]
     if bad:
         parser.error(f"unknown workloads {bad}; choose from {list(WORKLOADS)}")
+    if args.repeats is None:
+        args.repeats = 3 if args.real else 5
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.quick:  # tiny and sparse enough that plans differ; CPU timings say nothing about GPUs
         args.shape, args.layers, args.repeats, args.q_block, args.top_p, args.dense_above = "cpu-tiny", 1, 2, 16, 0.6, None
         args.kv_tile = min(args.kv_tile, args.q_block)

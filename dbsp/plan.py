@@ -39,6 +39,14 @@ The planner (:func:`make_plan`) reads the work tensor twice:
 4. the result is never worse than the unplanned layout: of {unplanned, heads balanced only,
    heads and blocks balanced} the lowest ``rho_s`` wins, ties to fewer moved blocks.
 
+With a cost model (``make_plan(cost_model=...)``, and always inside :func:`choose_degrees`) the
+planner balances predicted *time* rather than tile entries: fully dense heads run on dense SDPA,
+faster per entry, so each head's work is weighed by its rate (integers, so the arithmetic stays
+exact), and a head group mixing dense and sparse heads is charged the mixed-call overhead. The
+candidates of both weightings are scored by :meth:`CostModel.predict`; the least predicted time
+wins. ``rho_s`` (``imbalance_ratio``, ``Plan.imbalance``) keeps its tile-entry meaning; the
+time-based ratio of the same formula is ``Prediction.compute_imbalance``.
+
 :class:`CostModel` turns a plan into predicted time (compute, all-to-all, block exchange, ring
 transfers with overlap); :func:`choose_degrees` picks ``(U, R)`` with it; :class:`PlanCache`
 keeps plans across denoising steps while the mask's ``rho_s`` under them stays low.
