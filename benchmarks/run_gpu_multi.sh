@@ -22,7 +22,7 @@ for step in ${STEPS:-sp_real e2e_sp nccl emu8 gather gputests}; do
     sp_real) timeout ${T_SP:-170} torchrun --nproc_per_node $N benchmarks/bench_sp.py --real --layers ${LAYERS:-3} --out $R/sp_real > $R/sp_real.log 2>&1; tail -12 $R/sp_real.log ;;
     e2e_sp) timeout ${T_E2E:-170} torchrun --nproc_per_node $N benchmarks/bench_e2e_sp.py --out $R/e2e_sp > $R/e2e_sp.log 2>&1; tail -25 $R/e2e_sp.log ;;
     nccl) timeout ${T_TEST:-90} python3 -m pytest -q -s -p no:cacheprovider tests/test_nccl.py > $R/test_nccl.log 2>&1; grep -E "passed|failed|rror" $R/test_nccl.log | tail -5 ;;
-    emu8) CUDA_VISIBLE_DEVICES=0 timeout ${T_EMU:-150} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --out $R/sp_emu8 > $R/sp_emu8.log 2>&1; tail -18 $R/sp_emu8.log ;;
+    emu8) CUDA_VISIBLE_DEVICES=0 timeout ${T_EMU:-240} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --out $R/sp_emu8 > $R/sp_emu8.log 2>&1; tail -18 $R/sp_emu8.log ;;
     gather) CUDA_VISIBLE_DEVICES=0 timeout ${T_GATHER:-150} python3 benchmarks/sweep_gather.py --out $R/gather > $R/gather.log 2>&1; cat $R/gather.log | tail -40 ;;
     gputests) CUDA_VISIBLE_DEVICES=0 timeout ${T_GPUTESTS:-150} python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_kernels.py > $R/gputests.log 2>&1; tail -3 $R/gputests.log ;;
     *) echo "unknown step $step" ;;

@@ -39,6 +39,14 @@ The planner (:func:`make_plan`) reads the work tensor twice:
 4. the result is never worse than the unplanned layout: of {unplanned, heads balanced only,
    heads and blocks balanced} the lowest ``rho_s`` wins, ties to fewer moved blocks.
 
+With a cost model (``make_plan(cost_model=...)``, and always inside :func:`choose_degrees`) the
+planner balances predicted *time* rather than tile entries: fully dense heads run on dense SDPA,
+faster per entry, so each head's work is weighed by its rate (integers, so the arithmetic stays
+exact), and a head group mixing dense and sparse heads is charged the mixed-call overhead. The
+candidates of both weightings are scored by :meth:`CostModel.predict`; the least predicted time
+wins. ``rho_s`` (``imbalance_ratio``, ``Plan.imbalance``) keeps its tile-entry meaning; the
+time-based ratio of the same formula is ``Prediction.compute_imbalance``.
+
 :class:`CostModel` turns a plan into predicted time (compute, all-to-all, block exchange, ring
 transfers with overlap); :func:`choose_degrees` picks ``(U, R)`` with it; :class:`PlanCache`
 keeps plans across denoising steps while the mask's ``rho_s`` under them stays low.
@@ -957,6 +965,15 @@ def _rho(W: torch.Tensor) -> float:
     return int(_step_work(W).sum(1).max()) * U * R / total
 
 
+def _time_rho(C: np.ndarray) -> float:
+    """rho_s of per-step times ``C[k, i, t]`` ``(U, R, R)`` (already in step order, unlike ``W``)."""
+    total = float(C.sum())
+    if total <= 0:
+        return 1.0
+    U, R, _ = C.shape
+    return float(C.max(1).sum(1).max()) * U * R / total
+
+
 def tile_work(mask_or_work: "SparseMask | torch.Tensor | WorkSummary", plan: Plan) -> torch.Tensor:
     """The ring tile matrix of a mask under a plan: ``(U, R, R)`` int64 ``W[k, i, j]``.
 
@@ -1166,6 +1183,172 @@ def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[l
             load[a] -= d
             load[b] += d
     return [sorted(g) for g in groups]
+
+
+_TIME_SCALE = 1024
+"""Integer scale of the time weights (:class:`_Rates`): a dense head's weight is rounded to 1/1024."""
+
+
+@dataclass(frozen=True)
+class _Rates:
+    """Time weights for planning with a cost model (``make_plan(cost_model=...)``).
+
+    Fully dense heads run on dense SDPA at ``dense_tflops``, the others on the sparse kernel at the
+    curve's rate, so one entry of a dense head costs ``sparse_rate / dense_rate`` of a sparse one.
+    The planner weighs the work in integers, sparse heads times ``sparse`` and dense heads times
+    ``dense_w`` (``dense_w / sparse`` ~ that ratio), so its exact integer arithmetic carries over
+    and equal loads mean equal predicted kernel time. A dense head's work is known without
+    reading it (every cell is ``batch x q tokens x kv tokens``), so weighing a group's summed work
+    is one rank-1 correction, and so is undoing it for the plan's true ``tile_work``. ``mixed`` is
+    the cost of one call that holds dense and sparse heads (``mixed_overhead_us``), in weighted entries.
+
+    Example: 436 TFLOPS sparse, 628.5 dense: ``sparse = 1024``, ``dense_w = 710`` (0.694, reduced
+    by their gcd to 512 : 355); a group of one dense and one sparse head of equal tile counts
+    weighs ``355 + 512``, where tile counts say ``1 + 1``.
+    """
+
+    dense: np.ndarray  # (H,) bool: heads whose every tile is selected
+    sparse: int
+    dense_w: int
+    mixed: int
+    batch: int
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``(H,)`` int64 weight of each head."""
+        return np.where(self.dense, self.dense_w, self.sparse).astype(np.int64)
+
+    def stats(self, st: _Stats) -> _Stats:
+        """Pass-1 statistics in weighted entries (all of them are per head)."""
+        wt = self.weights
+        return _Stats(
+            rows=st.rows * wt[:, None],
+            cols=None if st.cols is None else st.cols * wt[:, None],
+            home_tiles=None if st.home_tiles is None else st.home_tiles * wt[:, None, None],
+        )
+
+    def group(self, A: np.ndarray, heads: Sequence[int], tokens: np.ndarray) -> np.ndarray:
+        """A head group's summed work ``A`` ``(N, N)`` in weighted entries; ``tokens`` ``(N,)`` are the
+        query (= key) tokens of each cell (block or unit)."""
+        out = A.astype(np.int64) * self.sparse
+        nd = int(self.dense[list(heads)].sum())
+        if nd and self.dense_w != self.sparse:
+            out += (self.dense_w - self.sparse) * nd * self.batch * np.outer(tokens, tokens)
+        return out
+
+    def unweigh(self, W: np.ndarray, groups: list[list[int]], q_owner: np.ndarray, kv_owner: np.ndarray,
+                tokens: np.ndarray) -> np.ndarray:
+        """The true ``(U, R, R)`` tile work of weighted tiles ``W``; owners ``(U, N)`` of the cells."""
+        U, R, _ = W.shape
+        out = W.astype(np.int64).copy()
+        for k, g in enumerate(groups):
+            nd = int(self.dense[list(g)].sum())
+            if nd and self.dense_w != self.sparse:
+                q = np.bincount(q_owner[k], weights=tokens, minlength=R).astype(np.int64)
+                kv = np.bincount(kv_owner[k], weights=tokens, minlength=R).astype(np.int64)
+                out[k] -= (self.dense_w - self.sparse) * nd * self.batch * np.outer(q, kv)
+        assert not (out % self.sparse).any(), "weighted tile work must undo exactly"
+        return out // self.sparse
+
+
+def _rates_of(cost_model: "CostModel | None", w: "_Work | WorkSummary", totals: np.ndarray, head_dim: int) -> _Rates | None:
+    """The time weights of ``w`` under ``cost_model`` (``totals``: ``(H,)`` work per head), or None
+    where time and tile entries order plans alike (no cost model, no ``dense_tflops``, no dense
+    heads and no mixed-call cost, or work too large for exact float64 sums at a useful scale)."""
+    if cost_model is None or cost_model.dense_tflops is None:
+        return None
+    full = w.batch * w.seq_len * w.seq_len
+    dense = np.asarray(totals) == full
+    n, H = int(dense.sum()), len(dense)
+    if n == 0 or n == H:  # one rate for every head, no call mixes kinds
+        return None
+    density = float(np.asarray(totals)[~dense].sum()) / (w.batch * (H - n) * w.seq_len * w.seq_len)
+    fine = w.kv_tile is not None and w.kv_tile < w.q_block
+    rate = cost_model.tflops(density=density, fine_grained=fine)
+    # Weighted sums go through float64 products (_reduce_cols): keep them below 2^52.
+    scale = min(_TIME_SCALE, 2**52 // (full * H))
+    if scale < 16:
+        return None
+    dense_w = max(1, round(scale * rate / cost_model.dense_tflops))
+    g = math.gcd(scale, dense_w)
+    sparse, dense_w = scale // g, dense_w // g
+    mixed = round(cost_model.mixed_overhead_us * 1e-6 * rate * 1e12 / (4.0 * head_dim) * sparse)
+    if sparse == dense_w and mixed == 0:
+        return None
+    return _Rates(dense=dense, sparse=sparse, dense_w=dense_w, mixed=mixed, batch=w.batch)
+
+
+def _block_tokens(num_blocks: int, q_block: int, seq_len: int) -> np.ndarray:
+    """``(NB,)`` int64 tokens of every block (the last one may be partial)."""
+    tok = np.full(num_blocks, q_block, dtype=np.int64)
+    tok[-1] = seq_len - (num_blocks - 1) * q_block
+    return tok
+
+
+def _mixed_groups(groups: list[list[int]], dense: np.ndarray) -> int:
+    return sum(0 < int(dense[g].sum()) < len(g) for g in groups)
+
+
+def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
+    """:func:`_balance_heads` on weighted totals where a group holding both dense and sparse heads
+    also costs ``penalty`` (its mixed calls): groups of one kind are preferred where that does not
+    cost balance.
+
+    Two starts: LPT as in :func:`_balance_heads` (refined there), and LPT that puts each head in
+    the group whose cost after placing it is least (a dense head joins dense heads when that is
+    no dearer). With ``refine`` both are improved by swaps on the cost with the penalty; the start
+    with the lower maximum cost wins (ties: fewer mixed groups, then the first start).
+    """
+    if penalty <= 0:
+        return _balance_heads(totals, counts, refine)
+    U = len(counts)
+    tot = np.asarray(totals, dtype=np.int64)
+    dn = np.asarray(dense, dtype=np.int64)
+    cnt = np.asarray(counts, dtype=np.int64)
+
+    def costs(groups):
+        return [int(tot[g].sum()) + penalty * (0 < int(dn[g].sum()) < len(g)) for g in groups]
+
+    plain = _balance_heads(totals, counts, refine)
+    groups: list[list[int]] = [[] for _ in range(U)]
+    load, nd = [0] * U, [0] * U
+    for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
+        def after(k: int) -> int:  # group k's cost with h in it (mixed: both kinds so far)
+            return load[k] + totals[h] + penalty * (0 < nd[k] + int(dn[h]) < len(groups[k]) + 1)
+
+        k = min((k for k in range(U) if len(groups[k]) < counts[k]), key=lambda k: (after(k), k))
+        groups[k].append(h)
+        load[k] += totals[h]
+        nd[k] += int(dn[h])
+    starts = [[list(g) for g in plain], groups]
+    if refine and U > 1:
+        for groups in starts:
+            for _ in range(4 * len(totals) * U):
+                c = np.asarray(costs(groups), dtype=np.int64)
+                load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
+                nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
+                a = int(np.lexsort((np.arange(U), -c))[0])  # heaviest group, lowest index on ties
+                xs = np.asarray(groups[a], dtype=np.int64)
+                others = [b for b in range(U) if b != a]
+                ys = np.asarray([y for b in others for y in groups[b]], dtype=np.int64)
+                bs = np.repeat(others, [len(groups[b]) for b in others])
+                d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
+                dd = dn[xs][None, :] - dn[ys][:, None]
+                na, nb_ = nds[a] - dd, nds[bs][:, None] + dd
+                new_a = load[a] - d + penalty * ((na > 0) & (na < cnt[a]))
+                new_b = load[bs][:, None] + d + penalty * ((nb_ > 0) & (nb_ < cnt[bs][:, None]))
+                new = np.maximum(new_a, new_b)
+                ok = new < c[a]
+                if not ok.any():
+                    break
+                score = np.where(ok, new, np.iinfo(np.int64).max)
+                yi, xi = np.nonzero(score == score.min())
+                first = np.lexsort((yi, xi, bs[yi]))[0]  # by b, then x's position, then y's position
+                b, x, y = int(bs[yi[first]]), int(xs[xi[first]]), int(ys[yi[first]])
+                groups[a][groups[a].index(x)] = y
+                groups[b][groups[b].index(y)] = x
+    best = min(range(2), key=lambda n: (max(costs(starts[n])), _mixed_groups(starts[n], dense), n))
+    return [sorted(g) for g in starts[best]]
 
 
 def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], reward: float, movable: np.ndarray | None = None) -> np.ndarray:
@@ -1434,6 +1617,9 @@ def make_plan(
     refine: bool = True,
     refine_target: float = 1.01,
     world: int | None = None,
+    cost_model: "CostModel | None" = None,
+    head_dim: int = 128,
+    element_bytes: int = 2,
 ) -> Plan:
     """The db-SP plan of a mask on ``ulysses x ring`` ranks (module docstring for the algorithm).
 
@@ -1480,9 +1666,23 @@ def make_plan(
             this factor of its mean rank work: the start that moves fewest blocks among those
             that reach it is kept, and refinement stops there. Default: 1.01.
         world: the number of ranks, checked against ``ulysses * ring``. Default: not checked.
+        cost_model: balance predicted *time* instead of tile entries. Fully dense heads run on
+            dense SDPA at ``dense_tflops``, faster per entry than the sparse kernel, so the
+            planner weighs each head's work by its rate (dense heads by ``sparse rate / dense
+            rate``, in integers) and, at the head level, charges a group that mixes dense and
+            sparse heads its ``mixed_overhead_us`` per call (groups of one kind are preferred
+            where balance allows). The candidates of both weightings (time and tile entries) are
+            then scored by :meth:`CostModel.predict` and the least predicted time wins (ties:
+            fewer moved blocks), so the plan is never slower, by the model, than the tile-based
+            one. Planning costs up to twice as much where the mask has dense heads. ``None``:
+            tile entries, the rule above. Default: None.
+        head_dim, element_bytes: for the cost model (its per-entry time and communicated bytes).
+            Defaults: 128, 2.
 
     Returns:
-        A :class:`Plan` with ``tile_work`` filled, so ``plan.imbalance()`` is its rho_s.
+        A :class:`Plan` with ``tile_work`` filled, so ``plan.imbalance()`` is its rho_s (tile
+        entries, also with a cost model; the predicted time's ratio is
+        ``cost_model.predict(plan, ...).compute_imbalance``).
 
     Example::
 
@@ -1494,15 +1694,48 @@ def make_plan(
     reward = _check_reward(reward)
     if isinstance(refine_target, bool) or not isinstance(refine_target, (int, float)) or not refine_target >= 1.0:
         raise ValueError(f"refine_target must be a number >= 1.0, got {refine_target!r}")
+    if cost_model is not None:
+        if not isinstance(cost_model, CostModel):
+            raise TypeError(f"cost_model must be a dbsp CostModel or None, got {type(cost_model).__name__}")
+        check_positive_int("head_dim", head_dim)
+        check_positive_int("element_bytes", element_bytes)
     w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
     return _plan_from(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
                       balance_blocks=balance_blocks, per_group_blocks=per_group_blocks, uneven_heads=uneven_heads,
-                      refine=refine, refine_target=refine_target)
+                      refine=refine, refine_target=refine_target, cost_model=cost_model, head_dim=head_dim,
+                      element_bytes=element_bytes)
 
 
-def _plan_from(w: _Work, *, ulysses: int, ring: int, **options: Any) -> Plan:
-    """The planner's choice among :func:`_layouts`: the lowest ring time, ties to fewer moves."""
-    return min(_layouts(w, ulysses=ulysses, ring=ring, **options), key=_ring_key)
+def _plan_from(w: _Work, *, ulysses: int, ring: int, cost_model: "CostModel | None" = None, head_dim: int = 128,
+               element_bytes: int = 2, **options: Any) -> Plan:
+    """The planner's choice among :func:`_layouts`: the lowest ring time, ties to fewer moves. With a
+    cost model, among the candidates of both weightings (:func:`_timed_layouts`): the least
+    predicted time, ties to fewer moves, then to the tile-weighted candidate."""
+    if cost_model is None:
+        return min(_layouts(w, ulysses=ulysses, ring=ring, **options), key=_ring_key)
+    layouts, dense = _timed_layouts(w, ulysses=ulysses, ring=ring, cost_model=cost_model, head_dim=head_dim, **options)
+    predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes, dense=dense)
+    return min(layouts, key=lambda p: (predict(p).total_ms, _moved(p)))
+
+
+def _head_totals(w: "_Work | WorkSummary", st: _Stats | None) -> np.ndarray:
+    """``(H,)`` int64 work per head: a summary's, or from pass-1 statistics."""
+    return w._head_totals if isinstance(w, WorkSummary) else st.rows.sum(1)
+
+
+def _timed_layouts(w: "_Work | WorkSummary", *, ulysses: int, ring: int, cost_model: "CostModel", head_dim: int,
+                   stats: _Stats | None = None, **options: Any) -> tuple[list[Plan], tuple[int, ...]]:
+    """``(candidates, dense heads)``: :func:`_layouts` on tile entries, then, where time and tiles
+    differ (:func:`_rates_of`), on time-weighted work; pass 1 is shared."""
+    if not isinstance(w, WorkSummary) and stats is None:
+        stats = _stats(w, ring)
+    totals = _head_totals(w, stats)
+    dense = tuple(int(h) for h in np.nonzero(totals == w.batch * w.seq_len * w.seq_len)[0])
+    layouts = _layouts(w, ulysses=ulysses, ring=ring, stats=stats, **options)
+    rates = _rates_of(cost_model, w, totals, head_dim)
+    if rates is not None:
+        layouts += _layouts(w, ulysses=ulysses, ring=ring, stats=stats, rates=rates, **options)
+    return layouts, dense
 
 
 def _layouts(
@@ -1518,29 +1751,45 @@ def _layouts(
     refine: bool = True,
     refine_target: float = 1.01,
     stats: _Stats | None = None,
+    rates: _Rates | None = None,
 ) -> list[Plan]:
     """The candidate plans, fewest moved blocks first: the unplanned layout (contiguous heads,
     blocks at home), balanced heads with blocks at home, and (with ``balance_blocks``) balanced
-    heads and blocks. Each carries its exact ``tile_work``. Two passes over the work."""
+    heads and blocks. Each carries its exact ``tile_work``. Two passes over the work.
+
+    With ``rates`` the balancing runs on time-weighted work (:class:`_Rates`), heads with the
+    mixed-call cost (:func:`_balance_heads_timed`); ``tile_work`` stays the true tile work."""
     if isinstance(w, WorkSummary):
         return _summary_layouts(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
                                 balance_blocks=balance_blocks, per_group_blocks=per_group_blocks,
-                                uneven_heads=uneven_heads, refine=refine, refine_target=refine_target)
+                                uneven_heads=uneven_heads, refine=refine, refine_target=refine_target, rates=rates)
     H, nb, U, R = w.heads, w.num_blocks, ulysses, ring
     counts = _head_counts(H, U, uneven_heads)
     _check_ring(R, nb)
     st = _stats(w, R) if stats is None else stats  # pass 1
+    if rates is not None:
+        st = rates.stats(st)
     off = np.cumsum([0] + counts).tolist()
     contiguous = [list(range(off[k], off[k + 1])) for k in range(U)]
-    groups = _balance_heads(st.rows.sum(1).tolist(), counts, refine) if balance_heads else contiguous
+    if not balance_heads:
+        groups = contiguous
+    elif rates is not None:
+        groups = _balance_heads_timed(st.rows.sum(1).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
+    else:
+        groups = _balance_heads(st.rows.sum(1).tolist(), counts, refine)
     home = _home(nb, R)
     caps = np.bincount(home, minlength=R).tolist()
     sums: dict[tuple[int, ...], np.ndarray] = {}  # pass 2: each head group's summed work, once
+    tokens = _block_tokens(nb, w.q_block, w.seq_len)
 
     def group_sum(g: list[int]) -> np.ndarray:
         if tuple(g) not in sums:
-            sums[tuple(g)] = _group_sum(w, g)
+            A = _group_sum(w, g)
+            sums[tuple(g)] = A if rates is None else rates.group(A, g, tokens)
         return sums[tuple(g)]
+
+    def true(W: np.ndarray, groups: list[list[int]], q_owner: np.ndarray, kv_owner: np.ndarray) -> np.ndarray:
+        return W if rates is None else rates.unweigh(W, groups, q_owner, kv_owner, tokens)
 
     if st.home_tiles is None:  # long rings: contiguous-layout tiles come from the group sums
         for g in groups + contiguous:
@@ -1549,9 +1798,9 @@ def _layouts(
     heads_only = _home_tiles(w, st, groups, R, sums)
     unplanned = heads_only if groups is contiguous else _home_tiles(w, st, contiguous, R, sums)
     common = dict(ulysses=U, ring=R, heads=H, q_block=w.q_block, seq_len=w.seq_len, counts=counts)
-    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=unplanned, **common)]
+    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, homes, homes), **common)]
     if groups is not contiguous:
-        out.append(_build_plan(groups=groups, q_owner=homes, kv_owner=homes, tile_work=heads_only, **common))
+        out.append(_build_plan(groups=groups, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, homes, homes), **common))
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = homes.copy(), homes.copy(), heads_only.copy()
         if per_group_blocks:
@@ -1565,7 +1814,8 @@ def _layouts(
             for k, g in enumerate(groups):
                 W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
         if (q_owner != homes).any() or (kv_owner != homes).any():
-            out.append(_build_plan(groups=groups, q_owner=q_owner, kv_owner=kv_owner, tile_work=W, **common))
+            out.append(_build_plan(groups=groups, q_owner=q_owner, kv_owner=kv_owner, tile_work=true(W, groups, q_owner, kv_owner),
+                                   **common))
     return out
 
 
@@ -1581,6 +1831,7 @@ def _summary_layouts(
     uneven_heads: bool,
     refine: bool,
     refine_target: float,
+    rates: _Rates | None = None,
 ) -> list[Plan]:
     """:func:`_layouts` from a summary: the same candidates, blocks moved in whole units.
 
@@ -1602,32 +1853,51 @@ def _summary_layouts(
     # (H, NU, NU) -> (H, R, NU) -> (H, R, R).
     y = np.stack([s._cells[:, chunk[i] : chunk[i + 1]].sum(1, dtype=np.int64) for i in range(R)], 1)
     head_tiles = np.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(R)], 2)
+    tokens = np.add.reduceat(_block_tokens(nb, s.q_block, s.seq_len), starts[:-1])  # (NU,) tokens per unit
+    if rates is not None:
+        head_tiles = head_tiles * rates.weights[:, None, None]
     off = np.cumsum([0] + counts).tolist()
     contiguous = [list(range(off[k], off[k + 1])) for k in range(U)]
-    groups = _balance_heads(head_tiles.sum((1, 2)).tolist(), counts, refine) if balance_heads else contiguous
+    if not balance_heads:
+        groups = contiguous
+    elif rates is not None:
+        groups = _balance_heads_timed(head_tiles.sum((1, 2)).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
+    else:
+        groups = _balance_heads(head_tiles.sum((1, 2)).tolist(), counts, refine)
+
+    def group_sum(g: list[int]) -> np.ndarray:
+        A = _summary_group_sum(s, g)
+        return A if rates is None else rates.group(A, g, tokens)
+
+    def true(W: np.ndarray, groups: list[list[int]], q_owner: np.ndarray, kv_owner: np.ndarray) -> np.ndarray:
+        return W if rates is None else rates.unweigh(W, groups, q_owner, kv_owner, tokens)
     heads_only = np.stack([head_tiles[g].sum(0) for g in groups])
     unplanned = heads_only if groups is contiguous else np.stack([head_tiles[g].sum(0) for g in contiguous])
     homes = np.tile(_home(nb, R), (U, 1))
+    unit_homes = np.tile(home, (U, 1))
     common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)
-    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=unplanned, **common)]
+    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
+                       **common)]
     if groups is not contiguous:
-        out.append(_build_plan(groups=groups, q_owner=homes, kv_owner=homes, tile_work=heads_only, **common))
+        out.append(_build_plan(groups=groups, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
+                               **common))
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
         if per_group_blocks:
             for k, g in enumerate(groups):
                 q_owner[k], kv_owner[k], W[k] = _balance_blocks(
-                    lambda g=g: _summary_group_sum(s, g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable
+                    lambda g=g: group_sum(g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable
                 )
         else:
-            total = s._cells.sum(0, dtype=np.int64)
+            total = s._cells.sum(0, dtype=np.int64) if rates is None else group_sum(list(range(H)))
             q_owner[:] = _biased_greedy(total.sum(1), home, caps, reward, movable)
             kv_owner[:] = _biased_greedy(total.sum(0), home, caps, reward, movable)
             for k, g in enumerate(groups):
-                W[k] = _reduce_rows(_reduce_cols(_summary_group_sum(s, g), kv_owner[k], R), q_owner[k], R)
+                W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
         if (q_owner != home).any() or (kv_owner != home).any():
             q_blocks, kv_blocks = np.repeat(q_owner, sizes, axis=1), np.repeat(kv_owner, sizes, axis=1)
-            out.append(_build_plan(groups=groups, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=W, **common))
+            out.append(_build_plan(groups=groups, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
+                                   **common))
     return out
 
 
@@ -1681,6 +1951,13 @@ class Prediction:
     ``total_ms = all_to_all_ms + exchange_ms + ring_ms``. ``rank_compute_ms[k][i]`` is the kernel
     time of rank ``(k, i)`` summed over its ring steps, without waiting or communication: what a
     per-rank emulated timing measures.
+
+    Two imbalance ratios, one formula (module docstring) on different units: ``imbalance`` is
+    rho_s of the tile entries (:func:`imbalance_ratio`, db-SP's definition, what the planner
+    reports without a cost model); ``compute_imbalance`` is the same ratio of the predicted
+    per-step compute times ``C[k, i, t]`` (dense heads at their rate, call and mixed-call
+    overheads), ``max_k sum_t max_i C / mean_(k, i) sum_t C``: what a per-rank timing of the
+    plan's local problems should measure.
     """
 
     ulysses: int
@@ -1691,6 +1968,7 @@ class Prediction:
     ring_ms: float
     rank_compute_ms: tuple[tuple[float, ...], ...]
     imbalance: float
+    compute_imbalance: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -1906,6 +2184,7 @@ class CostModel:
             ring_ms=ring_ms,
             rank_compute_ms=tuple(tuple(float(x) for x in row) for row in 1e3 * compute.sum(2)),
             imbalance=_rho(plan.tile_work),
+            compute_imbalance=_time_rho(compute),
         )
 
 
@@ -1980,7 +2259,8 @@ def score_degrees(
     predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
     out = []
     for u, r in _candidates(world, w.heads, w.num_blocks, uneven_heads and balance):
-        plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance)
+        plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
+                                      cost=(cost_model, head_dim))
         out.append(balanced if balance else plain)
     return out
 
@@ -2018,10 +2298,14 @@ def _dense_heads_of(w: "_Work | WorkSummary") -> tuple[int, ...]:
     return tuple(int(h) for h in np.nonzero(totals == full)[0])
 
 
-def _predictor(cost_model: CostModel, w: _Work, *, head_dim: int, element_bytes: int):
-    """``plan -> Prediction`` for plans of the work ``w`` (dense heads found once, when modelled)."""
+def _predictor(cost_model: CostModel, w: _Work, *, head_dim: int, element_bytes: int, dense: tuple[int, ...] | None = None):
+    """``plan -> Prediction`` for plans of the work ``w`` (dense heads found once, when modelled;
+    ``dense``: already known)."""
     kv_tile = w.kv_tile if w.kv_tile is not None else w.q_block
-    dense = _dense_heads_of(w) if cost_model.dense_tflops is not None else None
+    if cost_model.dense_tflops is None:
+        dense = None
+    elif dense is None:
+        dense = _dense_heads_of(w)
     return lambda plan: cost_model.predict(plan, head_dim=head_dim, batch=w.batch, element_bytes=element_bytes,
                                            kv_tile=kv_tile, dense_heads=dense)
 
@@ -2035,12 +2319,15 @@ def _ring_key(plan: Plan) -> tuple[int, int]:
     return int(_step_work(plan.tile_work).sum(1).max()), _moved(plan)
 
 
-def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None):
+def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None,
+                cost: "tuple[CostModel, int] | None" = None):
     """``(unbalanced, balanced)`` DegreeChoices of one ``(U, R)`` from one set of passes.
 
     The unbalanced one exists where ``U`` divides the heads. The balanced one (with ``balance``)
     is the faster, by the cost model, of the planner's choice and the layouts that move no
-    blocks, so blocks move only where the exchange pays for itself.
+    blocks, so blocks move only where the exchange pays for itself. With ``cost`` (the cost
+    model and head_dim) and a mask where time and tile entries differ (dense heads), the
+    time-weighted candidates (:func:`_timed_layouts`) compete too.
     """
     if not balance:
         plan = _layouts(w, ulysses=u, ring=r, balance_heads=False, balance_blocks=False, stats=stats)[0]
@@ -2049,6 +2336,12 @@ def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_head
     plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
     chosen = min(layouts, key=_ring_key)
     options = [chosen] + [p for p in layouts if p is not chosen and _moved(p) == 0]
+    if cost is not None:
+        if not isinstance(w, WorkSummary) and stats is None:
+            stats = _stats(w, r)
+        rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1])
+        if rates is not None:
+            options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates)
     pred, _, plan = min(((predict(p), n, p) for n, p in enumerate(options)), key=lambda x: (x[0].total_ms, x[0].imbalance, x[1]))
     return plain, DegreeChoice(u, r, plan, pred)
 
@@ -2118,7 +2411,9 @@ class PlanCache:
     Args:
         threshold: P_s >= 1. Default: ``DEFAULT_REUSE_THRESHOLD`` (1.05).
         reward, uneven_heads: as in :func:`make_plan`.
-        cost_model, head_dim, element_bytes: for ``world=`` (degree choice).
+        cost_model, head_dim, element_bytes: for ``world=`` (degree choice); a cost model given
+            here also plans fixed degrees by predicted time (``make_plan(cost_model=...)``); the
+            reuse check stays on the tile-entry rho_s. Default: None (``world=``: the default model).
         defer: decide in a background thread, one call late (above). Default: False.
 
     Attributes:
@@ -2251,7 +2546,8 @@ class PlanCache:
                 return cached[1]
         self.misses += 1
         if world is None:
-            plan = _plan_from(w, ulysses=ulysses, ring=ring, **self._options)
+            timed = self._choice if self._choice["cost_model"] is not None else {}
+            plan = _plan_from(w, ulysses=ulysses, ring=ring, **timed, **self._options)
         else:
             _, _, plan = choose_degrees(w, world=world, heads=w.heads, **self._choice, **self._options)
         self.last_imbalance = plan.imbalance()

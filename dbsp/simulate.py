@@ -210,7 +210,8 @@ def simulate(
         for u, r in _candidates(p, w.heads, w.num_blocks, uneven_heads=False):
             if r not in stats:
                 stats[r] = _stats(w, r)
-            pairs[u, r] = _score_pair(w, u, r, predict, reward=reward, uneven_heads=False, balance=True, stats=stats[r])
+            pairs[u, r] = _score_pair(w, u, r, predict, reward=reward, uneven_heads=False, balance=True, stats=stats[r],
+                                      cost=(cost_model, head_dim))
         plain = {ur: pair[0] for ur, pair in pairs.items()}
         best = {
             "ulysses": plain.get((p, 1)),

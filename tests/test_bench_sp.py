@@ -1,0 +1,76 @@
+"""CPU checks of benchmarks/bench_sp.py --emulate: local problems keyed by content (identical work,
+one time), interleaved timing, and the quick run's CSV columns the lead's GPU run relies on."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+from dbsp import SparseMask
+from dbsp.video import make_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_sp  # noqa: E402
+
+
+def _workload():
+    return make_workload("cpu-tiny", layer=0, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_identical_problems_share_one_entry_and_one_time():
+    w = _workload()
+    B, S, H, _ = w.q.shape
+    full = SparseMask.full(B, 2, 160, 160, q_block=16, kv_tile=16)
+    toks = torch.arange(160)
+    ps = bench_sp.ProblemSet(w, repeats=3, warmup=False)
+    a = ps.add(torch.tensor([0, 1]), toks, toks, full, True)
+    b = ps.add(torch.tensor([2, 3]), toks + 160, toks, full, True)  # other heads and tokens, same work
+    c = ps.add(torch.tensor([0, 1]), toks, toks, full, False)  # no lse: another problem
+    dense = torch.ones(B, 2, 10, 10, dtype=torch.bool)
+    dense[0, 1, 3, 4] = False  # one tile fewer: another problem, though offsets' shape and size agree
+    d = ps.add(torch.tensor([0, 1]), toks, toks, SparseMask.from_dense(dense, q_block=16, kv_tile=16, seq_len_q=160,
+                                                                       seq_len_kv=160), True)
+    dense2 = torch.ones_like(dense)
+    dense2[0, 1, 3, 5] = False  # same row counts as d (same offsets), other tile: compared index by index
+    e = ps.add(torch.tensor([0, 1]), toks, toks, SparseMask.from_dense(dense2, q_block=16, kv_tile=16, seq_len_q=160,
+                                                                        seq_len_kv=160), True)
+    assert a == b and len({a, c, d, e}) == 4 and len(ps) == 4
+    ps.time()
+    assert all(ms is not None and ms > 0 for ms in ps.ms)
+    assert all(x >= 0 for x in ps.spread)
+    assert "3 interleaved rounds" in ps.spread_summary()
+
+
+def test_ranks_with_identical_work_measure_as_balanced():
+    """A full mask on U4R2 (cpu-tiny: 4 heads, 20 blocks): every rank has one head and 10 x 10
+    blocks at every step, so all problems are one and rho_s measured is exactly 1."""
+    w = _workload()
+    B, S, H, _ = w.q.shape
+    mask = SparseMask.full(B, H, S, S, q_block=16, kv_tile=16)
+    cfg = bench_sp.Config("usp U4R2", "usp", 4, 2)
+    ps = bench_sp.ProblemSet(w, repeats=2, warmup=False)
+    ids, _, layouts = bench_sp.collect(cfg, w, mask, ps)
+    assert (ids == ids[0, 0, 0]).all() and len(ps) == 1
+    ps.time()
+    steps, rows = bench_sp.step_times(ids, ps)
+    em = bench_sp.model_comm(cfg, steps, layouts, w, mask, latency_ms=0.0, a2a_bytes_s=1e12, p2p_bytes_s=1e12)
+    assert em.rho_measured == 1.0 and em.max_over_mean == 1.0
+    assert (rows == rows[0, 0, 0]).all() and rows[0, 0, 0] == B * 1 * 10
+
+
+def test_quick_emulation_run_writes_the_rho_columns(tmp_path, capsys):
+    assert bench_sp.main(["--emulate", "8", "--quick", "--out", str(tmp_path)]) == 0
+    log = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "sp.csv").open()))
+    assert {"rho_planned", "rho_model", "rho_measured"} <= set(rows[0])
+    full = [r for r in rows if r["workload"] == "full" and r["U"] == "4"]
+    assert full and all(float(r["rho_measured"]) == 1.0 for r in full)
+    problems = list(csv.DictReader((tmp_path / "sp_problems.csv").open()))
+    assert problems and "spread" in problems[0]
+    assert "timing spread (relative IQR over 2 interleaved rounds)" in log
+    assert log.count("target 2 (measured rho_s within 5% of the planner's predicted-time rho_s)") == 3

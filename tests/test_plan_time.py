@@ -1,0 +1,207 @@
+"""Planning by predicted time (``make_plan(cost_model=...)``): dense heads at their own rate and the
+mixed-call overhead, checked against brute force and against the tile-entry planner."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from dbsp.plan import CostModel, Plan, choose_degrees, dense_heads, make_plan, summarize_work, tile_work
+
+# A slow "GPU" (TFLOPS ~1e-3 of an H200) so that a tiny mask's compute is milliseconds and the
+# mixed-call overhead is comparable to it, as at Wan2.1-14B 720p on the real cost model; fast links.
+MODEL = CostModel(
+    block_tflops=((0.0, 0.436), (1.0, 0.436)),
+    fine_tflops=((0.0, 0.4), (1.0, 0.4)),
+    call_overhead_us=0.0,
+    comm_latency_us=0.0,
+    nvlink_gbps=1e6,
+    internode_gbps=1e6,
+    gpus_per_node=8,
+    dense_tflops=0.6285,
+    mixed_overhead_us=100.0,
+)
+D = 128
+
+
+def work_with_dense(heads, nb, *, seed, n_dense, block=64, partial=0):
+    """Block-mask work ``(1, H, NB, NB)``: ``n_dense`` random heads fully selected, the others random
+    densities; with ``partial`` the last block holds only that many tokens."""
+    g = torch.Generator().manual_seed(seed)
+    dens = torch.empty(heads).uniform_(0.05, 0.9, generator=g)
+    tiles = torch.rand(1, heads, nb, nb, generator=g) < dens[None, :, None, None]
+    tiles[:, torch.randperm(heads, generator=g)[:n_dense]] = True
+    tok = torch.full((nb,), block)
+    if partial:
+        tok[-1] = partial
+    return tiles.to(torch.int64) * (tok[:, None] * tok[None, :]), int(tok.sum())
+
+
+def compute_times(work, plan, model):
+    """Independent oracle of the model's per-step compute ``C[k, i, t]`` (seconds), straight from its
+    documented formula, head by head: sparse entries at the curve's rate, dense heads' at
+    ``dense_tflops``, ``call_overhead`` per non-empty call plus ``mixed_overhead`` where the call's
+    group holds both kinds."""
+    a = work.sum(0).numpy()
+    H, S = a.shape[0], int(plan.seq_len)
+    dense = {h for h in range(H) if a[h].sum() == S * S}
+    sparse = [h for h in range(H) if h not in dense]
+    density = sum(a[h].sum() for h in sparse) / (len(sparse) * S * S)
+    rate = model.tflops(density=density, fine_grained=False) * 1e12
+    U, R = plan.ulysses, plan.ring
+    C = np.zeros((U, R, R))
+    for k in range(U):
+        group = plan.head_group(k)
+        mixed = 0 < len(dense & set(group)) < len(group)
+        for i in range(R):
+            for t in range(R):
+                j = (i + t) % R
+                rows, cols = list(plan.q_blocks[k][i]), list(plan.kv_blocks[k][j])
+                entries = [a[h][np.ix_(rows, cols)].sum() for h in group]
+                if sum(entries) == 0:
+                    continue
+                sec = sum(e * 4 * D / (model.dense_tflops * 1e12 if h in dense else rate) for h, e in zip(group, entries))
+                C[k, i, t] = sec + 1e-6 * (model.call_overhead_us + (model.mixed_overhead_us if mixed else 0.0))
+    return C
+
+
+def ring_seconds(C):
+    """The slowest group's ring time of per-step compute (no transfers: the links are fast)."""
+    return float(C.max(1).sum(1).max())
+
+
+CASES = [  # (U, R, H, NB, dense heads, seed, partial last block)
+    (2, 1, 6, 6, 2, 0, 0),
+    (4, 1, 16, 8, 5, 1, 0),
+    (2, 2, 8, 8, 3, 2, 16),
+    (4, 2, 16, 12, 6, 3, 0),
+    (2, 4, 8, 16, 3, 4, 40),
+    (1, 4, 6, 12, 2, 5, 0),
+]
+
+
+# Plans of the tile-entry planner (no cost model) of CASES (tensor and, where R > 1, summary),
+# recorded with the planner before time weighting existed (commit 5a55b41).
+OLD_FINGERPRINTS = {
+    (0, "work"): "5524583f47048a03",
+    (1, "work"): "8e3f1e8caf622e3d",
+    (2, "work"): "f08ffe0b6a01a91a",
+    (2, "summary"): "1a61839185de80fe",
+    (3, "work"): "d1201294d05240af",
+    (3, "summary"): "3ed45a748279b27f",
+    (4, "work"): "e9bfcc7fb24ab0f6",
+    (4, "summary"): "6ffc9401f5dba2b7",
+    (5, "work"): "96840de72a06b816",
+    (5, "summary"): "7ae5b9a119b37970",
+}
+
+
+@pytest.mark.parametrize("n", range(len(CASES)))
+def test_without_a_cost_model_plans_are_those_of_the_tile_planner(n):
+    U, R, H, nb, nd, seed, partial = CASES[n]
+    work, S = work_with_dense(H, nb, seed=seed, n_dense=nd, partial=partial)
+    kw = dict(ulysses=U, ring=R, q_block=64, seq_len=S)
+    assert make_plan(work, **kw).fingerprint() == OLD_FINGERPRINTS[n, "work"]
+    assert make_plan(work, **kw, cost_model=None).fingerprint() == OLD_FINGERPRINTS[n, "work"]
+    if R > 1:
+        s = summarize_work(work, q_block=64, seq_len=S, ring=R, coarse=2)
+        assert make_plan(s, ulysses=U, ring=R).fingerprint() == OLD_FINGERPRINTS[n, "summary"]
+
+
+@pytest.mark.parametrize("n", range(len(CASES)))
+def test_time_plan_is_never_slower_than_the_tile_plan_and_keeps_true_tiles(n):
+    U, R, H, nb, nd, seed, partial = CASES[n]
+    work, S = work_with_dense(H, nb, seed=seed, n_dense=nd, partial=partial)
+    dense = dense_heads(work, q_block=64, seq_len=S)
+    assert len(dense) == nd
+    kw = dict(ulysses=U, ring=R, q_block=64, seq_len=S)
+    inputs = [work] + ([summarize_work(work, q_block=64, seq_len=S, ring=R, coarse=2)] if R > 1 else [])
+    for x in inputs:
+        tiles, timed = make_plan(x, **kw), make_plan(x, **kw, cost_model=MODEL, head_dim=D)
+        timed.validate()
+        assert torch.equal(timed.tile_work, tile_work(work, timed))  # tile_work stays the true tile entries
+        pt = MODEL.predict(tiles, head_dim=D, dense_heads=dense)
+        pw = MODEL.predict(timed, head_dim=D, dense_heads=dense)
+        assert pw.total_ms <= pt.total_ms * (1 + 1e-12)
+        assert pw.imbalance == pytest.approx(timed.imbalance())  # the tile rho_s is unchanged in meaning
+        # The model's own time rho_s is that of the independent per-step oracle.
+        C = compute_times(work, timed, MODEL)
+        assert pw.compute_imbalance == pytest.approx(ring_seconds(C) * U * R / C.sum(), rel=1e-9)
+
+
+def test_time_plan_keeps_heads_of_one_kind_together_where_that_costs_no_balance():
+    """Two dense heads, two sparse heads with 11/16 of a dense head's entries: by time (dense heads
+    run 0.694 as long per entry) all four heads cost about the same. The tile planner pairs each
+    dense head with a sparse one (equal tiles), so both groups make mixed calls; the time planner
+    groups the dense heads together and the sparse ones together: no mixed-call overhead."""
+    S, nb = 1024, 16
+    full = torch.full((1, 1, nb, nb), 64 * 64, dtype=torch.int64)
+    sparse = full.clone()
+    sparse[..., 11:] = 0
+    work = torch.cat([full, sparse, full, sparse], 1)
+    dense = dense_heads(work, q_block=64, seq_len=S)
+    assert dense == (0, 2)
+    kw = dict(ulysses=2, ring=1, q_block=64, seq_len=S)
+    tiles, timed = make_plan(work, **kw), make_plan(work, **kw, cost_model=MODEL, head_dim=D)
+    assert sorted(map(sorted, (tiles.head_group(0), tiles.head_group(1)))) == [[0, 1], [2, 3]]
+    assert sorted(map(sorted, (timed.head_group(0), timed.head_group(1)))) == [[0, 2], [1, 3]]
+    pt = MODEL.predict(tiles, head_dim=D, dense_heads=dense)
+    pw = MODEL.predict(timed, head_dim=D, dense_heads=dense)
+    assert pw.total_ms < pt.total_ms
+    assert ring_seconds(compute_times(work, timed, MODEL)) < ring_seconds(compute_times(work, tiles, MODEL))
+
+
+def _partitions(heads, size):
+    if not heads:
+        yield []
+        return
+    for others in itertools.combinations(heads[1:], size - 1):
+        g = (heads[0],) + others
+        for p in _partitions([h for h in heads if h not in g], size):
+            yield [g] + p
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_head_level_time_plan_is_the_brute_force_optimum(seed):
+    """U = 2 or 3, R = 1: every partition of the heads into equal groups, timed by the oracle."""
+    U = 2 if seed % 2 == 0 else 3
+    H, nb = 6, 6
+    work, S = work_with_dense(H, nb, seed=10 + seed, n_dense=2 + seed % 2)
+    timed = make_plan(work, ulysses=U, ring=1, q_block=64, seq_len=S, cost_model=MODEL, head_dim=D)
+    base = make_plan(work, ulysses=U, ring=1, q_block=64, seq_len=S)
+    best = float("inf")
+    for p in _partitions(list(range(H)), H // U):
+        plan = Plan(ulysses=U, ring=1, heads=H, q_block=64, seq_len=S, head_perm=tuple(h for g in p for h in g),
+                              head_offsets=tuple(range(0, H + 1, H // U)), q_blocks=base.q_blocks, kv_blocks=base.kv_blocks)
+        best = min(best, ring_seconds(compute_times(work, plan, MODEL)))
+    got = ring_seconds(compute_times(work, timed, MODEL))
+    assert got == pytest.approx(best, rel=1e-9)
+    tile_time = ring_seconds(compute_times(work, base, MODEL))
+    assert got <= tile_time * (1 + 1e-12)
+
+
+def test_choose_degrees_and_plan_cache_use_the_time_plan():
+    from dbsp.plan import PlanCache
+
+    work, S = work_with_dense(16, 12, seed=7, n_dense=6)
+    dense = dense_heads(work, q_block=64, seq_len=S)
+    u, r, plan = choose_degrees(work, world=8, heads=16, q_block=64, seq_len=S, cost_model=MODEL, head_dim=D)
+    timed = make_plan(work, ulysses=u, ring=r, q_block=64, seq_len=S, cost_model=MODEL, head_dim=D)
+    tiles = make_plan(work, ulysses=u, ring=r, q_block=64, seq_len=S)
+    got = MODEL.predict(plan, head_dim=D, dense_heads=dense).total_ms
+    assert got <= MODEL.predict(tiles, head_dim=D, dense_heads=dense).total_ms * (1 + 1e-12)
+    assert got <= MODEL.predict(timed, head_dim=D, dense_heads=dense).total_ms * (1 + 1e-12)
+    cache = PlanCache(cost_model=MODEL, head_dim=D)
+    assert cache.get(0, work, ulysses=u, ring=r, q_block=64, seq_len=S).fingerprint() == timed.fingerprint()
+    assert PlanCache().get(0, work, ulysses=u, ring=r, q_block=64, seq_len=S).fingerprint() == tiles.fingerprint()
+
+
+def test_bad_cost_model_arguments():
+    work, S = work_with_dense(4, 4, seed=0, n_dense=1)
+    with pytest.raises(TypeError, match="cost_model"):
+        make_plan(work, ulysses=2, ring=1, q_block=64, seq_len=S, cost_model="fast")
+    with pytest.raises(ValueError, match="head_dim"):
+        make_plan(work, ulysses=2, ring=1, q_block=64, seq_len=S, cost_model=MODEL, head_dim=0)
