@@ -59,6 +59,7 @@ import hashlib
 import heapq
 import json
 import math
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -2257,7 +2258,9 @@ class PlanCache:
     the masks by one step, which the reuse rule already tolerates (masks drift slowly). The thread
     shares Python's GIL with the caller: its decisions still slow the caller's Python work (kernel
     launches) a little; on this repository's CPU benchmark the caller's share of planning fell from
-    21% to 4% of the predicted attention time (``benchmarks/bench_plan.py``).
+    21% to 4% of the predicted attention time (``benchmarks/bench_plan.py``). Where the check is
+    cheaper than the hand-off (a plan with ``R = 1`` and a summary: ``O(H)``), ``get`` makes it on
+    the caller's thread and sends only misses to the background; the decisions are the same.
 
     Args:
         threshold: P_s >= 1. Default: ``DEFAULT_REUSE_THRESHOLD`` (1.05).
@@ -2312,6 +2315,7 @@ class PlanCache:
         self.defer = defer
         self._pending: dict[Any, Future] = {}  # key -> the background decision of the last call
         self.decide_ms = self.decide_cpu_ms = 0.0
+        self._lock = threading.Lock()  # counters are updated from the caller's and the background thread
         self._worker: ThreadPoolExecutor | None = None
         self._options = {"reward": _check_reward(reward), "uneven_heads": bool(uneven_heads)}
         self._choice = {"cost_model": cost_model, "head_dim": head_dim, "element_bytes": element_bytes}
@@ -2374,10 +2378,37 @@ class PlanCache:
             plan = self._unbalanced(request, w)
         if plan is None:  # no unbalanced layout for these degrees (uneven heads): decide now
             return self._decide(key, request, w, ulysses, ring, world)
+        if cached is not None and plan is cached[1] and self._cheap(plan, w):
+            # The check of a head-level plan on a summary costs less than the hand-off: made here,
+            # and only a miss goes to the background (the same decision, made from the same mask).
+            t0, c0 = time.perf_counter(), time.thread_time()
+            rho = self._check(key, plan, w)
+            if rho <= cached[2]:
+                with self._lock:
+                    self.hits += 1
+                    self.last_imbalance = rho
+            with self._lock:
+                self.decide_ms += 1e3 * (time.perf_counter() - t0)
+                self.decide_cpu_ms += 1e3 * (time.thread_time() - c0)
+            if rho <= cached[2]:
+                return plan
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbsp-plan")
         self._pending[key] = self._worker.submit(self._decide, key, request, w, ulysses, ring, world)
         return plan
+
+    def _cheap(self, plan: Plan, w: "_Work | WorkSummary") -> bool:
+        """Whether the check of ``plan`` on ``w`` is ``O(H)``: a summary's head totals at ``R = 1``."""
+        return plan.ring == 1 and self.fast_check and isinstance(w, WorkSummary)
+
+    def _check(self, key, plan: Plan, w: "_Work | WorkSummary") -> float:
+        """Exact rho_s of ``w`` under the cached ``plan`` of ``key``."""
+        if isinstance(w, WorkSummary) and self.fast_check:
+            check = self._checks.get(key)
+            if check is None:
+                check = self._checks[key] = _Check(plan, w)
+            return check.rho(w)
+        return _rho(torch.from_numpy(_tile_work(w, plan)))
 
     def _unbalanced(self, request: tuple, w: "_Work | WorkSummary") -> "Plan | None":
         """The contiguous layout for ``request`` (``world=``: the largest Ulysses degree), or None."""
@@ -2390,8 +2421,13 @@ class PlanCache:
                 return None
         if w.heads % u or r > w.num_blocks:
             return None
-        base = Plan.identity(ulysses=u, ring=r, heads=w.heads, q_block=w.q_block, seq_len=w.seq_len)
-        return Plan(**base._layout(), tile_work=torch.from_numpy(_tile_work(w, base)), _checked=False)
+        # Plan.identity's layout, built without re-validating it (a few ms on the caller's thread).
+        homes = np.tile(_home(w.num_blocks, r), (u, 1))
+        contiguous = [list(range(k * (w.heads // u), (k + 1) * (w.heads // u))) for k in range(u)]
+        layout = dict(ulysses=u, ring=r, heads=w.heads, q_block=w.q_block, seq_len=w.seq_len, counts=[w.heads // u] * u,
+                      groups=contiguous, q_owner=homes, kv_owner=homes)
+        base = _build_plan(**layout, tile_work=None)
+        return _build_plan(**layout, tile_work=_tile_work(w, base))
 
     def _decide(self, key, request: tuple, w, ulysses, ring, world) -> Plan:
         """Check the cached plan on ``w`` and keep it, or plan afresh; record the decision."""
@@ -2399,30 +2435,28 @@ class PlanCache:
         try:
             return self._decide_now(key, request, w, ulysses, ring, world)
         finally:
-            self.decide_ms += 1e3 * (time.perf_counter() - t0)
-            self.decide_cpu_ms += 1e3 * (time.thread_time() - c0)
+            with self._lock:
+                self.decide_ms += 1e3 * (time.perf_counter() - t0)
+                self.decide_cpu_ms += 1e3 * (time.thread_time() - c0)
 
     def _decide_now(self, key, request: tuple, w, ulysses, ring, world) -> Plan:
         cached = self._plans.get(key)
         if cached is not None and cached[0] == request:
-            if isinstance(w, WorkSummary) and self.fast_check:
-                check = self._checks.get(key)
-                if check is None:
-                    check = self._checks[key] = _Check(cached[1], w)
-                rho = check.rho(w)
-            else:
-                rho = _rho(torch.from_numpy(_tile_work(w, cached[1])))
+            rho = self._check(key, cached[1], w)
             if rho <= cached[2]:
-                self.hits += 1
-                self.last_imbalance = rho
+                with self._lock:
+                    self.hits += 1
+                    self.last_imbalance = rho
                 return cached[1]
             if self.incremental and isinstance(w, WorkSummary):
                 plan = _repair(w, cached[1], target=_INCREMENTAL_TARGET)
                 if plan is not None:
-                    self.misses += 1
-                    self.repairs += 1
+                    with self._lock:
+                        self.misses += 1
+                        self.repairs += 1
                     return self._keep(key, request, plan)
-        self.misses += 1
+        with self._lock:
+            self.misses += 1
         if world is None:
             plan = _plan_from(w, ulysses=ulysses, ring=ring, **self._options)
         else:
@@ -2433,6 +2467,6 @@ class PlanCache:
         """Cache ``plan`` for ``key`` (its check is built at the next summary check)."""
         self.last_imbalance = plan.imbalance()
         rho = self.last_imbalance
-        self._plans[key] = (request, plan, self.threshold if rho <= self.threshold else rho + self.threshold - 1.0)
         self._checks.pop(key, None)
+        self._plans[key] = (request, plan, self.threshold if rho <= self.threshold else rho + self.threshold - 1.0)
         return plan

@@ -976,3 +976,25 @@ def test_deferred_incremental_plan_cache_makes_the_synchronous_decisions_one_cal
     assert sync.repairs >= 1
     assert [p.fingerprint() for p in got_deferred[1:]] == [p.fingerprint() for p in got_sync[:-1]]
     deferred.clear()
+
+
+def test_deferred_cache_checks_head_plans_on_the_callers_thread():
+    """At R = 1 a deferred hit is decided in get (no background task); misses still go to the
+    background and come back one call late."""
+    geom = dict(heads=40, seq_len=12_000, frames=21, seed=1)
+    s0 = summarize_work(synthetic_work(**geom, step=0), q_block=64, seq_len=12_000)
+    s1 = summarize_work(synthetic_work(**geom, step=30), q_block=64, seq_len=12_000)
+    cache = PlanCache(defer=True, incremental=True)
+    unbalanced = cache.get(0, s0, ulysses=8, ring=1)
+    assert unbalanced.fingerprint() == Plan.identity(ulysses=8, ring=1, heads=40, q_block=64, seq_len=12_000).fingerprint()
+    assert torch.equal(unbalanced.tile_work, tile_work(s0, unbalanced))
+    planned = cache.get(0, s0, ulysses=8, ring=1)  # the decision of the first call: a new plan
+    assert planned == make_plan(s0, ulysses=8, ring=1)
+    assert 0 not in cache._pending and (cache.hits, cache.misses) == (1, 1)  # this call's check: a hit, made here
+    assert cache.get(0, s0, ulysses=8, ring=1) is planned and 0 not in cache._pending and cache.hits == 2
+    rho = imbalance_ratio(s1, ulysses=8, ring=1, plan=planned)
+    assert rho > 1.05 and cache.get(0, s1, ulysses=8, ring=1) is planned and 0 in cache._pending  # a miss: background
+    repaired = cache.get(0, s1, ulysses=8, ring=1)
+    assert repaired is not planned and cache.repairs == 1 and repaired.imbalance() <= 1.01
+    assert (cache.hits, cache.misses) == (3, 2) and 0 not in cache._pending  # the repaired plan holds for s1
+    cache.clear()
