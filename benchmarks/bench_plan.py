@@ -133,7 +133,7 @@ def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, h
 
     * "dense": degrees chosen at step 0 (its time counts as planning of step 0), then a
       ``PlanCache`` on the work tensor;
-    * "summary": the same from summaries, with the pre-precomputed check (``fast_check=False``);
+    * "summary": the same from summaries, with the check as it was before ``_Check`` (``fast_check=False``);
     * "summary, new": ``PlanCache(incremental=True)`` with ``world=8`` from summaries: the degree
       choice is its first miss.
 
