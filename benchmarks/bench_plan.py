@@ -11,8 +11,15 @@
    from the dense work tensor (passes over 224 MB at Wan2.1-14B 720p) and from the summary; the
    time to build the summary (``summarize_work``) is reported apart: in a real run it is done
    where the mask lives (on the GPU for online predictors), and only the summary travels.
-3. A 50-step run of drifting masks through a ``PlanCache``, both ways: planning time over the
-   attention time the cost model predicts for the run.
+3. A 50-step run of drifting masks through a ``PlanCache``: planning time over the attention time
+   the cost model predicts for the run. From the dense work, from summaries the old way (degrees
+   chosen apart, then ``PlanCache(fast_check=False)``: the tile check recomputed from scratch, a
+   full re-plan on every miss) and the new way (``PlanCache(incremental=True)`` with ``world=8``:
+   the degree choice is the first miss, checks precomputed per plan, misses at ring degree 1
+   repaired by head swaps). Wall time and CPU time (``time.thread_time``) of the planning calls;
+   the degree choice at step 0 is shown apart. Then the new way for several thresholds P_s
+   (re-plans against the rho_s reached), and ``PlanCache(defer=True)`` over 4 layers both ways:
+   the step thread's time in ``get`` and the background thread's CPU time.
 
 Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv`` and ``plan_balance.png`` to
 ``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
@@ -104,69 +111,102 @@ def timing(geom: dict, device: torch.device, repeat: int) -> list[dict]:
     return rows
 
 
-def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, head_dim: int, path: str) -> list[dict]:
-    """One layer over ``steps`` denoising steps of drifting masks; degrees chosen at step 0 (its
-    time counts as planning of step 0). ``path`` "dense" plans from the work tensor, "summary"
-    from its summary (built every step; its time is the ``summarize_ms`` column, not planning)."""
+def summaries(geom: dict, device: torch.device, steps: int, layers: int) -> dict:
+    """``(layer, step) -> (WorkSummary, ms to build it)`` of the drifting synthetic masks (layer
+    ``l`` is seed ``l``), built once and shared by the summary studies."""
+    kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
+    out = {}
+    for layer in range(layers):
+        for step in range(steps):
+            work = synthetic_work(**geom, seed=layer, step=step).to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            s = summarize_work(work, **kw)
+            _sync(device)
+            out[layer, step] = (s, 1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, head_dim: int, path: str,
+          pooled: dict | None = None, threshold: float = 1.05) -> list[dict]:
+    """One layer over ``steps`` denoising steps of drifting masks. ``path``:
+
+    * "dense": degrees chosen at step 0 (its time counts as planning of step 0), then a
+      ``PlanCache`` on the work tensor;
+    * "summary": the same from summaries, with the check as it was before ``_Check`` (``fast_check=False``);
+    * "summary, new": ``PlanCache(incremental=True)`` with ``world=8`` from summaries: the degree
+      choice is its first miss.
+
+    Summaries come from ``pooled`` (:func:`summaries`); building them is the ``summarize_ms``
+    column, not planning. ``rho`` is exact (from the dense work, or from the summary, which is
+    exact for the plans built from it).
+    """
     kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
 
     def source(step: int):
-        work = synthetic_work(**geom, seed=0, step=step).to(device)
         if path == "dense":
+            work = synthetic_work(**geom, seed=0, step=step).to(device)
             return work, work, kw, 0.0
-        _sync(device)
-        t0 = time.perf_counter()
-        summary = summarize_work(work, **kw)
-        return work, summary, {}, 1e3 * (time.perf_counter() - t0)
+        s, ms = pooled[0, step]
+        return s, s, {}, ms
 
     work, src, extra, _ = source(0)
-    t0 = time.perf_counter()
-    u, r, _ = choose_degrees(src, world=8, heads=geom["heads"], cost_model=cost_model, head_dim=head_dim, **extra)
-    choose_ms = 1e3 * (time.perf_counter() - t0)
-    cache = PlanCache()
+    choose_ms = choose_cpu = 0.0
+    if path != "summary, new":
+        t0, c0 = time.perf_counter(), time.thread_time()
+        u, r, _ = choose_degrees(src, world=8, heads=geom["heads"], cost_model=cost_model, head_dim=head_dim, **extra)
+        choose_ms, choose_cpu = 1e3 * (time.perf_counter() - t0), 1e3 * (time.thread_time() - c0)
+        cache = PlanCache(threshold=threshold, fast_check=False)
+        request = dict(ulysses=u, ring=r)
+    else:
+        cache = PlanCache(threshold=threshold, incremental=True, cost_model=cost_model, head_dim=head_dim)
+        request = dict(world=8)
     rows = []
     for step in range(steps):
         work, src, extra, summarize_ms = source(step)
-        misses = cache.misses
+        misses, repairs = cache.misses, cache.repairs
         _sync(device)
-        t0 = time.perf_counter()
-        plan = cache.get(0, src, ulysses=u, ring=r, **extra)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        plan = cache.get(0, src, **request, **extra)
         _sync(device)
-        ms = 1e3 * (time.perf_counter() - t0)
-        exact = imbalance_ratio(work, ulysses=u, ring=r, plan=plan)
+        ms, cpu = 1e3 * (time.perf_counter() - t0), 1e3 * (time.thread_time() - c0)
+        exact = imbalance_ratio(work, ulysses=plan.ulysses, ring=plan.ring, plan=plan)
         attn = cost_model.predict(plan.with_tile_work(work), head_dim=head_dim).total_ms
-        rows.append(dict(path=path, step=step, ulysses=u, ring=r, replanned=int(cache.misses > misses), rho=exact,
-                         planning_ms=ms + (choose_ms if step == 0 else 0.0), summarize_ms=summarize_ms,
-                         predicted_attention_ms=attn))
+        rows.append(dict(path=path, threshold=threshold, step=step, ulysses=plan.ulysses, ring=plan.ring,
+                         replanned=int(cache.misses > misses), repaired=int(cache.repairs > repairs), rho=exact,
+                         planning_ms=ms + (choose_ms if step == 0 else 0.0), planning_cpu_ms=cpu + (choose_cpu if step == 0 else 0.0),
+                         summarize_ms=summarize_ms, predicted_attention_ms=attn))
     return rows
 
 
-def reuse_deferred(geom: dict, device: torch.device, steps: int, cost_model: CostModel, head_dim: int, layers: int) -> list[dict]:
+def reuse_deferred(geom: dict, steps: int, cost_model: CostModel, head_dim: int, layers: int, pooled: dict, new: bool) -> list[dict]:
     """``layers`` layers over ``steps`` steps through one ``PlanCache(defer=True)`` with ``world=8``
     (degree choice and re-plans in its background thread), from summaries of drifting masks.
 
     After each layer's ``get`` the caller sleeps for that layer's predicted attention time, as a
     host thread waits for its GPU; ``planning_ms`` is the time spent inside ``get`` (what the step
     waits for: the hand-off, the wait for the previous decision, the first call's unbalanced
-    layout), ``decide_ms`` the background thread's time. Building the summaries (on the GPU where
-    the masks live) is not counted.
+    layout; ``planning_cpu_ms`` its CPU time), ``decide_ms`` / ``decide_cpu_ms`` the background
+    thread's wall and CPU time. Building the summaries (on the GPU where the masks live) is not
+    counted. ``new``: the new cache (``incremental=True``, precomputed checks), else the old
+    (``fast_check=False``, full re-plans).
     """
-    cache = PlanCache(defer=True, cost_model=cost_model, head_dim=head_dim)
-    kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
+    options = dict(incremental=True) if new else dict(fast_check=False)
+    cache = PlanCache(defer=True, cost_model=cost_model, head_dim=head_dim, **options)
     rows = []
     for step in range(steps):
         for layer in range(layers):
-            work = synthetic_work(**geom, seed=layer, step=step).to(device)
-            summary = summarize_work(work, **kw)
-            decided = cache.decide_ms
-            t0 = time.perf_counter()
+            summary = pooled[layer, step][0]
+            decided, decided_cpu = cache.decide_ms, cache.decide_cpu_ms
+            t0, c0 = time.perf_counter(), time.thread_time()
             plan = cache.get(layer, summary, world=8)
-            ms = 1e3 * (time.perf_counter() - t0)
+            ms, cpu = 1e3 * (time.perf_counter() - t0), 1e3 * (time.thread_time() - c0)
             attn = cost_model.predict(plan.with_tile_work(summary), head_dim=head_dim).total_ms
             time.sleep(attn / 1e3)
-            rows.append(dict(path="summary, deferred", step=step, layer=layer, ulysses=plan.ulysses, ring=plan.ring,
-                             rho=imbalance_ratio(summary, ulysses=plan.ulysses, ring=plan.ring, plan=plan),
-                             planning_ms=ms, predicted_attention_ms=attn, decide_ms=cache.decide_ms - decided))
+            rows.append(dict(path="summary, deferred" + (", new" if new else ""), step=step, layer=layer, ulysses=plan.ulysses,
+                             ring=plan.ring, rho=imbalance_ratio(summary, ulysses=plan.ulysses, ring=plan.ring, plan=plan),
+                             planning_ms=ms, planning_cpu_ms=cpu, predicted_attention_ms=attn,
+                             decide_ms=cache.decide_ms - decided, decide_cpu_ms=cache.decide_cpu_ms - decided_cpu))
     cache.clear()
     return rows
 
@@ -251,30 +291,51 @@ def main() -> None:
     print(f"   building the summary ({tim[0]['summary_mb']:.1f} MB) from the dense work on {device}: {tim[0]['summarize_ms']:.1f} ms "
           f"(done where the mask lives; on a GPU mask only the summary comes to the CPU)")
 
-    print(f"\n3. {steps}-step run of one layer on 8 GPUs")
-    reu = []
-    for path in ("dense", "summary"):
-        rows = reuse(geom, device, steps, cost_model, head_dim=128, path=path)
-        reu += rows
-        plan_ms = sum(x["planning_ms"] for x in rows)
-        summ_ms = sum(x["summarize_ms"] for x in rows)
-        attn_ms = sum(x["predicted_attention_ms"] for x in rows)
-        print(f"   from the {path:>7}: U{rows[0]['ulysses']}R{rows[0]['ring']}, {sum(x['replanned'] for x in rows)} re-plans, "
-              f"{steps - sum(x['replanned'] for x in rows)} reuses, max exact rho_s {max(x['rho'] for x in rows):.4f}; planning "
-              f"{plan_ms:.1f} ms vs predicted attention {attn_ms:.1f} ms: {100 * plan_ms / attn_ms:.2f}% (target <= 1%)"
-              + (f"; with the CPU summaries {100 * (plan_ms + summ_ms) / attn_ms:.1f}%" if path == "summary" else ""))
     layers = 2 if args.quick else 4
-    rows = reuse_deferred(geom, device, steps, cost_model, head_dim=128, layers=layers)
-    plan_ms = sum(x["planning_ms"] for x in rows)
-    attn_ms = sum(x["predicted_attention_ms"] for x in rows)
-    bg_ms = sum(x["decide_ms"] for x in rows)
-    degrees = sorted({(x["ulysses"], x["ring"]) for x in rows if x["step"] > 0})
-    print(f"   deferred decisions (PlanCache(defer=True), world=8, {layers} layers, degrees after step 0: "
-          f"{', '.join(f'U{u}R{r}' for u, r in degrees)}; max rho_s {max(x['rho'] for x in rows if x['step'] > 0):.4f} "
-          f"after step 0): on the step's thread {plan_ms:.1f} ms vs predicted attention {attn_ms:.1f} ms: "
-          f"{100 * plan_ms / attn_ms:.2f}% (target <= 1%); in the background {bg_ms:.1f} ms ({100 * bg_ms / attn_ms:.1f}%)")
+    pooled = summaries(geom, device, steps, layers)
+    print(f"\n3. {steps}-step run of one layer on 8 GPUs: planning over the predicted attention time (target <= 1%), "
+          f"wall / CPU of the calling thread")
+    reu = []
+    for path in ("dense", "summary", "summary, new"):
+        rows = reuse(geom, device, steps, cost_model, head_dim=128, path=path, pooled=pooled)
+        reu += rows
+        attn_ms = sum(x["predicted_attention_ms"] for x in rows)
+        wall, cpu = sum(x["planning_ms"] for x in rows), sum(x["planning_cpu_ms"] for x in rows)
+        later = sum(x["planning_ms"] for x in rows[1:]), sum(x["planning_cpu_ms"] for x in rows[1:])
+        summ_ms = sum(x["summarize_ms"] for x in rows)
+        label = {"dense": "dense work, old", "summary": "summaries, old", "summary, new": "summaries, new"}[path]
+        print(f"   {label:>16}: U{rows[-1]['ulysses']}R{rows[-1]['ring']}, {sum(x['replanned'] for x in rows)} re-plans "
+              f"({sum(x['repaired'] for x in rows)} repairs), max exact rho_s {max(x['rho'] for x in rows):.4f}; all planning "
+              f"{wall:.1f} / {cpu:.1f} ms = {100 * wall / attn_ms:.2f}% / {100 * cpu / attn_ms:.2f}% of {attn_ms:.0f} ms; "
+              f"steps 1-{steps - 1} only {100 * later[0] / attn_ms:.2f}% / {100 * later[1] / attn_ms:.2f}% "
+              f"(step 0, with the degree choice: {rows[0]['planning_ms']:.1f} / {rows[0]['planning_cpu_ms']:.1f} ms)"
+              + (f"; with the CPU summaries {100 * (wall + summ_ms) / attn_ms:.1f}%" if path != "dense" else ""))
+    print("   the new way per threshold P_s: re-plans (repairs), rho_s max / mean, predicted attention, planning wall / CPU")
+    for threshold in (1.02, 1.05, 1.10):
+        rows = reuse(geom, device, steps, cost_model, head_dim=128, path="summary, new", pooled=pooled, threshold=threshold)
+        reu += rows
+        attn_ms = sum(x["predicted_attention_ms"] for x in rows)
+        wall, cpu = sum(x["planning_ms"] for x in rows), sum(x["planning_cpu_ms"] for x in rows)
+        later = sum(x["planning_ms"] for x in rows[1:]), sum(x["planning_cpu_ms"] for x in rows[1:])
+        print(f"   P_s {threshold:.2f}: {sum(x['replanned'] for x in rows):2d} ({sum(x['repaired'] for x in rows):2d}), "
+              f"{max(x['rho'] for x in rows):.4f} / {statistics.mean(x['rho'] for x in rows):.4f}, {attn_ms:.1f} ms, "
+              f"{100 * wall / attn_ms:.2f}% / {100 * cpu / attn_ms:.2f}% (steps 1-{steps - 1}: {100 * later[0] / attn_ms:.2f}% / "
+              f"{100 * later[1] / attn_ms:.2f}%)")
+    deferred = []
+    for new in (False, True):
+        rows = reuse_deferred(geom, steps, cost_model, head_dim=128, layers=layers, pooled=pooled, new=new)
+        deferred += rows
+        attn_ms = sum(x["predicted_attention_ms"] for x in rows)
+        wall, cpu = sum(x["planning_ms"] for x in rows), sum(x["planning_cpu_ms"] for x in rows)
+        bg, bg_cpu = sum(x["decide_ms"] for x in rows), sum(x["decide_cpu_ms"] for x in rows)
+        degrees = sorted({(x["ulysses"], x["ring"]) for x in rows if x["step"] > 0})
+        print(f"   deferred ({'new' if new else 'old'}; PlanCache(defer=True), world=8, {layers} layers, degrees after step 0: "
+              f"{', '.join(f'U{u}R{r}' for u, r in degrees)}; max rho_s {max(x['rho'] for x in rows if x['step'] > 0):.4f} "
+              f"after step 0): step thread {wall:.1f} / {cpu:.1f} ms = {100 * wall / attn_ms:.2f}% / {100 * cpu / attn_ms:.2f}% "
+              f"of {attn_ms:.0f} ms; background {bg:.1f} / {bg_cpu:.1f} ms = {100 * bg / attn_ms:.2f}% / {100 * bg_cpu / attn_ms:.2f}%; "
+              f"all CPU {100 * (cpu + bg_cpu) / attn_ms:.2f}%")
     write_csv(reu, args.out / "plan_reuse.csv")
-    write_csv(rows, args.out / "plan_reuse_deferred.csv")
+    write_csv(deferred, args.out / "plan_reuse_deferred.csv")
     print(f"\nwrote {', '.join(p.name for p in sorted(args.out.iterdir()))} to {args.out}")
 
 

@@ -801,3 +801,200 @@ def test_deferred_plan_cache_reports_background_errors_at_the_next_call():
         cache.get(0, work, **kw)  # the next call waits for it and re-raises its error
     with pytest.raises(TypeError, match="defer must be True or False"):
         PlanCache(defer=1)
+
+
+# ---------------------------------------------------------------------------- fast reuse check, repairs
+
+from dbsp.plan import _Check, _repair, _swap_heads  # noqa: E402
+
+
+def random_unit_plan(summary, U, R, *, seed, uneven=False):
+    """A random plan that moves whole units of ``summary``: heads shuffled into groups, and per
+    group the movable (full) units' query and key owners shuffled among the ring ranks."""
+    rng = np.random.default_rng(seed)
+    H, nb = summary.heads, summary.num_blocks
+    starts = np.asarray(summary.unit_bounds)
+    sizes = np.diff(starts)
+    home = _home(nb, R)[starts[:-1]]
+    movable = np.nonzero(sizes == summary.coarse)[0]
+    counts = [H // U + (k < H % U) for k in range(U)] if uneven else [H // U] * U
+    perm = rng.permutation(H)
+    owners = []
+    for _ in range(2):
+        per_group = []
+        for _ in range(U):
+            o = home.copy()
+            o[movable] = rng.permutation(home[movable])
+            per_group.append(np.repeat(o, sizes))
+        owners.append(per_group)
+    lists = [tuple(tuple(int(b) for b in np.nonzero(o == i)[0]) for i in range(R)) for o in owners[0]], \
+            [tuple(tuple(int(b) for b in np.nonzero(o == i)[0]) for i in range(R)) for o in owners[1]]
+    return Plan(ulysses=U, ring=R, heads=H, q_block=summary.q_block, seq_len=summary.seq_len,
+                head_perm=tuple(int(h) for h in perm), head_offsets=tuple(int(x) for x in np.cumsum([0] + counts)),
+                q_blocks=tuple(lists[0]), kv_blocks=tuple(lists[1]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_check_equals_the_slow_check_exactly_on_random_summaries_and_plans(seed):
+    """_Check (built once per plan) gives the very same tiles and rho_s as tile_work and
+    imbalance_ratio on the dense work (the slow path) for summaries it was not built from."""
+    rng = np.random.default_rng(seed)
+    H, nb = int(rng.integers(3, 9)), int(rng.integers(24, 60))
+    ring, coarse = [(8, 2), (4, 3), (2, 1), (8, 1), (4, 2), (2, 4)][seed]
+    works = [random_work(H, nb, seed=100 * seed + t) for t in range(3)]
+    kw = dict(q_block=64, seq_len=nb * 64 - int(rng.integers(0, 40)))
+    summaries = [summarize_work(w, ring=ring, coarse=coarse, **kw) for w in works]
+    degrees = [(U, R) for U in range(1, H + 1) for R in (1, 2, ring) if R <= ring and ring % R == 0]
+    for n, (U, R) in enumerate(degrees):
+        uneven = H % U != 0
+        plans = [random_unit_plan(summaries[0], U, R, seed=seed * 100 + n, uneven=uneven)]
+        if not uneven:
+            plans.append(make_plan(summaries[0], ulysses=U, ring=R))
+        for plan in plans:
+            check = _Check(plan, summaries[0])
+            for work, s in zip(works, summaries):
+                assert torch.equal(torch.from_numpy(check.tiles(s)), brute_tiles(work, plan))
+                slow = imbalance_ratio(work, ulysses=U, ring=R, plan=plan, **kw)
+                assert check.rho(s) == slow == imbalance_ratio(s, ulysses=U, ring=R, plan=plan)
+    other = summarize_work(works[0], ring=ring, coarse=max(1, coarse - 1) if coarse > 1 else 2, **kw)
+    with pytest.raises(ValueError, match="units or heads differ"):
+        _Check(make_plan(summaries[0], ulysses=1, ring=2), summaries[0]).tiles(other)
+
+
+def test_fast_check_on_empty_work_and_int64_summaries():
+    s = summarize_work(torch.zeros(1, 4, 16, 16, dtype=torch.int32), ring=4, coarse=2, q_block=64, seq_len=1024)
+    plan = make_plan(s, ulysses=2, ring=4)
+    assert _Check(plan, s).rho(s) == 1.0 == imbalance_ratio(s, ulysses=2, ring=4, plan=plan)
+    big = random_work(4, 16, seed=3).to(torch.int64) * 2**20  # sums need int64
+    s64 = summarize_work(big, ring=4, coarse=2, q_block=64, seq_len=1024)
+    assert s64.pooled.dtype == torch.int64
+    plan = random_unit_plan(s64, 2, 4, seed=1)
+    assert _Check(plan, s64).rho(s64) == brute_rho(big, plan)
+
+
+def swap_local_optimum(totals, groups):
+    """True when no head of the heaviest group can swap with a lighter head of another group so
+    that both end below the heaviest load (the stopping rule of _swap_heads, by brute force)."""
+    load = [sum(totals[h] for h in g) for g in groups]
+    a = max(range(len(groups)), key=lambda k: (load[k], -k))
+    for b, g in enumerate(groups):
+        for x in groups[a]:
+            for y in g if b != a else []:
+                d = totals[x] - totals[y]
+                if d > 0 and max(load[a] - d, load[b] + d) < load[a]:
+                    return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_swap_heads_keeps_counts_never_raises_the_peak_and_ends_at_a_local_optimum(seed):
+    rng = np.random.default_rng(seed)
+    H = int(rng.integers(2, 41))
+    U = int(rng.integers(1, H + 1))
+    counts = [H // U + (k < H % U) for k in range(U)]
+    perm = rng.permutation(H).tolist()
+    groups = [perm[sum(counts[:k]) : sum(counts[: k + 1])] for k in range(U)]
+    totals = rng.integers(0, 10**9, H) * (rng.random(H) < 0.9)
+    out = _swap_heads(totals, groups)
+    assert sorted(len(g) for g in out) == sorted(counts) and [len(g) for g in out] == [len(g) for g in groups]
+    assert sorted(h for g in out for h in g) == list(range(H)) and all(g == sorted(g) for g in out)
+    peak = lambda gs: max(int(totals[g].sum()) for g in gs)  # noqa: E731
+    assert peak(out) <= peak(groups)
+    assert swap_local_optimum(totals.tolist(), out)
+    assert _swap_heads(totals, groups) == out  # deterministic
+
+
+def test_repair_gives_valid_plans_no_worse_than_the_cached_one():
+    geom = dict(heads=40, seq_len=12_000, frames=21, seed=2)
+    kw = dict(q_block=64, seq_len=12_000)
+    first = summarize_work(synthetic_work(**geom, step=0), **kw)
+    plan = make_plan(first, ulysses=8, ring=1)
+    repaired = 0
+    for step in (5, 15, 30):
+        work = synthetic_work(**geom, step=step)
+        s = summarize_work(work, **kw)
+        old = imbalance_ratio(work, ulysses=8, ring=1, plan=plan, **kw)
+        new = _repair(s, plan, target=old)  # any target at or above the old rho_s is reachable
+        assert new is not None
+        Plan(**new._layout()).validate()
+        assert new.heads_per_rank == plan.heads_per_rank and (new.ulysses, new.ring) == (8, 1)
+        exact = imbalance_ratio(work, ulysses=8, ring=1, plan=new, **kw)
+        assert exact == new.imbalance() and exact <= old
+        assert torch.equal(new.tile_work, brute_tiles(work, new))
+        repaired += exact < old
+        plan = new
+    assert repaired >= 2
+    assert _repair(s, plan, target=1.0) is None or _repair(s, plan, target=1.0).imbalance() == 1.0
+    assert _repair(s, make_plan(s, ulysses=4, ring=2), target=2.0) is None  # rings > 1 are not repaired
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=8, ring=1), dict(ulysses=2, ring=4), dict(world=8)])
+def test_plan_cache_fast_check_makes_the_same_decisions_as_the_slow_check(degrees):
+    geom = dict(heads=40, seq_len=12_000, frames=21, seed=1)
+    fast, slow = PlanCache(), PlanCache(fast_check=False)
+    for step in range(0, 36, 3):
+        s = summarize_work(synthetic_work(**geom, step=step), q_block=64, seq_len=12_000)
+        a, b = fast.get(0, s, **degrees), slow.get(0, s, **degrees)
+        assert a.fingerprint() == b.fingerprint() and fast.last_imbalance == slow.last_imbalance
+    assert (fast.hits, fast.misses) == (slow.hits, slow.misses) and fast.hits >= 2 and fast.misses >= 2
+    assert fast.decide_cpu_ms > 0 and slow.decide_ms > 0
+
+
+@pytest.mark.parametrize("degrees", [dict(ulysses=8, ring=1), dict(world=8), dict(ulysses=4, ring=2)])
+def test_incremental_plan_cache_repairs_head_plans_and_keeps_them_exact(degrees):
+    geom = dict(heads=40, seq_len=12_000, frames=21, seed=1)
+    kw = dict(q_block=64, seq_len=12_000)
+    cache, full = PlanCache(incremental=True), PlanCache()
+    for step in range(0, 40, 2):
+        work = synthetic_work(**geom, step=step)
+        s = summarize_work(work, **kw)
+        plan = cache.get(0, s, **degrees)
+        full.get(0, s, **degrees)
+        Plan(**plan._layout()).validate()
+        exact = imbalance_ratio(work, ulysses=plan.ulysses, ring=plan.ring, plan=plan, **kw)
+        assert cache.last_imbalance == exact <= 1.05
+    if degrees.get("ring", 1) == 1:  # world=8 chooses U8R1 here
+        assert cache.repairs >= 2 and cache.misses < full.misses + cache.repairs
+    else:
+        assert cache.repairs == 0 and (cache.hits, cache.misses) == (full.hits, full.misses)
+    cache.clear()
+    assert (cache.hits, cache.misses, cache.repairs, cache.decide_cpu_ms) == (0, 0, 0, 0.0)
+    with pytest.raises(TypeError, match="incremental must be True or False"):
+        PlanCache(incremental=1)
+    with pytest.raises(TypeError, match="fast_check must be True or False"):
+        PlanCache(fast_check="yes")
+
+
+def test_deferred_incremental_plan_cache_makes_the_synchronous_decisions_one_call_later():
+    geom = dict(heads=40, seq_len=12_000, frames=21, seed=1)
+    sync, deferred = PlanCache(incremental=True), PlanCache(incremental=True, defer=True)
+    got_sync, got_deferred = [], []
+    for step in range(0, 36, 3):
+        s = summarize_work(synthetic_work(**geom, step=step), q_block=64, seq_len=12_000)
+        got_sync.append(sync.get(0, s, world=8))
+        got_deferred.append(deferred.get(0, s, world=8))
+    assert sync.repairs >= 1
+    assert [p.fingerprint() for p in got_deferred[1:]] == [p.fingerprint() for p in got_sync[:-1]]
+    deferred.clear()
+
+
+def test_deferred_cache_checks_head_plans_on_the_callers_thread():
+    """At R = 1 a deferred hit is decided in get (no background task); misses still go to the
+    background and come back one call late."""
+    geom = dict(heads=40, seq_len=12_000, frames=21, seed=1)
+    s0 = summarize_work(synthetic_work(**geom, step=0), q_block=64, seq_len=12_000)
+    s1 = summarize_work(synthetic_work(**geom, step=30), q_block=64, seq_len=12_000)
+    cache = PlanCache(defer=True, incremental=True)
+    unbalanced = cache.get(0, s0, ulysses=8, ring=1)
+    assert unbalanced.fingerprint() == Plan.identity(ulysses=8, ring=1, heads=40, q_block=64, seq_len=12_000).fingerprint()
+    assert torch.equal(unbalanced.tile_work, tile_work(s0, unbalanced))
+    planned = cache.get(0, s0, ulysses=8, ring=1)  # the decision of the first call: a new plan
+    assert planned == make_plan(s0, ulysses=8, ring=1)
+    assert 0 not in cache._pending and (cache.hits, cache.misses) == (1, 1)  # this call's check: a hit, made here
+    assert cache.get(0, s0, ulysses=8, ring=1) is planned and 0 not in cache._pending and cache.hits == 2
+    rho = imbalance_ratio(s1, ulysses=8, ring=1, plan=planned)
+    assert rho > 1.05 and cache.get(0, s1, ulysses=8, ring=1) is planned and 0 in cache._pending  # a miss: background
+    repaired = cache.get(0, s1, ulysses=8, ring=1)
+    assert repaired is not planned and cache.repairs == 1 and repaired.imbalance() <= 1.01
+    assert (cache.hits, cache.misses) == (3, 2) and 0 not in cache._pending  # the repaired plan holds for s1
+    cache.clear()
