@@ -65,11 +65,13 @@ def _nonneg_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep.pop(int(np.argmin(coef)))
 
 
-def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, float, str]:
-    """``(a us, mixed us, sparse TFLOPS, dense TFLOPS, summary)`` from block-mask local problems.
+def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, float, float, str]:
+    """``(a us, mixed us, sparse TFLOPS, dense TFLOPS, dense unaligned factor, summary)`` from
+    block-mask local problems.
 
-    ``ms = a + mixed * [dense and sparse heads in the call] + sparse entries / r_s + dense entries / r_d``,
-    fitted in relative error with non-negative terms.
+    ``ms = a + mixed * [dense and sparse heads in the call] + sparse entries / r_s + dense entries
+    / r_d * (1 + u * [key length not a multiple of 128])``, fitted in relative error with
+    non-negative terms; the factor is ``1 + u``.
     """
     block = [r for r in rows if r["kv_tile"] == r["q_block"] and "dense_entries" in r]
     if len(block) < 4:
@@ -79,16 +81,18 @@ def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, 
     sparse = np.array([float(r["entries"]) for r in block]) - dense
     n_dense, heads = (np.array([int(r[c]) for r in block]) for c in ("dense_heads", "heads"))
     mixed = ((n_dense > 0) & (n_dense < heads)).astype(np.float64)
-    A = np.stack([np.ones_like(y), mixed, sparse, dense], axis=1)
+    unaligned = np.array([int(r["kv_tokens"]) % 128 != 0 for r in block], dtype=np.float64)
+    A = np.stack([np.ones_like(y), mixed, sparse, dense, dense * unaligned], axis=1)
     coef = _nonneg_lstsq(A / y[:, None], np.ones_like(y))  # minimises relative error
     if coef[2] <= 0 or coef[3] <= 0:
         raise SystemExit(f"the fit has no throughput term ({coef}); the problems do not determine the model")
     rel = np.abs(A @ coef / y - 1)
     flops = 4.0 * head_dim
     r_s, r_d = flops / (coef[2] * 1e-3) / 1e12, flops / (coef[3] * 1e-3) / 1e12
-    summary = (f"{len(block)} block-mask problems ({int(mixed.sum())} mixed): relative error median "
-               f"{np.median(rel):.3f}, 90th percentile {np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
-    return float(1e3 * coef[0]), float(1e3 * coef[1]), float(r_s), float(r_d), summary
+    summary = (f"{len(block)} block-mask problems ({int(mixed.sum())} mixed, {int(unaligned.sum())} with key lengths "
+               f"not a multiple of 128): relative error median {np.median(rel):.3f}, 90th percentile "
+               f"{np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
+    return float(1e3 * coef[0]), float(1e3 * coef[1]), float(r_s), float(r_d), float(1 + coef[4] / coef[3]), summary
 
 
 def gather_curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
@@ -135,13 +139,15 @@ def main(argv=None) -> int:
         notes.append(f"block and fine curves: bench_kernels.py {args.kernels.name} ({rows[0]['shape']}, random "
                      f"{args.block_mask} / {args.fine_mask} masks)")
     if args.problems:
-        a_us, mixed_us, r_s, r_d, summary = fit_problems(_rows(args.problems), args.head_dim)
+        a_us, mixed_us, r_s, r_d, unaligned, summary = fit_problems(_rows(args.problems), args.head_dim)
         model = replace(model, call_overhead_us=round(a_us, 1), mixed_overhead_us=round(mixed_us, 1),
-                        block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))), dense_tflops=round(r_d, 1))
+                        block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))), dense_tflops=round(r_d, 1),
+                        dense_unaligned=round(unaligned, 3))
         notes.append(f"per-call overhead {a_us:.0f} us (+{mixed_us:.0f} us for calls mixing dense and sparse heads), "
-                     f"block {r_s:.0f} TFLOPS, dense heads {r_d:.0f} TFLOPS: fit to bench_sp.py --emulate local "
-                     f"problems ({args.problems.name}; {summary})")
-        print(f"problems: a = {a_us:.1f} us, mixed +{mixed_us:.1f} us, sparse {r_s:.1f} TFLOPS, dense {r_d:.1f} TFLOPS; {summary}")
+                     f"block {r_s:.0f} TFLOPS, dense heads {r_d:.0f} TFLOPS (x{unaligned:.3f} time for key lengths not "
+                     f"a multiple of 128): fit to bench_sp.py --emulate local problems ({args.problems.name}; {summary})")
+        print(f"problems: a = {a_us:.1f} us, mixed +{mixed_us:.1f} us, sparse {r_s:.1f} TFLOPS, dense {r_d:.1f} TFLOPS, "
+              f"unaligned x{unaligned:.3f}; {summary}")
     if args.gather:
         model = replace(model, fine_tflops=gather_curve(_rows(args.gather), args.fine_mask))
         notes.append(f"fine curve: sweep_gather.py {args.gather.name} (random {args.fine_mask} masks, fastest configuration)")
@@ -152,7 +158,7 @@ def main(argv=None) -> int:
                      f"{args.comm.name} (all-to-all and ring P2P, slower of the two)")
         print(f"comm: {gbps:.1f} GB/s, latency {lat:.1f} us")
     where = f" on {args.device}" if args.device else ""
-    kept = [name for name, given in (("block/fine curves", args.kernels or args.problems or args.gather),
+    kept = [name for name, given in (("block curve", args.kernels or args.problems), ("fine curve", args.kernels or args.gather),
                                       ("per-call overhead", args.problems), ("bandwidth and latency", args.comm)) if not given]
     model = replace(model, source=f"measured{where}: " + "; ".join(notes)
                     + (f". Kept from the base calibration: {', '.join(kept)}, " if kept else ". Kept from the base calibration: ")

@@ -2006,6 +2006,10 @@ class CostModel:
             which heads are dense. None: dense heads run at the sparse curve's rate. Default: None.
         mixed_overhead_us: extra cost of a call that holds both dense and sparse heads (the head
             split copies q, k, v and scatters the outputs); used with ``dense_tflops``. Default: 0.
+        dense_unaligned: time factor (>= 1) of dense heads' entries in calls whose key length is
+            not a multiple of 128 (cuDNN's key tile: on H100 such calls run ~12% slower at the
+            same work; a ring chunk of an odd number of 64-token blocks is one). Used with
+            ``dense_tflops``. Default: 1.0.
         source: where the numbers come from (free text; not compared).
     """
 
@@ -2018,6 +2022,7 @@ class CostModel:
     gpus_per_node: int
     dense_tflops: float | None = None
     mixed_overhead_us: float = 0.0
+    dense_unaligned: float = 1.0
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -2036,6 +2041,9 @@ class CostModel:
         m = self.mixed_overhead_us
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
             raise ValueError(f"mixed_overhead_us must be a finite number >= 0, got {m!r}")
+        f = self.dense_unaligned
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 1:
+            raise ValueError(f"dense_unaligned must be a finite number >= 1, got {f!r}")
 
     # ------------------------------------------------------------------ loading
 
@@ -2053,7 +2061,8 @@ class CostModel:
         if missing:
             raise ValueError(f"{path}: cost model JSON lacks {missing}; it needs {list(cls._FIELDS)}")
         return cls(**{f: data[f] for f in cls._FIELDS}, dense_tflops=data.get("dense_tflops"),
-                   mixed_overhead_us=data.get("mixed_overhead_us", 0.0), source=str(data.get("source", path)))
+                   mixed_overhead_us=data.get("mixed_overhead_us", 0.0), dense_unaligned=data.get("dense_unaligned", 1.0),
+                   source=str(data.get("source", path)))
 
     @classmethod
     def default(cls) -> "CostModel":
@@ -2066,6 +2075,7 @@ class CostModel:
         if self.dense_tflops is not None:
             data["dense_tflops"] = self.dense_tflops
             data["mixed_overhead_us"] = self.mixed_overhead_us
+            data["dense_unaligned"] = self.dense_unaligned
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
     # ------------------------------------------------------------------ prediction
@@ -2148,7 +2158,8 @@ class CostModel:
         if dense_w is None:
             seconds = W * (4.0 * head_dim) / rate
         else:
-            seconds = (W - dense_w) * (4.0 * head_dim) / rate + dense_w * (4.0 * head_dim) / (self.dense_tflops * 1e12)
+            slow = np.where(_kv_tokens(plan) % _CUDNN_KV_TILE != 0, self.dense_unaligned, 1.0)[:, None, :]  # (U, 1, R)
+            seconds = (W - dense_w) * (4.0 * head_dim) / rate + dense_w * slow * (4.0 * head_dim) / (self.dense_tflops * 1e12)
         D = _steps(W)  # (U, R, R): D[k, i, t]
         overhead = np.full((U, 1, 1), self.call_overhead_us * 1e-6)
         if dense_w is not None:  # a group holding dense and sparse heads makes mixed calls
@@ -2187,6 +2198,17 @@ class CostModel:
             imbalance=_rho(plan.tile_work),
             compute_imbalance=_time_rho(compute),
         )
+
+
+# cuDNN's key tile: dense calls with other key lengths pay CostModel.dense_unaligned.
+_CUDNN_KV_TILE = 128
+
+
+def _kv_tokens(plan: Plan) -> np.ndarray:
+    """``(U, R)`` key tokens of every group's ring chunks (the last block may be partial)."""
+    short = plan.num_blocks * plan.q_block - plan.seq_len
+    return np.array([[len(b) * plan.q_block - (short if plan.num_blocks - 1 in b else 0) for b in group]
+                     for group in plan.kv_blocks], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------- degree choice
@@ -2249,6 +2271,14 @@ def score_degrees(
     Returns:
         One :class:`DegreeChoice` per candidate, by increasing ``ulysses``.
     """
+    return _scored(mask_or_work, world=world, heads=heads, cost_model=cost_model, balance=balance, reward=reward,
+                   uneven_heads=uneven_heads, head_dim=head_dim, element_bytes=element_bytes, q_block=q_block,
+                   seq_len=seq_len, prune=False)
+
+
+def _scored(mask_or_work, *, world, heads=None, cost_model=None, balance=True, reward=DEFAULT_REWARD, uneven_heads=False,
+            head_dim=128, element_bytes=2, q_block=None, seq_len=None, prune: bool) -> list[DegreeChoice]:
+    """:func:`score_degrees`' argument checks, then :func:`_score`."""
     check_positive_int("world", world)
     cost_model = CostModel.default() if cost_model is None else cost_model
     if not isinstance(cost_model, CostModel):
@@ -2256,14 +2286,76 @@ def score_degrees(
     w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
     if heads is not None and check_positive_int("heads", heads) != w.heads:
         raise ValueError(f"heads={heads} but the mask has {w.heads} heads")
-    reward = _check_reward(reward)
+    return _score(w, world, cost_model, balance=balance, reward=_check_reward(reward), uneven_heads=uneven_heads,
+                  head_dim=head_dim, element_bytes=element_bytes, prune=prune)
+
+
+def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
+           uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
+    """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned in order
+    of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
+    are skipped (they cannot win), so the result holds the best candidate but not every one."""
     predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
-    out = []
-    for u, r in _candidates(world, w.heads, w.num_blocks, uneven_heads and balance):
+    pairs = _candidates(world, w.heads, w.num_blocks, uneven_heads and balance)
+    bounds = {}
+    if prune:
+        totals = _dense_totals(w)
+        bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
+        pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
+    out: list[DegreeChoice] = []
+    best = math.inf
+    for u, r in pairs:
+        if prune and bounds[u, r] > best * (1 + 1e-9):
+            continue
         plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
                                       cost=(cost_model, head_dim))
-        out.append(balanced if balance else plain)
-    return out
+        choice = balanced if balance else plain
+        best = min(best, choice.prediction.total_ms)
+        out.append(choice)
+    return sorted(out, key=lambda c: c.ulysses)
+
+
+def _dense_totals(w: "_Work | WorkSummary") -> np.ndarray:
+    """``(H,)`` int64 work of every head."""
+    if isinstance(w, WorkSummary):
+        return np.asarray(w._head_totals, dtype=np.int64)
+    if isinstance(w.cells, np.ndarray):
+        return w.cells.reshape(w.heads, -1).sum(1, dtype=np.int64)
+    return w.cells.reshape(w.heads, -1).sum(1, dtype=torch.int64).cpu().numpy()
+
+
+def _lower_bound_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, u: int, r: int, *, head_dim: int,
+                    element_bytes: int) -> float:
+    """A lower bound on ``cost.predict(plan).total_ms`` over every plan of ``w`` on ``(u, r)``.
+
+    Every term of :meth:`CostModel.predict` that a plan can change is bounded below by what no
+    plan avoids: the all-to-all (fixed by ``u, r``), no block exchange, and a ring time of at
+    least the mean rank compute (the total work at its rates over ``u * r`` ranks, call overheads
+    dropped) and at least ``r - 1`` transfers of the smallest possible largest key chunk.
+    """
+    H, S, B = w.heads, w.seq_len, w.batch
+    full = B * S * S
+    dense = totals == full if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    n_dense = int(dense.sum())
+    total, dense_total = float(totals.sum()), float(totals[dense].sum()) if n_dense else 0.0
+    density = (total - dense_total) / max(1, (H - n_dense) * full)
+    fine = w.kv_tile is not None and w.kv_tile < w.q_block
+    rate = cost.tflops(density=density, fine_grained=fine) * 1e12
+    seconds = (total - dense_total) * 4.0 * head_dim / rate
+    if n_dense:
+        seconds += dense_total * 4.0 * head_dim / (cost.dense_tflops * 1e12)
+    ring_ms = 1e3 * seconds / (u * r)
+    lat = cost.comm_latency_us * 1e-6
+    token_bytes = B * head_dim * element_bytes
+    if r > 1:
+        kv_tokens = _cdiv(w.num_blocks, r) * w.q_block  # the largest chunk holds at least this many blocks
+        p2p = lat + 2 * kv_tokens * _cdiv(H, u) * token_bytes / cost._bandwidth(r, u * r)
+        ring_ms = max(ring_ms, 1e3 * (r - 1) * p2p)
+    a2a_ms = 0.0
+    if u > 1:
+        shard = _cdiv(S, u * r) * H * token_bytes
+        a2a_ms = 1e3 * (2 * lat + 4 * shard * (u - 1) / u / cost._bandwidth(u, u))
+    return a2a_ms + ring_ms
 
 
 def dense_heads(mask_or_work: "SparseMask | torch.Tensor | WorkSummary", *, q_block: int | None = None,
@@ -2357,8 +2449,11 @@ def choose_degrees(
 ) -> tuple[int, int, Plan]:
     """The fastest ``(ulysses, ring)`` for this mask on ``world`` ranks, and its plan.
 
-    Scores every allowed factorisation with :func:`score_degrees` (same keyword options) and
+    Scores the allowed factorisations as :func:`score_degrees` does (same keyword options) and
     returns the one with the least predicted time (ties: the larger ``ulysses``, fewer ring steps).
+    Candidates are planned in order of a lower bound on their predicted time (the all-to-all, and
+    the mean rank compute or the ring transfers, whichever is larger); those whose bound exceeds
+    the best time found are not planned, since they cannot win.
     Run it per layer and step, or let :class:`PlanCache` decide when to re-run it.
 
     Example::
@@ -2370,7 +2465,7 @@ def choose_degrees(
     Returns:
         ``(ulysses, ring, plan)``.
     """
-    scored = score_degrees(mask_or_work, world=world, heads=heads, cost_model=cost_model, **options)
+    scored = _scored(mask_or_work, world=world, heads=heads, cost_model=cost_model, prune=True, **options)
     best = min(scored, key=lambda c: (c.prediction.total_ms, -c.ulysses))
     return best.ulysses, best.ring, best.plan
 

@@ -419,7 +419,7 @@ def test_cost_model_json_round_trip_and_errors(tmp_path):
     for (d, t) in shipped["fine_tflops"]:
         assert default.tflops(density=d, fine_grained=True) == pytest.approx(t)
     path = tmp_path / "cm.json"
-    m = model(block_tflops=[[0.1, 200.0], [0.5, 400.0]])
+    m = model(block_tflops=[[0.1, 200.0], [0.5, 400.0]], dense_tflops=600.0, mixed_overhead_us=900.0, dense_unaligned=1.1)
     m.to_json(path, device="test")
     assert CostModel.from_json(path) == m and json.loads(path.read_text())["device"] == "test"
     assert m.tflops(density=0.3, fine_grained=False) == pytest.approx(300.0)  # linear in between
@@ -494,6 +494,17 @@ def test_dense_heads_run_at_the_dense_rate():
             mixed = 50e-6 if k == 0 else 0.0  # group 0 holds dense head 1 and sparse head 0
             want = sum(1e3 * (10e-6 + mixed + float(secs[k, i, j])) for j in range(2) if W[k, i, j] > 0)
             assert pred.rank_compute_ms[k][i] == pytest.approx(want)
+    # Key chunk 1 (244 tokens) is not a multiple of 128: its dense entries cost dense_unaligned more.
+    slow = model(dense_tflops=800.0, mixed_overhead_us=50.0, dense_unaligned=1.5)
+    pred = slow.predict(plan, head_dim=D, dense_heads=(1,))
+    secs = (W - dense) * 4 * D / rate + dense * torch.tensor([1.0, 1.5])[None, None, :] * 4 * D / 800e12
+    for k in range(2):
+        for i in range(2):
+            mixed = 50e-6 if k == 0 else 0.0
+            want = sum(1e3 * (10e-6 + mixed + float(secs[k, i, j])) for j in range(2) if W[k, i, j] > 0)
+            assert pred.rank_compute_ms[k][i] == pytest.approx(want)
+    with pytest.raises(ValueError, match="dense_unaligned must be a finite number >= 1"):
+        model(dense_unaligned=0.9)
     # Without dense_tflops (or without dense heads) the prediction is the single-rate one.
     assert model().predict(plan, head_dim=D, dense_heads=(1,)) == model().predict(plan, head_dim=D)
     with pytest.raises(ValueError, match="dense_heads must be head ids"):
@@ -521,6 +532,49 @@ def test_choose_degrees_enumerates_what_the_heads_allow():
         choose_degrees(work, heads=10, **kw)
     with pytest.raises(ValueError, match="no \\(ulysses, ring\\)"):
         score_degrees(torch.ones(1, 12, 2, 2, dtype=torch.int32), world=16, q_block=64, seq_len=128)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_degree_choice_pruning_bounds_every_plan_and_keeps_the_winner(seed):
+    """The pruning bound is below the predicted time of every plan of every candidate (balanced,
+    unbalanced, from the work and from a summary, with dense heads at their own rate), and
+    choose_degrees (pruned) picks what the full scoring picks."""
+    from dbsp.plan import _dense_totals, _lower_bound_ms, _as_work
+
+    g = torch.Generator().manual_seed(seed)
+    heads, nb = 8, 32
+    work = random_work(heads, nb, seed=seed, dense_range=(0.02, 0.6))
+    full = torch.rand(heads, generator=g) < 0.3  # some heads fully dense
+    work[0, full] = 64 * 64
+    fast = model(dense_tflops=700.0, mixed_overhead_us=float(torch.randint(0, 400, (1,), generator=g)),
+                 nvlink_gbps=float(torch.randint(20, 400, (1,), generator=g)))
+    S = nb * 64
+    for src in (work, summarize_work(work, q_block=64, seq_len=S, ring=8)):
+        w = _as_work(src, q_block=64, seq_len=S)
+        kw = dict(world=8, q_block=64, seq_len=S, cost_model=fast)
+        for balance in (True, False):
+            for c in score_degrees(src, balance=balance, **kw):
+                lb = _lower_bound_ms(fast, w, _dense_totals(w), c.ulysses, c.ring, head_dim=128, element_bytes=2)
+                assert lb <= c.prediction.total_ms * (1 + 1e-9), (c.ulysses, c.ring, lb, c.prediction.total_ms)
+        best = min(score_degrees(src, **kw), key=lambda c: (c.prediction.total_ms, -c.ulysses))
+        u, r, plan = choose_degrees(src, heads=heads, **kw)
+        assert (u, r) == (best.ulysses, best.ring) and plan == best.plan
+
+
+def test_degree_choice_pruning_skips_hopeless_candidates(monkeypatch):
+    """With slow links every ring candidate's transfers alone exceed Ulysses' time: only U8R1 is planned."""
+    import dbsp.plan as P
+
+    calls = []
+    real = P._score_pair
+    monkeypatch.setattr(P, "_score_pair", lambda w, u, r, *a, **k: calls.append((u, r)) or real(w, u, r, *a, **k))
+    work = random_work(8, 32, seed=1)
+    slow = model(nvlink_gbps=1.0)
+    u, r, _ = choose_degrees(work, world=8, heads=8, q_block=64, seq_len=2048, cost_model=slow)
+    assert (u, r) == (8, 1) and calls == [(8, 1)]
+    calls.clear()
+    score_degrees(work, world=8, q_block=64, seq_len=2048, cost_model=slow)
+    assert sorted(calls) == [(1, 8), (2, 4), (4, 2), (8, 1)]
 
 
 # ---------------------------------------------------------------------------- determinism
