@@ -333,11 +333,12 @@ def test_fused_pooling_and_reuse_check_match_the_torch_path():
     assert changes["triton"][0] == pytest.approx(changes["torch"][0], rel=1e-4)
 
 
+@triton_only
 def test_fused_pooled_predictor_refuses_too_many_tiles():
-    pytest.importorskip("triton")
+    dev = _fused_or_skip()
     from dbsp.kernels import predict_pooled
 
-    q = torch.randn(1, predict_pooled.MAX_TILES + 8, 1, 16)
+    q = torch.randn(1, predict_pooled.MAX_TILES + 8, 1, 16, device=dev)
     with pytest.raises(ValueError, match="at most 4096 key tiles"):
         predict_mask(q, q, q_block=16, kv_tile=1, pool_keys=True, backend="triton")
 
