@@ -461,29 +461,26 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     M, N = cfg.q_block, cfg.kv_tile
     BH, rows, dev = B * H, B * H * mq, qbar.device
     q3, k3 = qbar.reshape(BH, mq, D), kbar.reshape(BH, nt, D)
-    log_keys = torch.full((nt,), math.log(N), device=dev)
-    log_keys[-1] = math.log(Skv - (nt - 1) * N)
     keep = torch.empty(rows, nt, dtype=torch.int8, device=dev)
     counts = torch.empty(rows, dtype=torch.int32, device=dev)
-    keys = torch.empty(rows, dtype=torch.int64, device=dev)
+    entries = torch.zeros(BH, dtype=torch.int64, device=dev)  # kept score entries per head
     heads_per_chunk = max(1, _CHUNK_ELEMENTS // (mq * nt))
     for h0 in range(0, BH, heads_per_chunk):
         h1 = min(BH, h0 + heads_per_chunk)
-        logm = torch.baddbmm(log_keys, q3[h0:h1], k3[h0:h1].transpose(1, 2), alpha=scale)  # (h, Mq, Nt)
+        dots = torch.bmm(q3[h0:h1], k3[h0:h1].transpose(1, 2))  # (h, Mq, Nt)
         predict_pooled.select(
-            logm.reshape(-1, nt), h0 * mq, keep, counts, keys, mq=mq, Sq=Sq, Skv=Skv, top_p=cfg.top_p,
-            lo=min(cfg.min_keep, nt), hi=nt if cfg.max_keep is None else cfg.max_keep, M=M, N=N,
+            dots.reshape(-1, nt), h0 * mq, keep, counts, entries, mq=mq, Sq=Sq, Skv=Skv, scale=scale,
+            top_p=cfg.top_p, lo=min(cfg.min_keep, nt), hi=nt if cfg.max_keep is None else cfg.max_keep, M=M, N=N,
             diagonal=cfg.keep_diagonal, text=cfg.text_tokens,
         )
     counts = counts.reshape(BH, mq)
     if cfg.dense_above is None:
         dense = torch.zeros(BH, dtype=torch.int8, device=dev)
     else:
-        q_rows = torch.full((mq,), M, dtype=torch.int64, device=dev)
-        q_rows[-1] = Sq - (mq - 1) * M
-        per_head = (keys.reshape(BH, mq) * q_rows).sum(dim=1)
-        dense = (per_head.to(torch.float64) / (Sq * Skv) > cfg.dense_above).to(torch.int8)
-        counts = torch.where(dense[:, None] != 0, nt, counts)
+        # density > dense_above  <=>  entries > floor(dense_above * Sq * Skv), in exact integers.
+        full = entries > math.floor(cfg.dense_above * Sq * Skv)
+        counts = torch.where(full[:, None], nt, counts)
+        dense = full.to(torch.int8)
     flat = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
     torch.cumsum(counts.reshape(-1), 0, out=flat[1:])
     indices = predict_pooled.emit(keep, flat, dense, int(flat[-1]), mq=mq)

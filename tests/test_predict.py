@@ -454,7 +454,8 @@ cases = [
     (P._pool_kernel, {"X": "*bf16", "OUT": "*fp32", "OLD": "*fp32", "ACC": "*fp32"}, dict(HAS_OLD=old, TB=32, D=128, DP=128))
     for old in (False, True)
 ] + [
-    (P._select_kernel, {"LOGM": "*fp32", "KEEP": "*i8", "COUNT": "*i32", "KEYS": "*i64", "top_p": "fp32"}, dict(DIAG=diag, NTP=ntp))
+    (P._select_kernel, {"DOTS": "*fp32", "KEEP": "*i8", "COUNT": "*i32", "HEAD_KEYS": "*i64", "scale": "fp32",
+                        "log_n": "fp32", "log_last": "fp32", "top_p": "fp32"}, dict(DIAG=diag, NTP=ntp))
     for diag in (False, True) for ntp in (512, 4096)
 ] + [(P._emit_kernel, {"KEEP": "*i8", "OFFS": "*i64", "DENSE": "*i8", "OUT": "*i32"}, dict(NTP=1024))]
 for kernel, types, const in cases:

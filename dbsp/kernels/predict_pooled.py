@@ -7,11 +7,12 @@ shapes their launches cost more than the arithmetic. Here one call is::
     pool    (x2)  block means of q and k, float32, laid out (B, H, blocks, D); with the stored
                   means of an earlier call, also the squared change per (batch, head), so a
                   MaskPredictor reuse check is two launches and one host read
-    bmm           pooled query x pooled key scores per head (torch, chunked over heads)
-    select        per query block, in registers: softmax, a descending sort, cumsum, the top_p
-                  cut, the min/max budgets, ties towards lower tile ids, the forced tiles
-                  -> a keep byte per tile, the tile count and the kept key count of the row
-    (torch)       per-head density from the key counts, heads rounded up to full, offsets
+    bmm           pooled query x pooled key dot products per head (torch, chunked over heads)
+    select        per query block, in registers: tile log-masses, softmax, a descending sort,
+                  cumsum, the top_p cut, the min/max budgets, ties towards lower tile ids, the
+                  forced tiles -> a keep byte per tile, the tile count of the row, and the row's
+                  kept score entries added to its head's total
+    (torch)       heads rounded up to full from those totals, offsets (a few operations)
     emit          keep bytes (or a full row for a rounded-up head) -> sorted int32 tile ids
 
 The selection is the same rule as ``predict._exact_top_p`` (softmax, stable descending order,
@@ -21,6 +22,8 @@ one tile more or less than the PyTorch path.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -62,14 +65,16 @@ def _pool_kernel(X, OUT, OLD, ACC, S, H, nb, block, s_xb, s_xs, s_xh, s_xd,
 
 
 @triton.jit
-def _select_kernel(LOGM, KEEP, COUNT, KEYS, row0, mq, nt, Sq, Skv, top_p, lo, hi, M, N, text,
-                   DIAG: tl.constexpr, NTP: tl.constexpr):
+def _select_kernel(DOTS, KEEP, COUNT, HEAD_KEYS, row0, mq, nt, Sq, Skv, scale, log_n, log_last, top_p, lo, hi, M,
+                   N, text, DIAG: tl.constexpr, NTP: tl.constexpr):
     r = tl.program_id(0)  # row of this chunk
     row = row0 + r  # global row: head * mq + query block
     qb = row % mq
     j = tl.arange(0, NTP)
     valid = j < nt
-    x = tl.load(LOGM + r.to(tl.int64) * nt + j, mask=valid, other=float("-inf"))
+    # Tile log-mass: pooled score plus log(keys in tile) (the last tile may be partial).
+    x = tl.load(DOTS + r.to(tl.int64) * nt + j, mask=valid, other=float("-inf")) * scale
+    x += tl.where(j == nt - 1, log_last, log_n)
     e = tl.where(valid, tl.exp(x - tl.max(x, axis=0)), 0.0)
     p = e / tl.sum(e, axis=0)
     ps = tl.sort(p, descending=True)
@@ -88,10 +93,12 @@ def _select_kernel(LOGM, KEEP, COUNT, KEYS, row0, mq, nt, Sq, Skv, top_p, lo, hi
     keep &= valid
     tl.store(KEEP + row.to(tl.int64) * nt + j, keep.to(tl.int8), mask=valid)
     count = tl.sum(keep.to(tl.int32), axis=0)
-    # Keys kept: the partial last tile holds only Skv - (nt - 1) * N of its N keys.
+    # Score entries of the row: kept keys (the partial last tile holds only Skv - (nt - 1) * N of
+    # its N keys) times the block's queries (the last block may be partial); summed per head.
     short = tl.sum(tl.where(keep & (j == nt - 1), nt * N - Skv, 0), axis=0)
+    queries = tl.minimum(M, Sq - qb * M)
     tl.store(COUNT + row, count)
-    tl.store(KEYS + row, count.to(tl.int64) * N - short)
+    tl.atomic_add(HEAD_KEYS + row // mq, (count.to(tl.int64) * N - short) * queries)
 
 
 @triton.jit
@@ -129,15 +136,18 @@ def pool(x: torch.Tensor, block: int, old: torch.Tensor | None = None, acc: torc
     return out
 
 
-def select(logm: torch.Tensor, row0: int, keep: torch.Tensor, counts: torch.Tensor, keys: torch.Tensor, *, mq: int,
-           Sq: int, Skv: int, top_p: float, lo: int, hi: int, M: int, N: int, diagonal: bool, text: int) -> None:
-    """Run the select kernel on ``logm (rows, nt)`` (rows ``row0 ..`` of the whole grid), writing
-    ``keep[row0 + r]`` (int8 per tile), ``counts`` (int32 tiles) and ``keys`` (int64 keys) per row."""
-    rows, nt = logm.shape
+def select(dots: torch.Tensor, row0: int, keep: torch.Tensor, counts: torch.Tensor, head_entries: torch.Tensor, *,
+           mq: int, Sq: int, Skv: int, scale: float, top_p: float, lo: int, hi: int, M: int, N: int, diagonal: bool,
+           text: int) -> None:
+    """Run the select kernel on the pooled dot products ``dots (rows, nt)`` (rows ``row0 ..`` of
+    the whole grid), writing ``keep[row0 + r]`` (int8 per tile) and ``counts`` (int32 tiles) per
+    row, and adding each row's kept score entries to ``head_entries`` (int64, per head, zeroed
+    by the caller)."""
+    rows, nt = dots.shape
     ntp = max(16, triton.next_power_of_2(nt))
     _select_kernel[(rows,)](
-        logm, keep, counts, keys, row0, mq, nt, Sq, Skv, float(top_p), lo, hi, M, N, text,
-        DIAG=diagonal, NTP=ntp, num_warps=_warps(ntp),
+        dots, keep, counts, head_entries, row0, mq, nt, Sq, Skv, float(scale), math.log(N), math.log(Skv - (nt - 1) * N),
+        float(top_p), lo, hi, M, N, text, DIAG=diagonal, NTP=ntp, num_warps=_warps(ntp),
     )
 
 
