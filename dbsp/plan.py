@@ -1142,6 +1142,27 @@ def imbalance_ratio(
 # ---------------------------------------------------------------------------------------- balancing
 
 
+def _swap_pairs(groups: list[list[int]], a: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every swap of a head ``x`` of group ``a`` with a head ``y`` of another group ``b``:
+    ``(xs (X,), ys (Y,), bs (Y,))``, the ``y`` in the order (b, position in b)."""
+    xs = np.asarray(groups[a], dtype=np.int64)
+    others = [b for b in range(len(groups)) if b != a]
+    ys = np.asarray([y for b in others for y in groups[b]], dtype=np.int64)
+    bs = np.repeat(others, [len(groups[b]) for b in others])
+    return xs, ys, bs
+
+
+def _best_swap(new: np.ndarray, ok: np.ndarray, xs: np.ndarray, ys: np.ndarray, bs: np.ndarray) -> tuple[int, int, int] | None:
+    """``(b, x, y)`` of the allowed (``ok``) swap with the strictly smallest ``new`` (both ``(Y, X)``),
+    ties to (b, position of x, position of y); None if no swap is allowed."""
+    if not ok.any():
+        return None
+    score = np.where(ok, new, np.iinfo(np.int64).max)
+    yi, xi = np.nonzero(score == score.min())
+    first = np.lexsort((yi, xi, bs[yi]))[0]
+    return int(bs[yi[first]]), int(xs[xi[first]]), int(ys[yi[first]])
+
+
 def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
     """Head groups with the given counts and balanced total work.
 
@@ -1164,20 +1185,14 @@ def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[l
             a = max(range(U), key=lambda k: (load[k], -k))
             # Every swap of x in group a with y in another group b at once, in the order
             # (b, position of x, position of y); the first strictly smallest pair maximum wins.
-            xs = np.asarray(groups[a], dtype=np.int64)
-            others = [b for b in range(U) if b != a]
-            ys = np.asarray([y for b in others for y in groups[b]], dtype=np.int64)
-            bs = np.repeat(others, [len(groups[b]) for b in others])
+            xs, ys, bs = _swap_pairs(groups, a)
             d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
             lb = np.asarray(load, dtype=np.int64)[bs][:, None]
             new = np.maximum(load[a] - d, lb + d)
-            ok = (d > 0) & (new < load[a])
-            if not ok.any():
+            swap = _best_swap(new, (d > 0) & (new < load[a]), xs, ys, bs)
+            if swap is None:
                 break
-            score = np.where(ok, new, np.iinfo(np.int64).max)
-            yi, xi = np.nonzero(score == score.min())
-            first = np.lexsort((yi, xi, bs[yi]))[0]  # by b, then x's position, then y's position
-            b, x, y = int(bs[yi[first]]), int(xs[xi[first]]), int(ys[yi[first]])
+            b, x, y = swap
             d = totals[x] - totals[y]
             groups[a][groups[a].index(x)] = y
             groups[b][groups[b].index(y)] = x
@@ -1329,23 +1344,17 @@ def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int]
                 load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
                 nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
                 a = int(np.lexsort((np.arange(U), -c))[0])  # heaviest group, lowest index on ties
-                xs = np.asarray(groups[a], dtype=np.int64)
-                others = [b for b in range(U) if b != a]
-                ys = np.asarray([y for b in others for y in groups[b]], dtype=np.int64)
-                bs = np.repeat(others, [len(groups[b]) for b in others])
+                xs, ys, bs = _swap_pairs(groups, a)
                 d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
                 dd = dn[xs][None, :] - dn[ys][:, None]
                 na, nb_ = nds[a] - dd, nds[bs][:, None] + dd
                 new_a = load[a] - d + penalty * ((na > 0) & (na < cnt[a]))
                 new_b = load[bs][:, None] + d + penalty * ((nb_ > 0) & (nb_ < cnt[bs][:, None]))
                 new = np.maximum(new_a, new_b)
-                ok = new < c[a]
-                if not ok.any():
+                swap = _best_swap(new, new < c[a], xs, ys, bs)
+                if swap is None:
                     break
-                score = np.where(ok, new, np.iinfo(np.int64).max)
-                yi, xi = np.nonzero(score == score.min())
-                first = np.lexsort((yi, xi, bs[yi]))[0]  # by b, then x's position, then y's position
-                b, x, y = int(bs[yi[first]]), int(xs[xi[first]]), int(ys[yi[first]])
+                b, x, y = swap
                 groups[a][groups[a].index(x)] = y
                 groups[b][groups[b].index(y)] = x
     best = min(range(2), key=lambda n: (max(costs(starts[n])), _mixed_groups(starts[n], dense), n))
