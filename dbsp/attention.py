@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import _alloc
 from ._checks import check_mask_matches, check_out_dtype, check_qkv, check_scale
 from .mask import SparseMask
 from .reference import reference_attention
@@ -39,8 +38,9 @@ class _Schedule:
     order: torch.Tensor  # (B * H * Mq,) int32: heaviest query blocks of each head first
     n_dense: int  # heads whose every query block selects every key tile
     dense: torch.Tensor | None = None  # (n_dense,) head ids, when 0 < n_dense < H
-    sparse: torch.Tensor | None = None  # the other head ids
-    sparse_mask: SparseMask | None = None  # mask.select_heads(sparse)
+    dense_range: tuple[int, int] | None = None  # (first, end) when those ids are consecutive
+    sparse_order: torch.Tensor | None = None  # ``order`` without the dense heads' rows
+    sparse_nnz: int = 0  # selected tiles of the other heads
 
 
 _schedules: "weakref.WeakKeyDictionary[SparseMask, _Schedule]" = weakref.WeakKeyDictionary()
@@ -87,13 +87,20 @@ def _schedule(mask: SparseMask) -> _Schedule:
         cached = _Schedule(order.to(torch.int32), int(dense_heads.sum()))
         if 0 < cached.n_dense < H:
             cached.dense = torch.nonzero(dense_heads).reshape(-1)
-            cached.sparse = torch.nonzero(~dense_heads).reshape(-1)
-            cached.sparse_mask = mask.select_heads(cached.sparse)
+            ids = cached.dense.tolist()
+            if ids == list(range(ids[0], ids[-1] + 1)):
+                cached.dense_range = (ids[0], ids[-1] + 1)
+            rows_dense = dense_heads.repeat(B)[order // mq]  # (B * H * Mq,): the row's head is dense
+            cached.sparse_order = cached.order[~rows_dense]
+            cached.sparse_nnz = int(counts.sum()) - B * cached.n_dense * mq * mask.num_kv_tiles
         _schedules[mask] = cached
     return cached
 
 
-def _triton(q, k, v, mask: SparseMask, scale: float, out_dtype: torch.dtype):
+def _triton(q, k, v, mask: SparseMask, scale: float, out_dtype: torch.dtype, order: torch.Tensor | None = None,
+            nnz: int = -1):
+    """The kernel on ``order``'s rows (default: every row, heaviest first); ``nnz``: the tiles those
+    rows select, for the autotuner's density key (default: all of the mask's)."""
     try:
         from .kernels.op import sparse_attention_fwd
         from .kernels.sparse_fwd import check_supported
@@ -104,10 +111,10 @@ def _triton(q, k, v, mask: SparseMask, scale: float, out_dtype: torch.dtype):
         ) from exc
 
     check_supported(q, mask.q_block)
-    order = _schedule(mask).order
+    order = _schedule(mask).order if order is None else order
     return sparse_attention_fwd(
         q, k, v, mask.offsets, mask.indices, order, mask.q_block, mask.kv_tile, mask.seq_len_kv, scale,
-        out_dtype == torch.float32 and q.dtype != torch.float32,
+        out_dtype == torch.float32 and q.dtype != torch.float32, nnz,
     )
 
 
@@ -203,7 +210,13 @@ def sparse_attention(
 
 
 def _split_dense_heads(q, k, v, mask: SparseMask, scale: float, plan: _Schedule, return_lse: bool, out_dtype):
-    """Fully dense heads through SDPA (cuDNN), the others through the kernel; None if SDPA cannot."""
+    """Fully dense heads through SDPA (cuDNN), the others through the kernel; None if SDPA cannot.
+
+    The kernel runs in place on the full q, k, v: its launch order lists only the sparse heads'
+    rows, and it writes their rows of the full-size output; the dense heads' rows are then filled
+    from SDPA, which reads its heads as a strided view where they are consecutive (a copy where
+    they are not). No copy of the sparse heads' inputs or outputs is made.
+    """
     H = q.shape[2]
 
     def dense(qd, kd, vd):
@@ -217,17 +230,13 @@ def _split_dense_heads(q, k, v, mask: SparseMask, scale: float, plan: _Schedule,
             return None
         out = out.to(out_dtype)
         return (out, lse) if return_lse else out
-    d, sp = plan.dense, plan.sparse
+    d = slice(*plan.dense_range) if plan.dense_range is not None else plan.dense
     dense_out, dense_lse = dense(q[:, :, d], k[:, :, d], v[:, :, d])
     if dense_out is None:
         return None
-    out = _alloc.empty(q.shape, dtype=out_dtype, device=q.device)
-    sparse_out, sparse_lse = _triton(q[:, :, sp], k[:, :, sp], v[:, :, sp], plan.sparse_mask, scale, out_dtype)
+    out, lse = _triton(q, k, v, mask, scale, out_dtype, order=plan.sparse_order, nnz=plan.sparse_nnz)
     out[:, :, d] = dense_out.to(out_dtype)
-    out[:, :, sp] = sparse_out
     if not return_lse:
         return out
-    lse = _alloc.empty((q.shape[0], H, q.shape[1]), dtype=torch.float32, device=q.device)
     lse[:, d] = dense_lse
-    lse[:, sp] = sparse_lse
     return out, lse

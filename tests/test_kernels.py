@@ -1,5 +1,7 @@
 """The Triton kernel (interpreter on CPU, native on CUDA) against reference_attention."""
 
+import math
+
 import pytest
 import torch
 
@@ -181,3 +183,23 @@ def test_off32_is_pruned_when_offsets_do_not_fit():
     big = dict(DESC_K=object(), K=object(), NUM_KV_TILES=2**21, stride_ks=2**11, stride_vs=2**11)
     kept = kmod._prune(kmod.CONFIGS, big, Q_BLOCK=64, KV_TILE=1)
     assert kept and not any(c.kwargs["OFF32"] for c in kept)
+
+
+@pytest.mark.parametrize("dense_heads", [(0,), (1, 2), (0, 2)], ids=["first", "consecutive", "apart"])
+def test_mixed_dense_and_sparse_heads_run_in_place(dense_heads):
+    """The dense/sparse head split (``backend="auto"`` on GPU): the kernel computes only the sparse
+    heads' rows of the full output (in place, no head copies), SDPA the dense heads'; every row is
+    written (outputs are NaN-poisoned) and equals the reference."""
+    from dbsp.attention import _schedule, _split_dense_heads
+
+    B, S, H, D = 2, 150, 3, 32
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, S, H, D, generator=g) for _ in range(3))
+    tiles = torch.rand(B, H, -(-S // 32), -(-S // 8), generator=g) < 0.4
+    tiles[:, list(dense_heads)] = True
+    mask = SparseMask.from_dense(tiles, q_block=32, kv_tile=8, seq_len_q=S, seq_len_kv=S)
+    plan = _schedule(mask)
+    assert plan.n_dense == len(dense_heads) and plan.sparse_order.numel() == B * (H - len(dense_heads)) * 5
+    out = _split_dense_heads(q, k, v, mask, 1.0 / math.sqrt(D), plan, False, torch.float32)
+    ref, _ = reference_attention(q, k, v, mask)
+    assert max_abs_err(out, ref) < 1e-4

@@ -58,12 +58,13 @@ def test_fp32_exact_path_and_auto_dense_dispatch():
     assert max_abs_err(sparse_attention(q, k, v, full), dense) < 1e-3
 
 
+@pytest.mark.parametrize("dense_heads", [(0,), (1, 2), (0, 3)], ids=["first", "consecutive", "apart"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_auto_dense_heads_with_lse_match_reference(dtype):
-    B, S, H, D = 1, 4097, 3, 128
+def test_auto_dense_heads_with_lse_match_reference(dtype, dense_heads):
+    B, S, H, D = 2, 4097, 4, 128
     q, k, v = (torch.randn(B, S, H, D, device="cuda") for _ in range(3))
     tiles = torch.rand(B, H, -(-S // 64), S, device="cuda") < 0.3
-    tiles[:, 0] = True  # head 0 dense: cuDNN with lse; heads 1-2 sparse: the kernel
+    tiles[:, list(dense_heads)] = True  # dense heads: cuDNN (with lse); the others: the kernel
     mask = SparseMask.from_dense(tiles, q_block=64, kv_tile=1, seq_len_q=S, seq_len_kv=S)
     lq, lk, lv = (x.to(dtype) for x in (q, k, v))
     for m in (mask, SparseMask.full(B, H, S, S, q_block=64, device="cuda")):
@@ -72,6 +73,7 @@ def test_auto_dense_heads_with_lse_match_reference(dtype):
         kernel_out, kernel_lse = sparse_attention(lq, lk, lv, m, return_lse=True, backend="triton")
         assert max_abs_err(lse, ref_lse) < 5e-3
         assert max_abs_err(out, ref) <= 2 * max_abs_err(kernel_out, ref) + 1e-3
+        assert torch.equal(sparse_attention(lq, lk, lv, m), out)  # without lse: the same heads, the same path
         # float32 partial outputs (the ring's path): dense and sparse heads both come back in float32.
         out32, lse32 = sparse_attention(lq, lk, lv, m, return_lse=True, out_dtype=torch.float32)
         assert out32.dtype == torch.float32 and torch.equal(lse32, lse)

@@ -300,7 +300,8 @@ def density_bucket(nnz: int, tiles: int) -> int:
     return min(3, int(math.floor(math.log2(tiles / nnz))))
 
 
-def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv, scale, config=None, out=None, lse=None):
+def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv, scale, config=None, out=None, lse=None,
+               nnz=None):
     """Launch the kernel. Shapes as in ``dbsp.sparse_attention``; returns ``(out, lse)``.
 
     Args:
@@ -312,6 +313,8 @@ def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv
             (benchmarks sweep configurations this way). Default: autotuned on GPU, the fixed
             ``INTERPRETER_CONFIG`` in the interpreter.
         out, lse: preallocated outputs. Default: allocated here.
+        nnz: tiles selected by the rows ``order`` lists (the autotuner's density key). Default:
+            ``indices.numel()`` (every row listed).
     """
     B, Sq, H, D = q.shape
     nqb = -(-Sq // q_block)
@@ -334,7 +337,8 @@ def sparse_fwd(q, k, v, offsets, indices, order, *, q_block, kv_tile, seq_len_kv
         q, k, v, out, lse, offsets, indices, order, desc_k, desc_v,
         scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Sq, nqb, nkt, nkt * kv_tile - seq_len_kv, density_bucket(indices.numel(), order.numel() * nkt),
+        H, Sq, nqb, nkt, nkt * kv_tile - seq_len_kv,
+        density_bucket(indices.numel() if nnz is None else nnz, order.numel() * nkt),
     )
     meta = dict(Q_BLOCK=q_block, KV_TILE=kv_tile, HEAD_DIM=D, BLOCK_D=block_d, IEEE=q.dtype == torch.float32)
     n_items = order.numel()
