@@ -227,9 +227,13 @@ class ProblemSet:
         # Heads whose every tile is selected go to dense SDPA (cuDNN) under backend="auto".
         counts, work = sub.row_counts(), sub.work()
         dense = (counts == sub.num_kv_tiles).all(dim=2).all(dim=0)
+        ids = torch.nonzero(dense).reshape(-1).tolist()
+        # Consecutive dense heads reach SDPA as a view; others are gathered (a copy) in mixed calls.
+        consecutive = not ids or ids == list(range(ids[0], ids[-1] + 1))
         return dict(heads=int(heads.numel()), q_tokens=int(q_tok.numel()), kv_tokens=int(kv_tok.numel()),
                     q_block=sub.q_block, kv_tile=sub.kv_tile, lse=int(lse), rows=self.live[p],
                     entries=int(work.sum()), dense_heads=int(dense.sum()), dense_entries=int(work[:, dense].sum()),
+                    dense_consecutive=int(consecutive),
                     density=round(sub.density(), 4), ms=round(self.ms[p], 4), spread=round(self.spread[p], 4))
 
     def spread_summary(self) -> str:

@@ -72,5 +72,24 @@ def test_quick_emulation_run_writes_the_rho_columns(tmp_path, capsys):
     assert full and all(float(r["rho_measured"]) == 1.0 for r in full)
     problems = list(csv.DictReader((tmp_path / "sp_problems.csv").open()))
     assert problems and "spread" in problems[0]
+    assert all(r["dense_consecutive"] in ("0", "1") for r in problems)
     assert "timing spread (relative IQR over 2 interleaved rounds)" in log
     assert log.count("target 2 (measured rho_s within 5% of the planner's predicted-time rho_s)") == 3
+
+
+def test_problem_rows_say_whether_dense_heads_are_consecutive():
+    """sp_problems.csv's dense_consecutive: 1 when a call's dense heads form one run (SDPA reads them
+    as a view), 0 when they are apart (gathered), 1 without dense heads."""
+    w = _workload()
+    B = w.q.shape[0]
+    toks = torch.arange(160)
+    ps = bench_sp.ProblemSet(w, repeats=1, warmup=False, features=[])
+    for dense_heads, want in (((0, 2), 0), ((1, 2), 1), ((), 1)):
+        tiles = torch.zeros(B, 3, 10, 10, dtype=torch.bool)
+        tiles[..., 0] = True  # every row selects a tile
+        tiles[:, list(dense_heads)] = True
+        sub = SparseMask.from_dense(tiles, q_block=16, kv_tile=16, seq_len_q=160, seq_len_kv=160)
+        p = ps.add(torch.tensor([0, 1, 2]), toks, toks, sub, False)
+        ps.time()
+        row = ps._feature(p)
+        assert row["dense_heads"] == len(dense_heads) and row["dense_consecutive"] == want
