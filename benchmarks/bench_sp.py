@@ -463,11 +463,11 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _summarise(rows: list[dict], results: dict, args, out: Path) -> None:
     """Print the table and the targets; draw the per-rank and speedup plots."""
     print(f"\n{'workload':<8} {'layer':>5} {'config':<20} {'total ms':>9} {'ring':>8} {'a2a':>7} {'exch':>6} {'slice':>6} "
-          f"{'rho plan':>8} {'rho model':>9} {'rho meas':>8} {'pred ms':>8}")
+          f"{'rho tiles':>9} {'rho time':>8} {'rho meas':>8} {'pred ms':>8}")
     for row in rows:
         print(f"{row['workload']:<8} {row['layer']:>5} {row['config']:<20} {row['total_ms']:>9.2f} {row['ring_ms']:>8.2f} "
-              f"{row['all_to_all_ms']:>7.2f} {row['exchange_ms']:>6.2f} {row['slice_ms']:>6.1f} {row['rho_planned']:>8.3f} "
-              f"{row['rho_model']:>9.3f} {row['rho_measured']:>8.3f} {row['predicted_ms']:>8.2f}")
+              f"{row['all_to_all_ms']:>7.2f} {row['exchange_ms']:>6.2f} {row['slice_ms']:>6.1f} {row['rho_planned']:>9.3f} "
+              f"{row['rho_model']:>8.3f} {row['rho_measured']:>8.3f} {row['predicted_ms']:>8.2f}")
     print("\nAll times are EMULATED (per-rank kernels timed on one device, communication from the cost model).")
     if args.quick:
         print("QUICK CPU smoke run: the reference backend's CPU time does not follow the mask; targets are not meaningful.")
@@ -746,10 +746,10 @@ def run_real(args) -> int:
 def _summarise_real(rows: list[dict], P: int, device: str, cuda: bool) -> None:
     """Table of the real run; dbsp vs the best fixed unbalanced configuration; emulated vs real."""
     print(f"\n{'workload':<8} {'layer':>5} {'config':<20} {'real ms':>8} {'emul ms':>8} {'emul/real':>9} {'pred ms':>8} "
-          f"{'rho plan':>8} {'rho meas':>8}")
+          f"{'rho tiles':>9} {'rho meas':>8}")
     for r in rows:
         print(f"{r['workload']:<8} {r['layer']:>5} {r['config']:<20} {r['total_ms']:>8.2f} {r['emulated_ms']:>8.2f} "
-              f"{r['emulated_over_real']:>9.3f} {r['predicted_ms']:>8.2f} {r['rho_planned']:>8.3f} {r['rho_measured']:>8.3f}")
+              f"{r['emulated_over_real']:>9.3f} {r['predicted_ms']:>8.2f} {r['rho_planned']:>9.3f} {r['rho_measured']:>8.3f}")
     print(f"\nREAL {P}-process run ({'NCCL' if cuda else 'gloo'}, {device}); 'emul' = per-rank kernels timed alone "
           "+ communication modelled with the bandwidth measured above")
     for kind in dict.fromkeys(r["workload"] for r in rows):

@@ -8,6 +8,6 @@ export PYTHONUNBUFFERED=1
 R=/tmp/res; mkdir -p $R
 trap 'tar czf $OUT/system.tgz -C $R .' EXIT
 timeout 210 python3 benchmarks/bench_e2e.py --out $R/e2e > $R/e2e.log 2>&1; tail -25 $R/e2e.log
-timeout 130 python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --out $R/sp > $R/sp.log 2>&1; tail -25 $R/sp.log
+timeout 240 python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --out $R/sp > $R/sp.log 2>&1; tail -25 $R/sp.log
 timeout 100 python3 benchmarks/bench_predict.py --studies timing,reuse --out $R/predict > $R/predict.log 2>&1; tail -20 $R/predict.log
 timeout 60 python3 benchmarks/bench_plan.py --device cuda --repeat 3 --steps 20 --out $R/plan > $R/plan.log 2>&1; tail -12 $R/plan.log
