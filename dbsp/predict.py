@@ -267,18 +267,11 @@ def _fused(cfg: PredictConfig, device: torch.device, pooled_tiles: int) -> bool:
     """
     if cfg.backend == "torch":
         return False
-    try:
-        from .kernels import predict_pooled
-    except ImportError:
-        predict_pooled = None
-    usable = predict_pooled is not None and (device.type == "cuda" or _interpreted())
-    fits = predict_pooled is not None and pooled_tiles <= predict_pooled.MAX_TILES
+    usable = _triton_usable(cfg, device)
+    from .kernels import predict_pooled  # importable: _triton_usable checked
+
+    fits = pooled_tiles <= predict_pooled.MAX_TILES
     if cfg.backend == "triton":
-        if not usable:
-            raise ValueError(
-                f"backend='triton' needs Triton (pip install 'dbsp[triton]') and CUDA tensors (or TRITON_INTERPRET=1 "
-                f"set before importing dbsp); got device {device}"
-            )
         if not fits:
             raise ValueError(
                 f"backend='triton' scores pooled keys for at most {predict_pooled.MAX_TILES} key tiles per query "
@@ -288,10 +281,20 @@ def _fused(cfg: PredictConfig, device: torch.device, pooled_tiles: int) -> bool:
     return usable and fits and device.type == "cuda"
 
 
-def _interpreted() -> bool:
-    from .kernels.predict_select import is_interpreted
-
-    return is_interpreted()
+def _triton_usable(cfg: PredictConfig, device: torch.device) -> bool:
+    """Whether the predictor's Triton kernels can run on ``device`` (Triton installed, and CUDA
+    tensors or the interpreter); with ``backend="triton"`` a clear error where they cannot."""
+    try:
+        from .kernels import predict_select
+    except ImportError:
+        predict_select = None
+    usable = predict_select is not None and (device.type == "cuda" or predict_select.is_interpreted())
+    if cfg.backend == "triton" and not usable:
+        raise ValueError(
+            f"backend='triton' needs Triton (pip install 'dbsp[triton]') and CUDA tensors (or TRITON_INTERPRET=1 "
+            f"set before importing dbsp); got device {device}"
+        )
+    return usable
 
 
 def _pool_pair(q: torch.Tensor, k: torch.Tensor, q_block: int, kv_tile: int | None, fused: bool,
@@ -389,6 +392,15 @@ def _emit(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return keep.sum(dim=1), torch.nonzero(keep)[:, 1].to(torch.int32)
 
 
+def _dense_heads(keys: torch.Tensor, mq: int, M: int, Sq: int, Skv: int, dense_above: float) -> torch.Tensor:
+    """``(B*H,)`` bool: heads whose density exceeds ``dense_above``, from the keys each of their
+    ``mq`` query blocks keeps (``keys``: ``(B*H*mq,)``; the last block holds ``Sq - (mq-1) M`` queries)."""
+    q_rows = torch.full((mq,), M, dtype=torch.int64, device=keys.device)
+    q_rows[-1] = Sq - (mq - 1) * M
+    per_head = (keys.reshape(-1, mq) * q_rows).sum(dim=1)
+    return per_head.to(torch.float64) / (Sq * Skv) > dense_above
+
+
 def _round_up_dense_heads(counts, indices, Sq, Skv, cfg):
     """Replace every head whose density exceeds ``cfg.dense_above`` by a full head.
 
@@ -403,10 +415,7 @@ def _round_up_dense_heads(counts, indices, Sq, Skv, cfg):
     ends = torch.cumsum(flat, 0)
     last = indices[(ends - 1).clamp(min=0)].to(torch.int64) if indices.numel() else torch.zeros_like(ends)
     keys = flat * N - torch.where((flat > 0) & (last == nt - 1), nt * N - Skv, 0)
-    q_rows = torch.full((mq,), M, dtype=torch.int64, device=dev)
-    q_rows[-1] = Sq - (mq - 1) * M
-    per_head = (keys.reshape(B * H, mq) * q_rows).sum(dim=1)
-    dense = ((per_head.to(torch.float64) / (Sq * Skv)) > cfg.dense_above).tolist()
+    dense = _dense_heads(keys, mq, M, Sq, Skv, cfg.dense_above).tolist()
     if not any(dense):
         return counts, indices
     head_ends = ends.reshape(B * H, mq)[:, -1].tolist()
@@ -644,17 +653,10 @@ def _resolve_backend(cfg: PredictConfig, device: torch.device, M: int, N: int, D
     global _warned_fallback
     if cfg.backend == "torch":
         return "torch"
-    try:
+    usable = _triton_usable(cfg, device)
+    if usable:
         from .kernels import predict_select
-    except ImportError:
-        predict_select = None
-    usable = predict_select is not None and (device.type == "cuda" or predict_select.is_interpreted())
     if cfg.backend == "triton":
-        if not usable:
-            raise ValueError(
-                f"backend='triton' needs Triton (pip install 'dbsp[triton]') and CUDA tensors (or TRITON_INTERPRET=1 "
-                f"set before importing dbsp); got device {device}"
-            )
         if not predict_select.supports(N * group_tiles(M, N), N, D):
             raise ValueError(
                 f"backend='triton' needs a power-of-two kv_tile, groups of >= 16 keys and 16 <= D <= 256; "

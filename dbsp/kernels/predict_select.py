@@ -286,11 +286,10 @@ class TritonPasses:
         last = nt - 1  # the partial last tile holds only Skv - (nt - 1) * N keys
         short = ((w2[:, last // gs] >> (last % gs)) & 1) * (nt * N - self.Skv)
         keys = c2.sum(dim=1, dtype=torch.int64) * N - short
-        M, Sq = forced.q_block, forced.seq_len_q
-        q_rows = torch.full((self.mq,), M, dtype=torch.int64, device=dev)
-        q_rows[-1] = Sq - (self.mq - 1) * M
-        per_head = (keys.view(self.BH, self.mq) * q_rows).sum(dim=1)
-        dense = (per_head.to(torch.float64) / (Sq * self.Skv) > dense_above).repeat_interleave(self.mq)[:, None]
+        from ..predict import _dense_heads
+
+        dense = _dense_heads(keys, self.mq, forced.q_block, forced.seq_len_q, self.Skv, dense_above)
+        dense = dense.repeat_interleave(self.mq)[:, None]
         n_g = torch.full((ng,), gs, dtype=torch.int64, device=dev)
         n_g[-1] = nt - (ng - 1) * gs
         full = torch.where(n_g >= 64, -1, (1 << n_g.clamp(max=63)) - 1)  # all tiles of the group
