@@ -2308,7 +2308,7 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
     pairs = _candidates(world, w.heads, w.num_blocks, uneven_heads and balance)
     bounds = {}
     if prune:
-        totals = _dense_totals(w)
+        totals = _work_per_head(w)
         bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
         pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
     out: list[DegreeChoice] = []
@@ -2324,7 +2324,7 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
     return sorted(out, key=lambda c: c.ulysses)
 
 
-def _dense_totals(w: "_Work | WorkSummary") -> np.ndarray:
+def _work_per_head(w: "_Work | WorkSummary") -> np.ndarray:
     """``(H,)`` int64 work of every head."""
     if isinstance(w, WorkSummary):
         return np.asarray(w._head_totals, dtype=np.int64)
@@ -2390,12 +2390,7 @@ def dense_heads(mask_or_work: "SparseMask | torch.Tensor | WorkSummary", *, q_bl
 
 
 def _dense_heads_of(w: "_Work | WorkSummary") -> tuple[int, ...]:
-    if isinstance(w, WorkSummary):
-        totals = w._head_totals
-    elif isinstance(w.cells, np.ndarray):
-        totals = w.cells.reshape(w.heads, -1).sum(1, dtype=np.int64)
-    else:
-        totals = w.cells.reshape(w.heads, -1).sum(1, dtype=torch.int64).cpu().numpy()
+    totals = _work_per_head(w)
     full = w.batch * w.seq_len * w.seq_len
     return tuple(int(h) for h in np.nonzero(totals == full)[0])
 

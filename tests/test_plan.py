@@ -539,7 +539,7 @@ def test_degree_choice_pruning_bounds_every_plan_and_keeps_the_winner(seed):
     """The pruning bound is below the predicted time of every plan of every candidate (balanced,
     unbalanced, from the work and from a summary, with dense heads at their own rate), and
     choose_degrees (pruned) picks what the full scoring picks."""
-    from dbsp.plan import _dense_totals, _lower_bound_ms, _as_work
+    from dbsp.plan import _work_per_head, _lower_bound_ms, _as_work
 
     g = torch.Generator().manual_seed(seed)
     heads, nb = 8, 32
@@ -554,7 +554,7 @@ def test_degree_choice_pruning_bounds_every_plan_and_keeps_the_winner(seed):
         kw = dict(world=8, q_block=64, seq_len=S, cost_model=fast)
         for balance in (True, False):
             for c in score_degrees(src, balance=balance, **kw):
-                lb = _lower_bound_ms(fast, w, _dense_totals(w), c.ulysses, c.ring, head_dim=128, element_bytes=2)
+                lb = _lower_bound_ms(fast, w, _work_per_head(w), c.ulysses, c.ring, head_dim=128, element_bytes=2)
                 assert lb <= c.prediction.total_ms * (1 + 1e-9), (c.ulysses, c.ring, lb, c.prediction.total_ms)
         best = min(score_degrees(src, **kw), key=lambda c: (c.prediction.total_ms, -c.ulysses))
         u, r, plan = choose_degrees(src, heads=heads, **kw)
