@@ -9,10 +9,13 @@ shipped calibration), and ``source`` in the JSON says which came from where.
 
 * ``--problems`` (``sp_problems.csv`` of ``benchmarks/bench_sp.py --emulate``: every distinct local
   problem of every rank, timed with the real kernel): a least-squares fit, in relative error, of
-  ``ms = a + m [call mixes dense and sparse heads] + sparse entries / r_s + dense entries / r_d`` over
-  the block-mask problems (dense entries are those of fully selected heads, which
-  ``sparse_attention`` sends to cuDNN). Sets ``call_overhead_us = a``, ``mixed_overhead_us = m``, a
-  flat ``block_tflops`` at ``r_s`` and ``dense_tflops = r_d``.
+  ``ms = a + m [call mixes dense and sparse heads] + g [... and its dense heads are not consecutive]
+  + sparse entries / r_s + dense entries / r_d`` (dense entries times ``1 + u`` where the key length
+  is not a multiple of 128) over the block-mask problems (dense entries are those of fully selected
+  heads, which ``sparse_attention`` sends to cuDNN). Sets ``call_overhead_us = a``,
+  ``mixed_overhead_us = m``, ``mixed_gather_us = g`` (0 when the CSV has no ``dense_consecutive``
+  column or no such call), a flat ``block_tflops`` at ``r_s``, ``dense_tflops = r_d`` and
+  ``dense_unaligned = 1 + u``.
 * ``--gather`` (``gather_sweep.csv`` of ``benchmarks/sweep_gather.py``): ``fine_tflops`` from the
   fastest configuration per density of the ``--fine-mask`` kind (the autotuner's pick).
 * ``--kernels`` (``kernels.csv`` of ``benchmarks/bench_kernels.py``): block and fine curves from the
@@ -65,13 +68,13 @@ def _nonneg_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep.pop(int(np.argmin(coef)))
 
 
-def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, float, float, str]:
-    """``(a us, mixed us, sparse TFLOPS, dense TFLOPS, dense unaligned factor, summary)`` from
-    block-mask local problems.
+def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, float, float, float, str]:
+    """``(a us, mixed us, gather us, sparse TFLOPS, dense TFLOPS, dense unaligned factor, summary)``
+    from block-mask local problems.
 
-    ``ms = a + mixed * [dense and sparse heads in the call] + sparse entries / r_s + dense entries
-    / r_d * (1 + u * [key length not a multiple of 128])``, fitted in relative error with
-    non-negative terms; the factor is ``1 + u``.
+    ``ms = a + mixed * [dense and sparse heads in the call] + gather * [... not consecutive] +
+    sparse entries / r_s + dense entries / r_d * (1 + u * [key length not a multiple of 128])``,
+    fitted in relative error with non-negative terms; the factor is ``1 + u``.
     """
     block = [r for r in rows if r["kv_tile"] == r["q_block"] and "dense_entries" in r]
     if len(block) < 4:
@@ -81,18 +84,22 @@ def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, 
     sparse = np.array([float(r["entries"]) for r in block]) - dense
     n_dense, heads = (np.array([int(r[c]) for r in block]) for c in ("dense_heads", "heads"))
     mixed = ((n_dense > 0) & (n_dense < heads)).astype(np.float64)
+    # Older CSVs lack the column: every mixed call then counts as consecutive (no gather term).
+    scattered = mixed * np.array([r.get("dense_consecutive", "1") in ("0", 0) for r in block], dtype=np.float64)
     unaligned = np.array([int(r["kv_tokens"]) % 128 != 0 for r in block], dtype=np.float64)
-    A = np.stack([np.ones_like(y), mixed, sparse, dense, dense * unaligned], axis=1)
+    A = np.stack([np.ones_like(y), mixed, sparse, dense, dense * unaligned, scattered], axis=1)
     coef = _nonneg_lstsq(A / y[:, None], np.ones_like(y))  # minimises relative error
     if coef[2] <= 0 or coef[3] <= 0:
         raise SystemExit(f"the fit has no throughput term ({coef}); the problems do not determine the model")
     rel = np.abs(A @ coef / y - 1)
     flops = 4.0 * head_dim
     r_s, r_d = flops / (coef[2] * 1e-3) / 1e12, flops / (coef[3] * 1e-3) / 1e12
-    summary = (f"{len(block)} block-mask problems ({int(mixed.sum())} mixed, {int(unaligned.sum())} with key lengths "
+    summary = (f"{len(block)} block-mask problems ({int(mixed.sum())} mixed, {int(scattered.sum())} of them with "
+               f"dense heads apart, {int(unaligned.sum())} with key lengths "
                f"not a multiple of 128): relative error median {np.median(rel):.3f}, 90th percentile "
                f"{np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
-    return float(1e3 * coef[0]), float(1e3 * coef[1]), float(r_s), float(r_d), float(1 + coef[4] / coef[3]), summary
+    return (float(1e3 * coef[0]), float(1e3 * coef[1]), float(1e3 * coef[5]), float(r_s), float(r_d),
+            float(1 + coef[4] / coef[3]), summary)
 
 
 def gather_curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
@@ -139,15 +146,16 @@ def main(argv=None) -> int:
         notes.append(f"block and fine curves: bench_kernels.py {args.kernels.name} ({rows[0]['shape']}, random "
                      f"{args.block_mask} / {args.fine_mask} masks)")
     if args.problems:
-        a_us, mixed_us, r_s, r_d, unaligned, summary = fit_problems(_rows(args.problems), args.head_dim)
+        a_us, mixed_us, gather_us, r_s, r_d, unaligned, summary = fit_problems(_rows(args.problems), args.head_dim)
         model = replace(model, call_overhead_us=round(a_us, 1), mixed_overhead_us=round(mixed_us, 1),
-                        block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))), dense_tflops=round(r_d, 1),
-                        dense_unaligned=round(unaligned, 3))
-        notes.append(f"per-call overhead {a_us:.0f} us (+{mixed_us:.0f} us for calls mixing dense and sparse heads), "
-                     f"block {r_s:.0f} TFLOPS, dense heads {r_d:.0f} TFLOPS (x{unaligned:.3f} time for key lengths not "
-                     f"a multiple of 128): fit to bench_sp.py --emulate local problems ({args.problems.name}; {summary})")
-        print(f"problems: a = {a_us:.1f} us, mixed +{mixed_us:.1f} us, sparse {r_s:.1f} TFLOPS, dense {r_d:.1f} TFLOPS, "
-              f"unaligned x{unaligned:.3f}; {summary}")
+                        mixed_gather_us=round(gather_us, 1), block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))),
+                        dense_tflops=round(r_d, 1), dense_unaligned=round(unaligned, 3))
+        notes.append(f"per-call overhead {a_us:.0f} us (+{mixed_us:.0f} us for calls mixing dense and sparse heads, "
+                     f"+{gather_us:.0f} us more where the dense heads are not consecutive), block {r_s:.0f} TFLOPS, "
+                     f"dense heads {r_d:.0f} TFLOPS (x{unaligned:.3f} time for key lengths not a multiple of 128): "
+                     f"fit to bench_sp.py --emulate local problems ({args.problems.name}; {summary})")
+        print(f"problems: a = {a_us:.1f} us, mixed +{mixed_us:.1f} us (+{gather_us:.1f} us apart), sparse {r_s:.1f} TFLOPS, "
+              f"dense {r_d:.1f} TFLOPS, unaligned x{unaligned:.3f}; {summary}")
     if args.gather:
         model = replace(model, fine_tflops=gather_curve(_rows(args.gather), args.fine_mask))
         notes.append(f"fine curve: sweep_gather.py {args.gather.name} (random {args.fine_mask} masks, fastest configuration)")

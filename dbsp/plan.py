@@ -1305,6 +1305,17 @@ def _mixed_groups(groups: list[list[int]], dense: np.ndarray) -> int:
     return sum(0 < int(dense[g].sum()) < len(g) for g in groups)
 
 
+def _dense_first(groups: list[list[int]], dense: np.ndarray | None) -> list[list[int]]:
+    """Each group's heads with its dense heads first (ids ascending within each kind).
+
+    The order inside a group changes no work, but the runtime reads a rank's dense heads as one
+    strided view when they are consecutive and gathers them otherwise (``attention``'s mixed
+    calls; :class:`CostModel` charges the two cases apart)."""
+    if dense is None or not dense.any():
+        return groups
+    return [sorted(g, key=lambda h: (not dense[h], h)) for g in groups]
+
+
 def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
     """:func:`_balance_heads` on weighted totals where a group holding both dense and sparse heads
     also costs ``penalty`` (its mixed calls): groups of one kind are preferred where that does not
@@ -1809,8 +1820,9 @@ def _layouts(
     unplanned = heads_only if groups is contiguous else _home_tiles(w, st, contiguous, R, sums)
     common = dict(ulysses=U, ring=R, heads=H, q_block=w.q_block, seq_len=w.seq_len, counts=counts)
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, homes, homes), **common)]
+    ordered = _dense_first(groups, rates.dense if rates is not None else st.rows.sum(1) == w.batch * w.seq_len * w.seq_len)
     if groups is not contiguous:
-        out.append(_build_plan(groups=groups, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, homes, homes), **common))
+        out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, homes, homes), **common))
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = homes.copy(), homes.copy(), heads_only.copy()
         if per_group_blocks:
@@ -1824,7 +1836,7 @@ def _layouts(
             for k, g in enumerate(groups):
                 W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
         if (q_owner != homes).any() or (kv_owner != homes).any():
-            out.append(_build_plan(groups=groups, q_owner=q_owner, kv_owner=kv_owner, tile_work=true(W, groups, q_owner, kv_owner),
+            out.append(_build_plan(groups=ordered, q_owner=q_owner, kv_owner=kv_owner, tile_work=true(W, groups, q_owner, kv_owner),
                                    **common))
     return out
 
@@ -1888,8 +1900,9 @@ def _summary_layouts(
     common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
                        **common)]
+    ordered = _dense_first(groups, s._head_totals == s.batch * s.seq_len * s.seq_len)
     if groups is not contiguous:
-        out.append(_build_plan(groups=groups, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
+        out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
                                **common))
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
@@ -1906,7 +1919,7 @@ def _summary_layouts(
                 W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
         if (q_owner != home).any() or (kv_owner != home).any():
             q_blocks, kv_blocks = np.repeat(q_owner, sizes, axis=1), np.repeat(kv_owner, sizes, axis=1)
-            out.append(_build_plan(groups=groups, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
+            out.append(_build_plan(groups=ordered, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
                                    **common))
     return out
 
@@ -2013,8 +2026,13 @@ class CostModel:
         dense_tflops: effective TFLOPS of fully dense heads, which ``sparse_attention`` sends to
             dense SDPA (cuDNN) rather than the sparse kernel; used when :meth:`predict` is told
             which heads are dense. None: dense heads run at the sparse curve's rate. Default: None.
-        mixed_overhead_us: extra cost of a call that holds both dense and sparse heads (the head
-            split copies q, k, v and scatters the outputs); used with ``dense_tflops``. Default: 0.
+        mixed_overhead_us: extra cost of a call that holds both dense and sparse heads (one more
+            launch: the sparse kernel runs the sparse heads' rows in place, SDPA the dense heads as
+            a view); used with ``dense_tflops``. Default: 0.
+        mixed_gather_us: further cost of such a call when its dense heads are not consecutive in
+            the rank's head order (SDPA then reads a gathered copy and its output is scattered
+            back). Plans list each group's dense heads first, so only unplanned layouts pay it.
+            Default: 0.
         dense_unaligned: time factor (>= 1) of dense heads' entries in calls whose key length is
             not a multiple of 128 (cuDNN's key tile: on H100 such calls run ~12% slower at the
             same work; a ring chunk of an odd number of 64-token blocks is one). Used with
@@ -2031,6 +2049,7 @@ class CostModel:
     gpus_per_node: int
     dense_tflops: float | None = None
     mixed_overhead_us: float = 0.0
+    mixed_gather_us: float = 0.0
     dense_unaligned: float = 1.0
     source: str = field(default="", compare=False)
 
@@ -2047,9 +2066,10 @@ class CostModel:
         d = self.dense_tflops
         if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0):
             raise ValueError(f"dense_tflops must be None or a finite number > 0, got {d!r}")
-        m = self.mixed_overhead_us
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
-            raise ValueError(f"mixed_overhead_us must be a finite number >= 0, got {m!r}")
+        for name in ("mixed_overhead_us", "mixed_gather_us"):
+            m = getattr(self, name)
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {m!r}")
         f = self.dense_unaligned
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 1:
             raise ValueError(f"dense_unaligned must be a finite number >= 1, got {f!r}")
@@ -2070,7 +2090,8 @@ class CostModel:
         if missing:
             raise ValueError(f"{path}: cost model JSON lacks {missing}; it needs {list(cls._FIELDS)}")
         return cls(**{f: data[f] for f in cls._FIELDS}, dense_tflops=data.get("dense_tflops"),
-                   mixed_overhead_us=data.get("mixed_overhead_us", 0.0), dense_unaligned=data.get("dense_unaligned", 1.0),
+                   mixed_overhead_us=data.get("mixed_overhead_us", 0.0), mixed_gather_us=data.get("mixed_gather_us", 0.0),
+                   dense_unaligned=data.get("dense_unaligned", 1.0),
                    source=str(data.get("source", path)))
 
     @classmethod
@@ -2084,6 +2105,7 @@ class CostModel:
         if self.dense_tflops is not None:
             data["dense_tflops"] = self.dense_tflops
             data["mixed_overhead_us"] = self.mixed_overhead_us
+            data["mixed_gather_us"] = self.mixed_gather_us
             data["dense_unaligned"] = self.dense_unaligned
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
@@ -2094,9 +2116,10 @@ class CostModel:
         curve = self.fine_tflops if fine_grained else self.block_tflops
         return float(np.interp(density, [d for d, _ in curve], [t for _, t in curve]))
 
-    def _dense_tiles(self, plan: Plan, dense_heads, batch: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """``((U, R, R) score entries of the dense heads in each tile, (U,) dense heads per group)``,
-        or None when dense heads are not modelled."""
+    def _dense_tiles(self, plan: Plan, dense_heads, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``((U, R, R) score entries of the dense heads in each tile, (U,) dense heads per group,
+        (U,) whether each group's dense heads are consecutive in its head order)``, or None when
+        dense heads are not modelled."""
         if self.dense_tflops is None or not dense_heads:
             return None
         dense = set(int(h) for h in dense_heads)
@@ -2108,13 +2131,15 @@ class CostModel:
         def tokens(blocks: tuple[int, ...]) -> int:  # sorted block ids
             return len(blocks) * M - (short if blocks and blocks[-1] == nb - 1 else 0)
 
-        counts = np.array([sum(h in dense for h in plan.head_group(k)) for k in range(plan.ulysses)])
+        at = [[i for i, h in enumerate(plan.head_group(k)) if h in dense] for k in range(plan.ulysses)]
+        counts = np.array([len(a) for a in at])
+        consecutive = np.array([not a or a[-1] - a[0] == len(a) - 1 for a in at])
         out = np.zeros((plan.ulysses, plan.ring, plan.ring))
         for k in np.nonzero(counts)[0]:
             q = np.array([tokens(b) for b in plan.q_blocks[k]], dtype=np.float64)
             kv = np.array([tokens(b) for b in plan.kv_blocks[k]], dtype=np.float64)
             out[k] = batch * counts[k] * np.outer(q, kv)
-        return out, counts
+        return out, counts, consecutive
 
     def _bandwidth(self, group: int, span: int) -> float:
         """Bytes/s of a group of ``group`` ranks spread over ``span`` consecutive global ranks."""
@@ -2157,7 +2182,7 @@ class CostModel:
         W = plan._need_tile_work().numpy().astype(np.float64)
         U, R, S, H = plan.ulysses, plan.ring, plan.seq_len, plan.heads
         modelled = self._dense_tiles(plan, dense_heads, batch)
-        dense_w, dense_k = modelled if modelled is not None else (None, None)  # (U, R, R) entries, (U,) heads
+        dense_w, dense_k, consecutive = modelled if modelled is not None else (None, None, None)  # (U, R, R) entries, (U,) heads
         n_dense = 0 if dense_heads is None else len(set(dense_heads))
         if density is None:
             sparse_heads = H - n_dense if dense_w is not None else H
@@ -2173,7 +2198,8 @@ class CostModel:
         overhead = np.full((U, 1, 1), self.call_overhead_us * 1e-6)
         if dense_w is not None:  # a group holding dense and sparse heads makes mixed calls
             mixed = (dense_k > 0) & (dense_k < np.array(plan.heads_per_rank))
-            overhead = overhead + np.where(mixed, self.mixed_overhead_us * 1e-6, 0.0)[:, None, None]
+            extra = self.mixed_overhead_us + np.where(consecutive, 0.0, self.mixed_gather_us)
+            overhead = overhead + np.where(mixed, extra * 1e-6, 0.0)[:, None, None]
         compute = np.where(D > 0, overhead + _steps(seconds), 0.0)
         lat = self.comm_latency_us * 1e-6
         heads_k = np.array(plan.heads_per_rank, dtype=np.float64)
@@ -2601,6 +2627,7 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
         return None
     U = plan.ulysses
     groups = _swap_heads(s._head_totals, [list(plan.head_group(k)) for k in range(U)])
+    groups = _dense_first(groups, s._head_totals == s.batch * s.seq_len * s.seq_len)
     W = np.array([s._head_totals[g].sum() for g in groups], dtype=np.int64).reshape(U, 1, 1)
     owner = np.zeros((U, plan.num_blocks), dtype=np.int64)
     new = _build_plan(ulysses=U, ring=1, heads=plan.heads, q_block=plan.q_block, seq_len=plan.seq_len, groups=groups,

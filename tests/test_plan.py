@@ -515,6 +515,64 @@ def test_dense_heads_run_at_the_dense_rate():
         model(mixed_overhead_us=-1.0)
 
 
+def _dense_first_everywhere(plan, dense):
+    for k in range(plan.ulysses):
+        kinds = [h in dense for h in plan.head_group(k)]
+        assert kinds == sorted(kinds, reverse=True), (k, plan.head_group(k), dense)
+
+
+@pytest.mark.parametrize("U, R", [(2, 1), (4, 1), (2, 2), (1, 4)])
+def test_plans_list_dense_heads_first_and_scattered_ones_pay_the_gather(U, R):
+    """Every plan the planner builds other than the unplanned layout (from work or a summary, with
+    or without a cost model, and PlanCache's head-swap repairs) lists each group's dense heads first, which changes no work;
+    CostModel charges mixed_gather_us only to mixed calls whose dense heads are apart."""
+    from dbsp.plan import dense_heads, summarize_work
+
+    H, nb, S = 8, 8, 512
+    work = random_work(H, nb, seed=11 + U + R, dense_range=(0.05, 0.6))
+    for h in (1, 4, 6):  # dense heads spread over the contiguous groups
+        work[0, h] = 64 * 64
+    dense = set(dense_heads(work, q_block=64, seq_len=S))
+    assert dense == {1, 4, 6}
+    timed = model(dense_tflops=700.0, mixed_overhead_us=20.0, mixed_gather_us=300.0)
+    summary = summarize_work(work, q_block=64, seq_len=S, coarse=1, ring=R)
+    for src in (work, summary):
+        for kw in (dict(), dict(cost_model=timed), dict(balance_heads=False), dict(balance_blocks=False)):
+            plan = make_plan(src, ulysses=U, ring=R, q_block=64, seq_len=S, **kw)
+            if plan.head_perm == tuple(range(H)) and plan.moved_blocks("q") + plan.moved_blocks("kv") == 0:
+                continue  # the unplanned layout is returned as it is
+            _dense_first_everywhere(plan, dense)
+            # The same heads per group and blocks, in natural order, have the same tile work.
+            natural = Plan(ulysses=U, ring=R, heads=H, q_block=64, seq_len=S,
+                           head_perm=tuple(h for k in range(U) for h in sorted(plan.head_group(k))),
+                           head_offsets=plan.head_offsets, q_blocks=plan.q_blocks, kv_blocks=plan.kv_blocks)
+            assert torch.equal(tile_work(work, natural), plan.tile_work)
+    if R == 1:  # a repair after the dense heads move keeps the order
+        cache = PlanCache(incremental=True, threshold=1.0)
+        cache.get(0, summary, ulysses=U, ring=1)
+        drift = work.clone()
+        drift[0, 0] = 64 * 64
+        drift[0, 1] //= 2
+        moved = cache.get(0, summarize_work(drift, q_block=64, seq_len=S, coarse=1, ring=1), ulysses=U, ring=1)
+        _dense_first_everywhere(moved, set(dense_heads(drift, q_block=64, seq_len=S)))
+    # The gather term: one group holding sparse 0, dense 1, sparse 2, dense 3 (apart), then in the
+    # planner's order (together); identical work and tiles, the first pays 300 us more per call.
+    apart = Plan(ulysses=1, ring=R, heads=4, q_block=64, seq_len=S, head_perm=(0, 1, 2, 3), head_offsets=(0, 4),
+                 q_blocks=Plan.identity(ulysses=1, ring=R, heads=4, q_block=64, seq_len=S).q_blocks,
+                 kv_blocks=Plan.identity(ulysses=1, ring=R, heads=4, q_block=64, seq_len=S).kv_blocks)
+    four = work[:, :4].clone()
+    four[0, 3] = 64 * 64
+    together = Plan(**{**apart._layout(), "head_perm": (1, 3, 0, 2)})
+    a = timed.predict(apart.with_tile_work(four), dense_heads=(1, 3))
+    t = timed.predict(together.with_tile_work(four), dense_heads=(1, 3))
+    calls = int((apart.with_tile_work(four).tile_work[0, 0] > 0).sum())  # rank 0's non-empty ring steps
+    assert a.rank_compute_ms[0][0] - t.rank_compute_ms[0][0] == pytest.approx(calls * 0.3)
+    assert model(dense_tflops=700.0, mixed_overhead_us=20.0).predict(apart.with_tile_work(four), dense_heads=(1, 3)) == \
+        model(dense_tflops=700.0, mixed_overhead_us=20.0).predict(together.with_tile_work(four), dense_heads=(1, 3))
+    with pytest.raises(ValueError, match="mixed_gather_us must be a finite number >= 0"):
+        model(mixed_gather_us=-1.0)
+
+
 def test_choose_degrees_enumerates_what_the_heads_allow():
     work = synthetic_work(heads=12, seq_len=6000, frames=6, seed=3)
     kw = dict(world=8, q_block=64, seq_len=6000, cost_model=model())
