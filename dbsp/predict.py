@@ -568,6 +568,10 @@ class _TorchPasses:
             gsum[r0:r1] = torch.exp(g - mx[..., None]).sum(dim=2)
         return gmax, gsum
 
+    def bracket(self, lse, gmax, gsum, n_g, top_p):
+        """``(tau_lo, tau_hi)`` per row (:func:`_bracket`)."""
+        return _bracket(lse, gmax, gsum, n_g, top_p)
+
     def candidates(self, lse: torch.Tensor, theta: torch.Tensor):
         """Pass 2: mass ``(R, T)`` and count ``(R, T)`` of tiles with log-mass >= ``theta``."""
         R, T = theta.shape
@@ -685,7 +689,7 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
 
     gmax, gsum = passes.stats(gs, ng)
     lse = torch.logsumexp(gmax + torch.log(gsum), dim=1)
-    tau_lo, tau_hi = _bracket(lse, gmax, gsum, n_g, cfg.top_p)
+    tau_lo, tau_hi = passes.bracket(lse, gmax, gsum, n_g, cfg.top_p)
     # Bracket ends are masses of actual tiles; a tiny nudge down keeps such a tile on the kept side
     # of the threshold despite the exp/log round trip.
     lo = torch.log(tau_lo.clamp_min(1e-38)) + lse - _NUDGE

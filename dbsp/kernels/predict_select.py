@@ -6,6 +6,7 @@ of one *group* (``GK`` consecutive keys, ``GK / N`` tiles of ``N`` keys) at a ti
 writes a score to memory::
 
     stats       per (query block, group): max tile log-mass, sum of exp(log-mass - max)
+    bracket     per query block, from the stats in registers: the threshold bracket (two sorts)
     candidates  per (query block, program chunk): mass and count of tiles >= each threshold
     emit        per (query block, group): a bit word of kept tiles and its popcount
     expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices)
@@ -27,6 +28,8 @@ import triton.language as tl
 # kernels with the same values (they only change speed).
 BLOCK_M = 64
 GROUPS_PER_PROG = 8
+# Most pass-1 groups per row that the bracket kernel sorts in registers (262,144 keys at 64 per group).
+BRACKET_MAX_GROUPS = 4096
 # Skip margin in log-mass: a group is skipped only if its pass-1 max is below the threshold by
 # more than this, so float differences between passes can never drop a kept tile.
 SKIP_MARGIN = 1e-3
@@ -171,6 +174,49 @@ def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, mq, H, Sq, Skv, ng, nt
 
 
 @triton.jit
+def _sorted_desc(x, idx, NGP: tl.constexpr):
+    """``x`` (``>= 0``, ``(NGP,)``) sorted descending, ties towards lower ``idx``, and the order
+    (positions of the sorted elements in ``x``): one int64 sort of (float bits, reversed index)."""
+    bits = x.to(tl.int32, bitcast=True).to(tl.int64)  # order-preserving for floats >= 0
+    key = tl.sort((bits << 32) | (NGP - 1 - idx).to(tl.int64), descending=True)
+    order = (NGP - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
+    return (key >> 32).to(tl.int32).to(tl.float32, bitcast=True), order
+
+
+@triton.jit
+def _bracket_kernel(LSE, GMAX, GSUM, NG_KEYS, TAU_LO, TAU_HI, ng, top_p, NGP: tl.constexpr):
+    """Per row ``(tau_lo, tau_hi)`` of ``predict._bracket`` (same bounds, in registers)."""
+    r = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, NGP)
+    ok = idx < ng
+    lse = tl.load(LSE + r)
+    gmax = tl.load(GMAX + r * ng + idx, mask=ok, other=float("-inf"))
+    gsum = tl.load(GSUM + r * ng + idx, mask=ok, other=0.0)
+    n_g = tl.load(NG_KEYS + idx, mask=ok, other=1.0)
+    m = tl.where(ok, tl.exp(gmax - lse), 0.0)  # max tile mass per group
+    P = m * gsum  # group mass
+    # Upper bound: the groups by max tile mass, until their mass reaches top_p.
+    ms, om = _sorted_desc(m, idx, NGP)
+    cum_p = tl.cumsum(tl.gather(P, om, 0), 0)
+    i_hi = tl.minimum(tl.sum((cum_p < top_p).to(tl.int32), 0), ng - 1)
+    tau_hi = tl.sum(tl.where(idx == i_hi, ms, 0.0), 0)
+    # Lower bound (a): every group whose max tile clears tau contributes at least that tile.
+    j = tl.sum((tl.cumsum(ms, 0) < top_p).to(tl.int32), 0)
+    tau_a = tl.where(j < ng, tl.sum(tl.where(idx == tl.minimum(j, ng - 1), ms, 0.0), 0), 0.0)
+    # Lower bound (b): sum_g (P_g - n_g tau)_+ = top_p, segment by segment of the sorted P_g / n_g.
+    bs, ob = _sorted_desc(tl.where(ok, P / n_g, 0.0), idx, NGP)
+    A = tl.cumsum(tl.gather(P, ob, 0), 0)
+    Nn = tl.cumsum(tl.where(ok, tl.gather(n_g, ob, 0), 0.0), 0)
+    tau_i = (A - top_p) / tl.where(Nn > 0, Nn, 1.0)
+    nxt = tl.where(idx + 1 < ng, tl.gather(bs, tl.minimum(idx + 1, NGP - 1), 0), 0.0)
+    fits = ok & (tau_i >= 0) & (tau_i <= bs * (1 + 1e-6)) & (tau_i >= nxt * (1 - 1e-6))
+    tau_b = tl.max(tl.where(fits, tau_i, 0.0), 0)
+    tau_lo = tl.maximum(tau_a, tau_b)
+    tl.store(TAU_LO + r, tau_lo)
+    tl.store(TAU_HI + r, tl.maximum(tau_hi, tau_lo))
+
+
+@triton.jit
 def _expand_kernel(WORDS, STARTS, OUT, n_words, ng, BW: tl.constexpr, GT: tl.constexpr):
     pid = tl.program_id(0)
     w = pid * BW + tl.arange(0, BW)
@@ -247,6 +293,20 @@ class TritonPasses:
                                     sb, ss, sh, **meta)
         self._gmax = gmax
         return gmax, gsum
+
+    def bracket(self, lse: torch.Tensor, gmax: torch.Tensor, gsum: torch.Tensor, n_g: torch.Tensor, top_p: float):
+        """``predict._bracket`` in one kernel (a program per row, the groups in registers; rows of
+        more than ``BRACKET_MAX_GROUPS`` groups use ``predict._bracket``, the same bounds in torch)."""
+        R, ng = gmax.shape
+        if ng > BRACKET_MAX_GROUPS:
+            from ..predict import _bracket
+
+            return _bracket(lse, gmax, gsum, n_g, top_p)
+        tau_lo = torch.empty(R, device=gmax.device, dtype=torch.float32)
+        tau_hi = torch.empty_like(tau_lo)
+        _bracket_kernel[(R,)](lse.float().contiguous(), gmax.contiguous(), gsum.contiguous(), n_g.float().contiguous(),
+                              tau_lo, tau_hi, ng, float(top_p), NGP=max(16, triton.next_power_of_2(ng)))
+        return tau_lo, tau_hi
 
     def candidates(self, lse: torch.Tensor, theta: torch.Tensor):
         R, T = theta.shape
