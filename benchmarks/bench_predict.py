@@ -251,10 +251,7 @@ def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
     nt = S
     gs, ng, n_g = P._group_layout(nt, 64, 1, q.device)
     gmax, gsum = passes.stats(gs, ng)
-    lse = torch.logsumexp(gmax + torch.log(gsum), dim=1)
-    tau_lo, tau_hi = P._bracket(lse, gmax, gsum, n_g, cfg.top_p)
-    lo, hi = torch.log(tau_lo) + lse, torch.log(tau_hi) + lse
-    theta = lo[:, None] + (hi - lo)[:, None] * (torch.arange(8, device=q.device) / 7)
+    lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
     mass, cnt = passes.candidates(lse, theta)
     pick = P._select(mass, theta, cfg.top_p)
     theta_row = theta.gather(1, pick[:, None]).squeeze(1)
@@ -267,7 +264,7 @@ def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
         "block_pool(q)": lambda: P.block_pool(q, 64),
         "fused pool(q) kernel": lambda: predict_pooled.pool(q, 64),
         "pass 1 stats kernel": lambda: passes.stats(gs, ng),
-        "bracket (torch, small)": lambda: P._bracket(lse, gmax, gsum, n_g, cfg.top_p),
+        "thresholds kernel (lse, bracket, 8 candidates)": lambda: passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8),
         "pass 2 candidates kernel (8)": lambda: passes.candidates(lse, theta),
         "pass 3 emit + expand kernels": lambda: passes.emit(theta_row, forced),
         "round up dense heads + offsets (torch)": lambda: P._offsets(P._round_up_dense_heads(counts, indices, S, S, cfg)[0]),

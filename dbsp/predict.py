@@ -568,9 +568,9 @@ class _TorchPasses:
             gsum[r0:r1] = torch.exp(g - mx[..., None]).sum(dim=2)
         return gmax, gsum
 
-    def bracket(self, lse, gmax, gsum, n_g, top_p):
-        """``(tau_lo, tau_hi)`` per row (:func:`_bracket`)."""
-        return _bracket(lse, gmax, gsum, n_g, top_p)
+    def thresholds(self, gmax, gsum, n_g, top_p, T):
+        """Per row the log-sum-exp ``lse (R,)`` and ``T`` candidate thresholds ``(R, T)`` (:func:`_thresholds`)."""
+        return _thresholds(gmax, gsum, n_g, top_p, T)
 
     def candidates(self, lse: torch.Tensor, theta: torch.Tensor):
         """Pass 2: mass ``(R, T)`` and count ``(R, T)`` of tiles with log-mass >= ``theta``."""
@@ -633,6 +633,19 @@ def _bracket(lse, gmax, gsum, n_g, top_p):
     return tau_lo, torch.maximum(tau_hi, tau_lo)
 
 
+def _thresholds(gmax, gsum, n_g, top_p, T):
+    """``lse (R,)`` from the pass-1 statistics and ``theta (R, T)``: absolute tile log-mass
+    thresholds spaced evenly over the bracket (in log-mass), ascending."""
+    lse = torch.logsumexp(gmax + torch.log(gsum), dim=1)
+    tau_lo, tau_hi = _bracket(lse, gmax, gsum, n_g, top_p)
+    # Bracket ends are masses of actual tiles; a tiny nudge down keeps such a tile on the kept side
+    # of the threshold despite the exp/log round trip.
+    lo = torch.log(tau_lo.clamp_min(1e-38)) + lse - _NUDGE
+    hi = torch.maximum(torch.log(tau_hi.clamp_min(1e-38)) + lse - _NUDGE, lo)
+    frac = torch.arange(T, device=gmax.device, dtype=torch.float32) / (T - 1)
+    return lse, lo[:, None] + (hi - lo)[:, None] * frac
+
+
 def _select(mass, theta, top_p):
     """Index of the largest candidate threshold whose kept mass reaches top_p (0 if none)."""
     T = theta.shape[1]
@@ -688,15 +701,8 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
     gs, ng, n_g = _group_layout(nt, cfg.q_block, N, qbar.device)
 
     gmax, gsum = passes.stats(gs, ng)
-    lse = torch.logsumexp(gmax + torch.log(gsum), dim=1)
-    tau_lo, tau_hi = passes.bracket(lse, gmax, gsum, n_g, cfg.top_p)
-    # Bracket ends are masses of actual tiles; a tiny nudge down keeps such a tile on the kept side
-    # of the threshold despite the exp/log round trip.
-    lo = torch.log(tau_lo.clamp_min(1e-38)) + lse - _NUDGE
-    hi = torch.maximum(torch.log(tau_hi.clamp_min(1e-38)) + lse - _NUDGE, lo)
     T = cfg.candidates
-    frac = torch.arange(T, device=qbar.device, dtype=torch.float32) / (T - 1)
-    theta = lo[:, None] + (hi - lo)[:, None] * frac  # (R, T) absolute tile log-mass thresholds
+    lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, T)
     mass, cnt = passes.candidates(lse, theta)
     pick = _select(mass, theta, cfg.top_p)
     for _ in range(cfg.refine):

@@ -448,10 +448,11 @@ def test_bad_input_gets_a_clear_error():
 
 @triton_only
 @pytest.mark.parametrize("rows,ng,last", [(5, 512, 64), (7, 37, 5), (3, 16, 16), (4, 100, 1)])
-def test_triton_bracket_matches_the_torch_bracket(rows, ng, last):
-    """The bracket kernel gives predict._bracket's bounds (up to the order of its float sums) on
-    random group statistics with ties and a partial last group, and a valid bracket: at tau_lo the
-    groups keep at least top_p by bound (b) or (a), at tau_hi at most top_p."""
+def test_triton_thresholds_match_the_torch_ones(rows, ng, last):
+    """The thresholds kernel gives predict._thresholds' lse and candidate thresholds (up to the
+    order of its float sums) on random group statistics with ties and a partial last group, and
+    its bracket is valid: at its low end the groups keep at least top_p by bound (b) or (a), above
+    its high end less than top_p."""
     from dbsp import predict as P
     from dbsp.kernels import predict_select
 
@@ -464,18 +465,18 @@ def test_triton_bracket_matches_the_torch_bracket(rows, ng, last):
     gmax = torch.randn(rows, ng, generator=g) * 3
     gmax[:, 3] = gmax[:, 5]  # ties in the max tile mass
     gsum = torch.minimum(1 + torch.rand(rows, ng, generator=g) * 63, n_g)
-    lse = torch.logsumexp(gmax + torch.log(gsum), dim=1)
     for top_p in (0.5, 0.9, 0.99):
-        want = P._bracket(lse, gmax, gsum, n_g, top_p)
-        got = predict_select.TritonPasses.bracket(None, *(t.to(dev) for t in (lse, gmax, gsum, n_g)), top_p)
-        for w, x in zip(want, got):
-            torch.testing.assert_close(x.cpu(), w, rtol=1e-4, atol=1e-9)
-        lo, hi = got[0].cpu(), got[1].cpu()
-        m, Pg = torch.exp(gmax - lse[:, None]), torch.exp(gmax - lse[:, None]) * gsum
-        assert bool((lo <= hi).all())
+        want = P._thresholds(gmax, gsum, n_g, top_p, 8)
+        lse, theta = (t.cpu() for t in predict_select.TritonPasses.thresholds(None, gmax.to(dev), gsum.to(dev), n_g.to(dev), top_p, 8))
+        torch.testing.assert_close(lse, want[0], rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(theta, want[1], rtol=0, atol=1e-3)  # log-mass; sums near top_p cancel
+        assert bool((theta.diff(dim=1) >= 0).all())
+        lo, hi = (torch.exp(theta[:, i] - lse + P._NUDGE) for i in (0, -1))
+        m = torch.exp(gmax - lse[:, None])
+        Pg = m * gsum
         kept_lo = torch.maximum((Pg - n_g * lo[:, None]).clamp_min(0).sum(1), (m * (m >= lo[:, None])).sum(1))
         assert bool((kept_lo >= top_p * (1 - 1e-4)).all())
-        assert bool(((Pg * (m >= hi[:, None] * (1 + 1e-5))).sum(1) <= top_p * (1 + 1e-4)).all())
+        assert bool(((Pg * (m >= hi[:, None] * (1 + 1e-4))).sum(1) <= top_p * (1 + 1e-4)).all())
 
 
 _TTIR_SCRIPT = """
@@ -491,8 +492,8 @@ cases = [
                         "log_n": "fp32", "log_last": "fp32", "top_p": "fp32"}, dict(DIAG=diag, NTP=ntp))
     for diag in (False, True) for ntp in (512, 4096)
 ] + [(P._emit_kernel, {"KEEP": "*i8", "OFFS": "*i64", "DENSE": "*i8", "OUT": "*i32"}, dict(NTP=1024))] + [
-    (S._bracket_kernel, {"LSE": "*fp32", "GMAX": "*fp32", "GSUM": "*fp32", "NG_KEYS": "*fp32", "TAU_LO": "*fp32",
-                         "TAU_HI": "*fp32", "top_p": "fp32"}, dict(NGP=ngp))
+    (S._thresholds_kernel, {"GMAX": "*fp32", "GSUM": "*fp32", "NG_KEYS": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
+                            "top_p": "fp32", "nudge": "fp32"}, dict(T=8, NGP=ngp))
     for ngp in (16, 4096)
 ]
 for kernel, types, const in cases:
@@ -506,5 +507,5 @@ print(len(cases))
 
 @triton_only
 def test_fused_kernels_compile_for_hopper():
-    """The compiler front end accepts the fused kernels and the bracket kernel for sm_90 (the interpreter checks no types)."""
+    """The compiler front end accepts the fused kernels and the thresholds kernel for sm_90 (the interpreter checks no types)."""
     assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "9"

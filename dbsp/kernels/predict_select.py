@@ -6,7 +6,8 @@ of one *group* (``GK`` consecutive keys, ``GK / N`` tiles of ``N`` keys) at a ti
 writes a score to memory::
 
     stats       per (query block, group): max tile log-mass, sum of exp(log-mass - max)
-    bracket     per query block, from the stats in registers: the threshold bracket (two sorts)
+    thresholds  per query block, from the stats in registers: lse, the bracket (two sorts) and the
+                candidate thresholds
     candidates  per (query block, program chunk): mass and count of tiles >= each threshold
     emit        per (query block, group): a bit word of kept tiles and its popcount
     expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices)
@@ -28,8 +29,11 @@ import triton.language as tl
 # kernels with the same values (they only change speed).
 BLOCK_M = 64
 GROUPS_PER_PROG = 8
-# Most pass-1 groups per row that the bracket kernel sorts in registers (262,144 keys at 64 per group).
+# Most pass-1 groups per row that the thresholds kernel sorts in registers (262,144 keys at 64 per group).
 BRACKET_MAX_GROUPS = 4096
+# Bits per expand program: on an H100 (64x1, 3.1M words of 64 tiles) 8 words per program took
+# 0.34 ms, 64 words 1.54 ms; for 64x16 (4 tiles a word) 64 words 0.034 ms, 8 words 0.24 ms.
+EXPAND_BITS = 512
 # Skip margin in log-mass: a group is skipped only if its pass-1 max is below the threshold by
 # more than this, so float differences between passes can never drop a kept tile.
 SKIP_MARGIN = 1e-3
@@ -184,14 +188,16 @@ def _sorted_desc(x, idx, NGP: tl.constexpr):
 
 
 @triton.jit
-def _bracket_kernel(LSE, GMAX, GSUM, NG_KEYS, TAU_LO, TAU_HI, ng, top_p, NGP: tl.constexpr):
-    """Per row ``(tau_lo, tau_hi)`` of ``predict._bracket`` (same bounds, in registers)."""
+def _thresholds_kernel(GMAX, GSUM, NG_KEYS, LSE, THETA, ng, top_p, nudge, T: tl.constexpr, NGP: tl.constexpr):
+    """Per row ``predict._thresholds``: lse, the bracket of ``predict._bracket`` (same bounds) and
+    ``T`` thresholds, all in registers."""
     r = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, NGP)
     ok = idx < ng
-    lse = tl.load(LSE + r)
     gmax = tl.load(GMAX + r * ng + idx, mask=ok, other=float("-inf"))
     gsum = tl.load(GSUM + r * ng + idx, mask=ok, other=0.0)
+    top = tl.max(gmax, 0)
+    lse = top + tl.log(tl.sum(tl.where(ok, gsum * tl.exp(gmax - top), 0.0), 0))
     n_g = tl.load(NG_KEYS + idx, mask=ok, other=1.0)
     m = tl.where(ok, tl.exp(gmax - lse), 0.0)  # max tile mass per group
     P = m * gsum  # group mass
@@ -212,8 +218,13 @@ def _bracket_kernel(LSE, GMAX, GSUM, NG_KEYS, TAU_LO, TAU_HI, ng, top_p, NGP: tl
     fits = ok & (tau_i >= 0) & (tau_i <= bs * (1 + 1e-6)) & (tau_i >= nxt * (1 - 1e-6))
     tau_b = tl.max(tl.where(fits, tau_i, 0.0), 0)
     tau_lo = tl.maximum(tau_a, tau_b)
-    tl.store(TAU_LO + r, tau_lo)
-    tl.store(TAU_HI + r, tl.maximum(tau_hi, tau_lo))
+    tau_hi = tl.maximum(tau_hi, tau_lo)
+    # Bracket ends in log-mass, nudged down (see predict._thresholds), and T thresholds between.
+    lo = tl.log(tl.maximum(tau_lo, 1e-38)) + lse - nudge
+    hi = tl.maximum(tl.log(tl.maximum(tau_hi, 1e-38)) + lse - nudge, lo)
+    cols = tl.arange(0, T)
+    tl.store(THETA + r * T + cols, lo + (hi - lo) * (cols.to(tl.float32) / (T - 1)))
+    tl.store(LSE + r, lse)
 
 
 @triton.jit
@@ -294,19 +305,19 @@ class TritonPasses:
         self._gmax = gmax
         return gmax, gsum
 
-    def bracket(self, lse: torch.Tensor, gmax: torch.Tensor, gsum: torch.Tensor, n_g: torch.Tensor, top_p: float):
-        """``predict._bracket`` in one kernel (a program per row, the groups in registers; rows of
-        more than ``BRACKET_MAX_GROUPS`` groups use ``predict._bracket``, the same bounds in torch)."""
-        R, ng = gmax.shape
-        if ng > BRACKET_MAX_GROUPS:
-            from ..predict import _bracket
+    def thresholds(self, gmax: torch.Tensor, gsum: torch.Tensor, n_g: torch.Tensor, top_p: float, T: int):
+        """``predict._thresholds`` in one kernel (a program per row, its groups in registers; rows
+        of more than ``BRACKET_MAX_GROUPS`` groups, or ``T`` not a power of two, run it in torch)."""
+        from .. import predict
 
-            return _bracket(lse, gmax, gsum, n_g, top_p)
-        tau_lo = torch.empty(R, device=gmax.device, dtype=torch.float32)
-        tau_hi = torch.empty_like(tau_lo)
-        _bracket_kernel[(R,)](lse.float().contiguous(), gmax.contiguous(), gsum.contiguous(), n_g.float().contiguous(),
-                              tau_lo, tau_hi, ng, float(top_p), NGP=max(16, triton.next_power_of_2(ng)))
-        return tau_lo, tau_hi
+        R, ng = gmax.shape
+        if ng > BRACKET_MAX_GROUPS or T & (T - 1):
+            return predict._thresholds(gmax, gsum, n_g, top_p, T)
+        lse = torch.empty(R, device=gmax.device, dtype=torch.float32)
+        theta = torch.empty(R, T, device=gmax.device, dtype=torch.float32)
+        _thresholds_kernel[(R,)](gmax.contiguous(), gsum.contiguous(), n_g.float().contiguous(), lse, theta, ng,
+                                 float(top_p), predict._NUDGE, T=T, NGP=max(16, triton.next_power_of_2(ng)))
+        return lse, theta
 
     def candidates(self, lse: torch.Tensor, theta: torch.Tensor):
         R, T = theta.shape
@@ -335,7 +346,7 @@ class TritonPasses:
         starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
         nnz = int(counts.sum())
         out = torch.empty(nnz, device=theta_row.device, dtype=torch.int32)
-        BW = 64
+        BW = max(1, EXPAND_BITS // self.gs)
         _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, starts, out, R * self.ng, self.ng, BW=BW, GT=self.gs)
         return counts.view(R, self.ng).sum(dim=1, dtype=torch.int64), out
 
