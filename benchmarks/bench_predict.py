@@ -265,7 +265,7 @@ def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
         "fused pool(q) kernel": lambda: predict_pooled.pool(q, 64),
         "pass 1 stats kernel": lambda: passes.stats(gs, ng),
         "thresholds kernel (lse, bracket, 8 candidates)": lambda: passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8),
-        "pass 2 candidates kernel (8)": lambda: passes.candidates(lse, theta),
+        "pass 2 candidates kernel (8, no counts)": lambda: passes.candidates(lse, theta, count=False),
         "pass 3 emit + expand kernels": lambda: passes.emit(theta_row, forced),
         "round up dense heads + offsets (torch)": lambda: P._offsets(P._round_up_dense_heads(counts, indices, S, S, cfg)[0]),
     }

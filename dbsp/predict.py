@@ -572,17 +572,19 @@ class _TorchPasses:
         """Per row the log-sum-exp ``lse (R,)`` and ``T`` candidate thresholds ``(R, T)`` (:func:`_thresholds`)."""
         return _thresholds(gmax, gsum, n_g, top_p, T)
 
-    def candidates(self, lse: torch.Tensor, theta: torch.Tensor):
-        """Pass 2: mass ``(R, T)`` and count ``(R, T)`` of tiles with log-mass >= ``theta``."""
+    def candidates(self, lse: torch.Tensor, theta: torch.Tensor, count: bool = True):
+        """Pass 2: mass ``(R, T)`` and (with ``count``, else None) count ``(R, T)`` of tiles with
+        log-mass >= ``theta``."""
         R, T = theta.shape
         mass = torch.empty(R, T, device=theta.device)
-        cnt = torch.empty(R, T, dtype=torch.int64, device=theta.device)
+        cnt = torch.empty(R, T, dtype=torch.int64, device=theta.device) if count else None
         for r0, r1, logm in self._chunks():
             p = torch.exp(logm - lse[r0:r1, None])
             for t in range(T):
                 sel = logm >= theta[r0:r1, t : t + 1]
                 mass[r0:r1, t] = (p * sel).sum(dim=1)
-                cnt[r0:r1, t] = sel.sum(dim=1)
+                if count:
+                    cnt[r0:r1, t] = sel.sum(dim=1)
         return mass, cnt
 
     def emit(self, theta_row: torch.Tensor, forced: _Forced):
@@ -703,16 +705,16 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
     gmax, gsum = passes.stats(gs, ng)
     T = cfg.candidates
     lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, T)
-    mass, cnt = passes.candidates(lse, theta)
+    budgets = cfg.min_keep > 1 or cfg.max_keep is not None  # only budgets need the counts
+    mass, cnt = passes.candidates(lse, theta, count=budgets and cfg.refine == 0)
     pick = _select(mass, theta, cfg.top_p)
-    for _ in range(cfg.refine):
+    for r in range(cfg.refine):
         lo = theta.gather(1, pick[:, None]).squeeze(1)
         hi = theta.gather(1, (pick + 1).clamp(max=T - 1)[:, None]).squeeze(1)
         theta = lo[:, None] + (hi - lo)[:, None] * (torch.arange(T, device=qbar.device) / T)
-        mass, cnt = passes.candidates(lse, theta)
+        mass, cnt = passes.candidates(lse, theta, count=budgets and r == cfg.refine - 1)
         pick = _select(mass, theta, cfg.top_p)
     theta_row = theta.gather(1, pick[:, None]).squeeze(1)
-    n_rule = cnt.gather(1, pick[:, None]).squeeze(1)
 
     # Budgets: rows outside [min_keep, max_keep] get a threshold midway between their k-th and
     # (k+1)-th largest tile log-mass, so it keeps exactly k tiles (unless those two are equal)
@@ -720,7 +722,8 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
     # The chosen threshold always keeps the row's heaviest tile, so without budgets there is
     # nothing to fix (and no need to synchronise with the device to find out).
     fix = None
-    if cfg.min_keep > 1 or cfg.max_keep is not None:
+    if budgets:
+        n_rule = cnt.gather(1, pick[:, None]).squeeze(1)
         target = _budget_counts(n_rule, nt, cfg)
         fix = torch.nonzero(target != n_rule).reshape(-1)
     if fix is not None and fix.numel():

@@ -495,6 +495,11 @@ cases = [
     (S._thresholds_kernel, {"GMAX": "*fp32", "GSUM": "*fp32", "NG_KEYS": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
                             "top_p": "fp32", "nudge": "fp32"}, dict(T=8, NGP=ngp))
     for ngp in (16, 4096)
+] + [
+    (S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
+                            "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
+     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, COUNT=count))
+    for n in (1, 16) for count in (False, True)
 ]
 for kernel, types, const in cases:
     try:
@@ -507,5 +512,5 @@ print(len(cases))
 
 @triton_only
 def test_fused_kernels_compile_for_hopper():
-    """The compiler front end accepts the fused kernels and the thresholds kernel for sm_90 (the interpreter checks no types)."""
-    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "9"
+    """The compiler front end accepts the fused kernels and the per-key thresholds and candidates kernels for sm_90 (the interpreter checks no types)."""
+    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "13"

@@ -98,7 +98,7 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
                        s_kb, s_ks, s_kh, margin,
                        BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, COUNT: tl.constexpr):
     pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
     rows = pid_m * BM + tl.arange(0, BM)
@@ -125,13 +125,15 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
                 th = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
                 sel = t >= th[:, None]
                 m_i = tl.sum(tl.where(sel, p, 0.0), axis=1)
-                c_i = tl.sum(sel.to(tl.int32), axis=1)
                 acc_m += tl.where(cols[None, :] == i, m_i[:, None], 0.0)
-                acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
+                if COUNT:
+                    c_i = tl.sum(sel.to(tl.int32), axis=1)
+                    acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
     out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
     ok = rvalid[:, None] & (cols[None, :] < T)
     tl.store(MASS + out, acc_m, mask=ok)
-    tl.store(CNT + out, acc_c, mask=ok)
+    if COUNT:
+        tl.store(CNT + out, acc_c, mask=ok)
 
 
 @triton.jit
@@ -319,16 +321,16 @@ class TritonPasses:
                                  float(top_p), predict._NUDGE, T=T, NGP=max(16, triton.next_power_of_2(ng)))
         return lse, theta
 
-    def candidates(self, lse: torch.Tensor, theta: torch.Tensor):
+    def candidates(self, lse: torch.Tensor, theta: torch.Tensor, count: bool = True):
         R, T = theta.shape
         mass = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.float32)
-        cnt = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.int32)
+        cnt = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.int32) if count else mass
         meta, (sb, ss, sh) = self._common()
         _candidates_kernel[self._grid()](
             self.qbar, self.k, self._gmax, lse.contiguous(), theta.float().contiguous(), mass, cnt,
             self.mq, self.H, self.Skv, self.ng, self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN,
-            T=T, T_P=triton.next_power_of_2(T), **meta)
-        return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64)
+            T=T, T_P=triton.next_power_of_2(T), COUNT=count, **meta)
+        return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64) if count else None
 
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
         """Kept tiles per row and their sorted ids; with ``dense_above``, heads whose density
