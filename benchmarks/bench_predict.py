@@ -216,6 +216,7 @@ def timing_study(shape: str, device: torch.device, quick: bool) -> list[dict]:
         "64x16 per-key": dict(q_block=64, kv_tile=16),
         "64x1 per-key": dict(q_block=64, kv_tile=1),
         "64x1 per-key, 16 candidates, no refine": dict(q_block=64, kv_tile=1, candidates=16, refine=0),
+        "64x1 per-key, 8 candidates, no refine": dict(q_block=64, kv_tile=1, candidates=8, refine=0),
         "64x1 per-key, torch passes": dict(q_block=64, kv_tile=1, backend="torch"),
     }
     if quick or device.type != "cuda":  # the torch rows are the GPU baselines of the fused kernels
