@@ -63,6 +63,7 @@ model, the :class:`PlanCache` check) is exact, not estimated; only the search is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -687,6 +688,19 @@ class WorkSummary:
     def _starts(self) -> np.ndarray:
         return np.asarray(self.unit_bounds, dtype=np.int64)
 
+    @cached_property
+    def _ring_tiles(self) -> np.ndarray:
+        """``(H, ring, ring)`` int64: every head's tiles with every unit at home at the summary's
+        ring degree (one pass over ``pooled``); the tiles of any ``R`` dividing ``ring`` are
+        their block sums (:func:`_summary_home_tiles`)."""
+        return _chunk_tiles(self, self.ring)
+
+    @cached_property
+    def _unit_marginals(self) -> tuple[np.ndarray, np.ndarray]:
+        """``((H, NU), (H, NU))`` int64: every head's work per query unit and per key unit."""
+        a = self._cells
+        return a.sum(2, dtype=np.int64), a.sum(1, dtype=np.int64)
+
     def __repr__(self) -> str:
         return (
             f"WorkSummary(H={self.heads}, {self.num_blocks} blocks of {self.q_block} in {self.num_units} units of "
@@ -751,27 +765,39 @@ def summarize_work(
     unit = np.repeat(np.arange(nu), np.diff(starts))  # (NB,): unit of every block
     fits = coarse * coarse * cell_max < 2**31  # a unit pair sums at most coarse^2 cells
     totals = None  # (H,) per-head work, computed beside the pooling where cheap there
+    chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()  # home chunks in units
     if isinstance(mask_or_work, SparseMask):
-        pooled, totals = _pool_mask(mask_or_work, torch.from_numpy(unit), nu)
+        pooled, totals, extras = _pool_mask(mask_or_work, torch.from_numpy(unit), nu, chunk)
     elif isinstance(w.cells, np.ndarray):
         dt = np.int32 if fits and w.cells.dtype == np.int32 else np.int64
         runs = _runs(nb, ring, coarse)
         rows = _pool_rows(w.cells, runs, coarse, dt)  # (H, NB, NB) -> (H, NU, NB): the one full pass
         pooled = torch.from_numpy(_pool_cols(rows, runs, coarse, dt))  # -> (H, NU, NU)
         totals = pooled.sum((1, 2), dtype=torch.int64).numpy()
+        extras = _pooled_extras(pooled, chunk)
     else:
         a, idx = w.cells, torch.from_numpy(unit).to(w.cells.device)
         acc = torch.int32 if fits and a.dtype == torch.int32 else torch.int64  # no widened copy of the work
         y = torch.zeros(w.heads, nb, nu, dtype=acc, device=a.device).index_add_(2, idx, a.to(acc))
         pooled = torch.zeros(w.heads, nu, nu, dtype=acc, device=a.device).index_add_(1, idx, y)
         totals = pooled.sum((1, 2), dtype=torch.int64).cpu().numpy()
+        extras = _pooled_extras(pooled, chunk)
         pooled = pooled.cpu()
     pooled = pooled.to(torch.int32 if fits else torch.int64)
     out = WorkSummary(pooled.contiguous(), q_block=q_block, seq_len=seq_len, coarse=coarse, ring=ring, kv_tile=kv_tile, batch=batch)
     out.__dict__["_cell_bound"] = coarse * coarse * cell_max  # what a unit pair can hold, known without a pass
-    if totals is not None:
-        out.__dict__["_head_totals"] = totals
+    out.__dict__["_head_totals"] = totals
+    out.__dict__["_unit_marginals"], out.__dict__["_ring_tiles"] = extras[:2], extras[2]
     return out
+
+
+def _pooled_extras(pooled: torch.Tensor, chunk: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the degree choice's bound reads, computed where ``pooled`` ``(H, NU, NU)`` lives:
+    ``((H, NU) work per query unit, (H, NU) per key unit, (H, ring, ring) home tiles)``, int64."""
+    R = len(chunk) - 1
+    y = torch.stack([pooled[:, chunk[i] : chunk[i + 1]].sum(1, dtype=torch.int64) for i in range(R)], 1)  # (H, R, NU)
+    tiles = torch.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(R)], 2)
+    return pooled.sum(2, dtype=torch.int64).cpu().numpy(), y.sum(1).cpu().numpy(), tiles.cpu().numpy()
 
 
 def _runs(num_blocks: int, ring: int, coarse: int) -> list[tuple[int, int, int]]:
@@ -806,9 +832,9 @@ def _pool_cols(a: np.ndarray, runs: list[tuple[int, int, int]], coarse: int, dty
     return np.concatenate(parts, 2)
 
 
-def _pool_mask(m: SparseMask, unit: torch.Tensor, nu: int) -> tuple[torch.Tensor, np.ndarray]:
+def _pool_mask(m: SparseMask, unit: torch.Tensor, nu: int, chunk: list[int]) -> tuple[torch.Tensor, np.ndarray, tuple]:
     """``(H, NU, NU)`` int64 CPU: a mask's work pooled over units, from its index lists (one pass),
-    and ``(H,)`` int64 per-head totals."""
+    ``(H,)`` int64 per-head totals and :func:`_pooled_extras` (``chunk``: home chunks in units)."""
     H, mq = m.heads, m.num_q_blocks
     out = torch.zeros(H * nu * nu, dtype=torch.int64, device=m.device)
     if m.nnz:
@@ -820,7 +846,7 @@ def _pool_mask(m: SparseMask, unit: torch.Tensor, nu: int) -> tuple[torch.Tensor
         kb = tiles.div(m.q_block // m.kv_tile, rounding_mode="floor")
         out.index_add_(0, (head * nu + unit[qb]) * nu + unit[kb], cost)
     out = out.reshape(H, nu, nu)
-    return out.cpu(), out.sum((1, 2)).cpu().numpy()
+    return out.cpu(), out.sum((1, 2)).cpu().numpy(), _pooled_extras(out, chunk)
 
 
 def _bounds(num_blocks: int, ring: int) -> np.ndarray:
@@ -1065,6 +1091,26 @@ def _summary_group_sum(s: WorkSummary, heads: list[int]) -> np.ndarray:
     return acc
 
 
+def _chunk_tiles(s: WorkSummary, ring: int) -> np.ndarray:
+    """``(H, R, R)`` int64: every head's tiles with every unit at home on ``ring`` ranks (one pass)."""
+    home = _home(s.num_blocks, ring)[s._starts[:-1]]
+    chunk = np.searchsorted(home, np.arange(ring + 1)).tolist()  # home chunk i = units chunk[i] .. chunk[i + 1] - 1
+    # Slice sums (few segments) beat reduceat; rows first, as adding whole rows vectorises:
+    # (H, NU, NU) -> (H, R, NU) -> (H, R, R).
+    y = np.stack([s._cells[:, chunk[i] : chunk[i + 1]].sum(1, dtype=np.int64) for i in range(ring)], 1)
+    return np.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(ring)], 2)
+
+
+def _summary_home_tiles(s: WorkSummary, ring: int) -> np.ndarray:
+    """``(H, R, R)`` int64 home tiles of ``ring`` (aligned to the summary): block sums of the
+    summary's cached ring tiles when ``ring`` divides its ring (home chunks nest:
+    ``floor(b * R / NB) = floor(floor(b * ring / NB) / (ring / R))``), else one pass."""
+    if s.ring % ring:
+        return _chunk_tiles(s, ring)
+    m = s.ring // ring
+    return s._ring_tiles.reshape(s.heads, ring, m, ring, m).sum((2, 4))
+
+
 def _summary_tile_work(s: WorkSummary, plan: Plan) -> np.ndarray:
     """``(U, R, R)`` int64 tiles of ``plan`` from a summary (exact; see :class:`WorkSummary`)."""
     U, R = plan.ulysses, plan.ring
@@ -1164,6 +1210,17 @@ def _best_swap(new: np.ndarray, ok: np.ndarray, xs: np.ndarray, ys: np.ndarray, 
 
 
 def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
+    """:func:`_lpt_heads`, remembered for the last few inputs: a degree choice balances the same
+    totals for its lower bound and for its plans."""
+    return [list(g) for g in _lpt_heads_memo(tuple(int(t) for t in totals), tuple(counts), bool(refine))]
+
+
+@functools.lru_cache(maxsize=64)
+def _lpt_heads_memo(totals: tuple[int, ...], counts: tuple[int, ...], refine: bool) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(g) for g in _lpt_heads(list(totals), list(counts), refine))
+
+
+def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
     """Head groups with the given counts and balanced total work.
 
     Longest processing time first: heads by decreasing work (ties: lower id) go to the least
@@ -1306,6 +1363,17 @@ def _mixed_groups(groups: list[list[int]], dense: np.ndarray) -> int:
 
 
 def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
+    """:func:`_lpt_heads_timed`, remembered for the last few inputs (as :func:`_balance_heads`)."""
+    key = (tuple(int(t) for t in totals), tuple(bool(d) for d in np.asarray(dense)), tuple(counts), bool(refine), int(penalty))
+    return [list(g) for g in _lpt_heads_timed_memo(*key)]
+
+
+@functools.lru_cache(maxsize=64)
+def _lpt_heads_timed_memo(totals, dense, counts, refine, penalty) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(g) for g in _lpt_heads_timed(list(totals), np.array(dense, dtype=bool), list(counts), refine, penalty))
+
+
+def _lpt_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
     """:func:`_balance_heads` on weighted totals where a group holding both dense and sparse heads
     also costs ``penalty`` (its mixed calls): groups of one kind are preferred where that does not
     cost balance.
@@ -1858,11 +1926,7 @@ def _summary_layouts(
     home = _home(nb, R)[starts[:-1]]  # (NU,): home ring rank of every unit
     movable = sizes == s.coarse
     caps = np.bincount(home[movable], minlength=R).tolist()
-    chunk = np.searchsorted(home, np.arange(R + 1)).tolist()  # home chunk i = units chunk[i] .. chunk[i + 1] - 1
-    # Slice sums (few segments) beat reduceat; rows first, as adding whole rows vectorises:
-    # (H, NU, NU) -> (H, R, NU) -> (H, R, R).
-    y = np.stack([s._cells[:, chunk[i] : chunk[i + 1]].sum(1, dtype=np.int64) for i in range(R)], 1)
-    head_tiles = np.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(R)], 2)
+    head_tiles = _summary_home_tiles(s, R)  # (H, R, R), shared by the candidates of a degree choice
     tokens = np.add.reduceat(_block_tokens(nb, s.q_block, s.seq_len), starts[:-1])  # (NU,) tokens per unit
     if rates is not None:
         head_tiles = head_tiles * rates.weights[:, None, None]
@@ -2310,6 +2374,9 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
     if prune:
         totals = _work_per_head(w)
         bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
+        if isinstance(w, WorkSummary):
+            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, reward=reward, uneven_heads=uneven_heads, balance=balance,
+                                                  head_dim=head_dim, element_bytes=element_bytes)) for p, b in bounds.items()}
         pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
     out: list[DegreeChoice] = []
     best = math.inf
@@ -2365,6 +2432,139 @@ def _lower_bound_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarra
         shard = _cdiv(S, u * r) * H * token_bytes
         a2a_ms = 1e3 * (2 * lat + 4 * shard * (u - 1) / u / cost._bandwidth(u, u))
     return a2a_ms + ring_ms
+
+
+def _entry_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, head_dim: int) -> np.ndarray:
+    """``(H,)`` float64: the least predicted milliseconds per tile entry of each head, as
+    :meth:`CostModel.predict` rates them (dense heads at ``dense_tflops`` when modelled, without
+    the unaligned-key factor, which is >= 1; the others at the sparse curve's rate for their
+    density, which no plan changes)."""
+    H, full = w.heads, w.batch * w.seq_len * w.seq_len
+    dense = totals == full if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    n_dense = int(dense.sum())
+    density = float(totals[~dense].sum()) / max(1, (H - n_dense) * full)
+    fine = w.kv_tile is not None and w.kv_tile < w.q_block
+    out = np.full(H, 1e3 * 4.0 * head_dim / (cost.tflops(density=density, fine_grained=fine) * 1e12))
+    if n_dense:
+        out[dense] = 1e3 * 4.0 * head_dim / (cost.dense_tflops * 1e12)
+    return out
+
+
+def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward: float, uneven_heads: bool, balance: bool,
+                      head_dim: int, element_bytes: int, groups: list[list[int]] | None = None) -> float:
+    """A lower bound on the predicted time of the plan :func:`_score_pair` scores for ``(u, r)``
+    on summary ``s``, tighter than :func:`_lower_bound_ms` because it knows the planner's head
+    groups (cheap: per-head totals) and the summary's home tiles and unit marginals.
+
+    The scored plan is the fastest of plans that keep the contiguous, the balanced or (with
+    dense heads) the time-balanced head groups (:func:`_layouts`), with blocks at home or moved in
+    whole units. Per head group set, with every tile's time taken at its heads' least rate
+    (:func:`_entry_ms`, plus the mixed-call cost of groups holding dense and sparse heads, whose
+    every tile is non-empty):
+
+    * blocks at home: the cost model's ring time of those tiles (exact but for call overheads and
+      the unaligned-key factor);
+    * blocks moved: the exchange's latency plus, for a ring time ``T``, the exchange of the fewest
+      units every rank must send away so that no rank computes more than ``T`` (rank ``(k, i)``
+      computes its query units' rows, ``sum_t`` of its step times, and its key units' columns,
+      which ring time bounds from below; sending a unit away lowers a rank's load by at most
+      that unit's work), minimised over ``T`` from the largest group mean upwards.
+
+    A ring time is at least each rank's row and column load, and the exchange is set by the
+    largest count of units a rank sends, so the bound holds for every plan with those groups
+    whose ranks keep their block counts (as the planner's do). ``groups``: bound only the plans
+    with these head groups that move units (for tests).
+    """
+    H, S, B, nb, R = s.heads, s.seq_len, s.batch, s.num_blocks, r
+    if s.ring % R:
+        return 0.0  # home tiles only for ring degrees whose chunks nest in the summary's
+    totals = np.asarray(s._head_totals, dtype=np.int64)
+    ms = _entry_ms(cost, s, totals, head_dim)
+    dense = totals == B * S * S if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    counts = _head_counts(H, u, uneven_heads)
+    off = np.cumsum([0] + counts).tolist()
+    sets = [([list(range(off[k], off[k + 1])) for k in range(u)], False)]  # (groups, may move blocks)
+    if groups is not None:
+        sets = [(groups, True)]
+    elif balance:
+        sets.append((_balance_heads(totals.tolist(), counts, True), True))
+        rates = _rates_of(cost, s, totals, head_dim)
+        if rates is not None:
+            sets.append((_balance_heads_timed((totals * rates.weights).tolist(), rates.dense, counts, True, R * R * rates.mixed), True))
+    lat = cost.comm_latency_us * 1e-3
+    token_bytes = B * head_dim * element_bytes
+    a2a = 0.0
+    if u > 1:
+        a2a = 1e3 * (2 * cost.comm_latency_us * 1e-6 + 4 * _cdiv(S, u * R) * H * token_bytes * (u - 1) / u / cost._bandwidth(u, u))
+    tiles = _summary_home_tiles(s, R) * ms[:, None, None]  # (H, R, R) ms per head, blocks at home
+    bw = cost._bandwidth(R, u * R)
+    mixed = cost.mixed_overhead_us * 1e-3 if cost.dense_tflops is not None and dense.any() else 0.0
+    best = math.inf
+    for gs, moves in sets:
+        heads_k = np.array([len(g) for g in gs], dtype=np.float64)
+        mix = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
+        C = np.stack([tiles[g].sum(0) for g in gs]) + mix[:, None, None]  # (U, R, R)
+        if R == 1:
+            best = min(best, a2a + float(C.max()))
+            continue
+        p2p = lat + 1e3 * 2 * _cdiv(nb, R) * s.q_block * heads_k * token_bytes / bw  # (U,)
+        steps = _steps(C).max(1)  # (U, R)
+        if groups is None:
+            best = min(best, a2a + float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max()))
+        if moves and reward != math.inf:
+            best = min(best, a2a + _moved_bound_ms(s, gs, ms, mix, R, p2p, 2 * s.q_block * token_bytes / bw * 1e3, lat))
+    return best
+
+
+def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix: np.ndarray, R: int, p2p: np.ndarray,
+                    block_ms: float, lat: float) -> float:
+    """:func:`_summary_bound_ms`' bound on exchange + ring time of plans with ``groups`` that move
+    units. ``ms``: ``(H,)`` per entry; ``mix``: ``(U,)`` per call; ``block_ms``: the exchange time
+    of one block of one head (both ways)."""
+    U, H = len(groups), s.heads
+    idx, chunk = _movable_units(s, R)  # (R, n) movable units of each home chunk (NU: none), (R + 1,)
+    weigh = np.zeros((U, H))
+    for k, g in enumerate(groups):
+        weigh[k, g] = ms[g]
+    heads_k = weigh.astype(bool).sum(1).astype(np.float64)
+    mean = max(float((weigh @ s._head_totals.astype(np.float64))[k]) / R + R * mix[k] for k in range(U))
+    mean = max(mean, float(((R - 1) * p2p).max()))
+    lefts = []
+    for marg in s._unit_marginals:  # query units' rows, key units' columns
+        load = np.concatenate([weigh @ marg.astype(np.float64), np.zeros((U, 1))], 1)  # (U, NU + 1) ms per unit
+        start = np.add.reduceat(load[:, :-1], chunk[:-1], axis=1) + R * mix[:, None]  # (U, R) loads at home
+        sent = np.cumsum(-np.sort(-load[:, idx], axis=2), axis=2)  # (U, R, n): the n heaviest units sent away
+        lefts.append(start[:, :, None] - np.concatenate([np.zeros((U, R, 1)), sent], 2))  # (U, R, n + 1)
+    # A plan's ring time T is at least every rank's load, so rank (k, i) sent at least
+    # count(left > T) units; T ranges over the group mean and the loads where a count drops.
+    cands = np.unique(np.concatenate([[mean]] + [x.reshape(-1) for x in lefts]))
+    cands = cands[cands >= mean]
+    need = np.zeros((len(cands), U))
+    feasible = np.ones(len(cands), dtype=bool)
+    for x in lefts:
+        over = x[None] > cands[:, None, None, None] * (1 + 1e-12)  # (C, U, R, n + 1); slack keeps the bound below
+        feasible &= ~over[..., -1].any((1, 2))
+        need += over.sum(3).max(2)
+    blocks = np.maximum((need * heads_k).max(1), heads_k.min()) * s.coarse  # at least one unit moves
+    total = cands + 2 * lat + blocks * block_ms
+    return float(total[feasible].min()) if feasible.any() else math.inf
+
+
+def _movable_units(s: WorkSummary, ring: int) -> tuple[np.ndarray, np.ndarray]:
+    """``((R, n) movable units of each home chunk of ``ring``, padded with ``NU``; (R + 1,) chunk
+    starts in units)``."""
+    memo = s.__dict__.setdefault("_movable_memo", {})
+    if ring not in memo:
+        home = _home(s.num_blocks, ring)[s._starts[:-1]]
+        movable = np.diff(s._starts) == s.coarse
+        chunk = np.searchsorted(home, np.arange(ring + 1))
+        per = [np.nonzero(movable[chunk[i] : chunk[i + 1]])[0] + chunk[i] for i in range(ring)]
+        n = max(len(p) for p in per)
+        idx = np.full((ring, n), s.num_units, dtype=np.int64)
+        for i, p in enumerate(per):
+            idx[i, : len(p)] = p
+        memo[ring] = (idx, chunk)
+    return memo[ring]
 
 
 def dense_heads(mask_or_work: "SparseMask | torch.Tensor | WorkSummary", *, q_block: int | None = None,
