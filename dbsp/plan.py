@@ -363,11 +363,19 @@ class Plan:
         Row ``j`` are the split sizes ring rank ``j`` sends in the block exchange; the diagonal
         stays in place. The identity plan has a diagonal ``C``.
         """
-        owner = self._owners[self._kind(kind)]
+        return torch.from_numpy(self._exchange[self._kind(kind)].copy())
+
+    @cached_property
+    def _exchange(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`exchange_counts` of both kinds, ``(U, R, R)`` int64 each, built once per plan
+        (the degree choice reads them for every candidate it predicts)."""
         home = _home(self.num_blocks, self.ring)
         R = self.ring
-        flat = (home[None, :] * R + owner).reshape(self.ulysses, -1)
-        return torch.from_numpy(np.stack([np.bincount(f, minlength=R * R) for f in flat]).reshape(self.ulysses, R, R))
+        out = []
+        for owner in self._owners:
+            flat = (home[None, :] * R + owner).reshape(self.ulysses, -1)
+            out.append(np.stack([np.bincount(f, minlength=R * R) for f in flat]).reshape(self.ulysses, R, R))
+        return out[0], out[1]
 
     def moved_blocks(self, kind: str) -> int:
         """Blocks held away from their home, summed over head groups (``kind`` "q" or "kv"): the
@@ -1233,7 +1241,10 @@ def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[
     groups: list[list[int]] = [[] for _ in range(U)]
     load = [0] * U
     for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
-        k = min((k for k in range(U) if len(groups[k]) < counts[k]), key=lambda k: (load[k], k))
+        k = -1  # the least loaded group with room, lowest index on ties
+        for j in range(U):
+            if len(groups[j]) < counts[j] and (k < 0 or load[j] < load[k]):
+                k = j
         groups[k].append(h)
         load[k] += totals[h]
     if refine and U > 1:
@@ -1830,17 +1841,25 @@ def _layouts(
     refine_target: float = 1.01,
     stats: _Stats | None = None,
     rates: _Rates | None = None,
+    prune_for=None,
 ) -> list[Plan]:
     """The candidate plans, fewest moved blocks first: the unplanned layout (contiguous heads,
     blocks at home), balanced heads with blocks at home, and (with ``balance_blocks``) balanced
     heads and blocks. Each carries its exact ``tile_work``. Two passes over the work.
 
     With ``rates`` the balancing runs on time-weighted work (:class:`_Rates`), heads with the
-    mixed-call cost (:func:`_balance_heads_timed`); ``tile_work`` stays the true tile work."""
+    mixed-call cost (:func:`_balance_heads_timed`); ``tile_work`` stays the true tile work.
+
+    ``prune_for`` (summaries only; a degree choice): group set -> :func:`_prune_moves`' test,
+    which stops the block balancing (raises :class:`_Pruned`) once the candidate cannot win."""
     if isinstance(w, WorkSummary):
+        prune = None if prune_for is None else prune_for(1 if rates is None else 2)
         return _summary_layouts(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
                                 balance_blocks=balance_blocks, per_group_blocks=per_group_blocks,
-                                uneven_heads=uneven_heads, refine=refine, refine_target=refine_target, rates=rates)
+                                uneven_heads=uneven_heads, refine=refine, refine_target=refine_target, rates=rates,
+                                prune=prune)
+    if prune_for is not None:
+        raise TypeError("prune_for is for summaries only")
     H, nb, U, R = w.heads, w.num_blocks, ulysses, ring
     counts = _head_counts(H, U, uneven_heads)
     _check_ring(R, nb)
@@ -1855,6 +1874,8 @@ def _layouts(
         groups = _balance_heads_timed(st.rows.sum(1).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
     else:
         groups = _balance_heads(st.rows.sum(1).tolist(), counts, refine)
+    if groups == contiguous:  # (always at U = 1): one layout, not two equal ones
+        groups = contiguous
     home = _home(nb, R)
     caps = np.bincount(home, minlength=R).tolist()
     sums: dict[tuple[int, ...], np.ndarray] = {}  # pass 2: each head group's summed work, once
@@ -1910,6 +1931,7 @@ def _summary_layouts(
     refine: bool,
     refine_target: float,
     rates: _Rates | None = None,
+    prune=None,
 ) -> list[Plan]:
     """:func:`_layouts` from a summary: the same candidates, blocks moved in whole units.
 
@@ -1938,6 +1960,8 @@ def _summary_layouts(
         groups = _balance_heads_timed(head_tiles.sum((1, 2)).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
     else:
         groups = _balance_heads(head_tiles.sum((1, 2)).tolist(), counts, refine)
+    if groups == contiguous:  # (always at U = 1): one layout, not two equal ones
+        groups = contiguous
 
     def group_sum(g: list[int]) -> np.ndarray:
         A = _summary_group_sum(s, g)
@@ -1958,10 +1982,16 @@ def _summary_layouts(
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
         if per_group_blocks:
+            sent = 0  # the cost model's exchanged blocks so far: max over groups of 2 (q + kv) x heads
             for k, g in enumerate(groups):
                 q_owner[k], kv_owner[k], W[k] = _balance_blocks(
                     lambda g=g: group_sum(g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable
                 )
+                if prune is not None:
+                    sent = max(sent, 2 * len(g) * sum(int(np.bincount(home[o != home], weights=sizes[o != home], minlength=R).max())
+                                                      for o in (q_owner[k], kv_owner[k])))
+                    if sent and prune(sent):
+                        raise _Pruned
         else:
             total = s._cells.sum(0, dtype=np.int64) if rates is None else group_sum(list(range(H)))
             q_owner[:] = _biased_greedy(total.sum(1), home, caps, reward, movable)
@@ -2249,8 +2279,7 @@ class CostModel:
             p2p = lat + 2 * kv_tokens * heads_k * token_bytes / ring_bw  # (U,) K and V of one chunk
             steps = compute.max(1)  # (U, R): slowest rank per step
             ring_ms = 1e3 * float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max())
-            q_moved = plan.exchange_counts("q").numpy()
-            kv_moved = plan.exchange_counts("kv").numpy()
+            q_moved, kv_moved = plan._exchange
             out = [(q_moved[k].sum(1) - np.diag(q_moved[k]), kv_moved[k].sum(1) - np.diag(kv_moved[k])) for k in range(U)]
             blocks = max(float(2 * (q.max() + kv.max()) * heads_k[k]) for k, (q, kv) in enumerate(out))
             if blocks > 0:
@@ -2367,28 +2396,60 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
            uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
     """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned in order
     of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
-    are skipped (they cannot win), so the result holds the best candidate but not every one."""
+    are skipped (they cannot win), so the result holds the best candidate but not every one. On a
+    summary, once a time is found, each later candidate is first held to the tighter
+    :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops its block
+    balancing as soon as the blocks it moves make it slower than the best."""
     predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
     pairs = _candidates(world, w.heads, w.num_blocks, uneven_heads and balance)
+    tight = dict(reward=reward, uneven_heads=uneven_heads, balance=balance, head_dim=head_dim, element_bytes=element_bytes)
     bounds = {}
+    summary = prune and isinstance(w, WorkSummary)
     if prune:
         totals = _work_per_head(w)
         bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
-        if isinstance(w, WorkSummary):
-            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, reward=reward, uneven_heads=uneven_heads, balance=balance,
-                                                  head_dim=head_dim, element_bytes=element_bytes)) for p, b in bounds.items()}
+        if summary:  # the order: with the head groups and home tiles, one moved unit for plans that move
+            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, moves=False, **tight)) for p, b in bounds.items()}
         pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
     out: list[DegreeChoice] = []
     best = math.inf
     for u, r in pairs:
         if prune and bounds[u, r] > best * (1 + 1e-9):
             continue
-        plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
-                                      cost=(cost_model, head_dim))
+        prune_for = None
+        if summary and best < math.inf:
+            # Sorting every rank's units costs a few plans' head balancing: only where there is a time to beat.
+            parts: dict = {}
+            limit = best * (1 + 1e-9)
+            if _summary_bound_ms(cost_model, w, u, r, parts=parts, **tight) > limit:
+                continue
+            prune_for = lambda n, p=parts, limit=limit: _prune_moves(p, n, limit)  # noqa: E731
+        try:
+            plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
+                                          cost=(cost_model, head_dim), prune_for=prune_for)
+        except _Pruned:  # its block balancing showed that it cannot win
+            continue
         choice = balanced if balance else plain
         best = min(best, choice.prediction.total_ms)
         out.append(choice)
     return sorted(out, key=lambda c: c.ulysses)
+
+
+class _Pruned(Exception):
+    """A degree candidate's planning stopped early: every plan it could score is slower than the best so far."""
+
+
+def _prune_moves(parts: dict, n: int, limit: float):
+    """For the block balancing of group set ``n`` (1: balanced heads, 2: time-balanced) of one
+    candidate, from its :func:`_summary_bound_ms` ``parts``: a test ``sent -> bool``, True once a
+    plan that already exchanges ``sent`` blocks (the cost model's count, ``2 (q + kv) x heads``
+    of the busiest group so far) must be slower than ``limit``; None where another plan of the
+    candidate (blocks at home, or the other set's moves) may be faster, as stopping then could
+    change the pick."""
+    if n >= len(parts["moved"]) or parts["home"] <= limit or any(b <= limit for i, b in enumerate(parts["moved"]) if i != n):
+        return None
+    base = parts["a2a"] + parts["ring"][n] + 2 * parts["lat"]
+    return lambda sent: base + sent * parts["block_ms"] > limit
 
 
 def _work_per_head(w: "_Work | WorkSummary") -> np.ndarray:
@@ -2451,7 +2512,8 @@ def _entry_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, hea
 
 
 def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward: float, uneven_heads: bool, balance: bool,
-                      head_dim: int, element_bytes: int, groups: list[list[int]] | None = None) -> float:
+                      head_dim: int, element_bytes: int, groups: list[list[int]] | None = None, parts: dict | None = None,
+                      moves: bool = True) -> float:
     """A lower bound on the predicted time of the plan :func:`_score_pair` scores for ``(u, r)``
     on summary ``s``, tighter than :func:`_lower_bound_ms` because it knows the planner's head
     groups (cheap: per-head totals) and the summary's home tiles and unit marginals.
@@ -2473,7 +2535,11 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     A ring time is at least each rank's row and column load, and the exchange is set by the
     largest count of units a rank sends, so the bound holds for every plan with those groups
     whose ranks keep their block counts (as the planner's do). ``groups``: bound only the plans
-    with these head groups that move units (for tests).
+    with these head groups that move units (for tests). ``parts``: filled with what
+    :func:`_prune_moves` needs (the bound at home, and per group set of :func:`_layouts` --
+    contiguous, balanced, time-balanced -- the bound with moves and its ring-time part).
+    ``moves=False``: the cheaper bound that counts one moved unit for plans that move (no
+    sorting of units).
     """
     H, S, B, nb, R = s.heads, s.seq_len, s.batch, s.num_blocks, r
     if s.ring % R:
@@ -2499,28 +2565,33 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     tiles = _summary_home_tiles(s, R) * ms[:, None, None]  # (H, R, R) ms per head, blocks at home
     bw = cost._bandwidth(R, u * R)
     mixed = cost.mixed_overhead_us * 1e-3 if cost.dense_tflops is not None and dense.any() else 0.0
-    best = math.inf
-    for gs, moves in sets:
+    best = home = math.inf
+    moved, ring = [math.inf] * len(sets), [0.0] * len(sets)
+    for n, (gs, may_move) in enumerate(sets):
         heads_k = np.array([len(g) for g in gs], dtype=np.float64)
         mix = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
         C = np.stack([tiles[g].sum(0) for g in gs]) + mix[:, None, None]  # (U, R, R)
         if R == 1:
-            best = min(best, a2a + float(C.max()))
+            home = min(home, a2a + float(C.max()))
             continue
         p2p = lat + 1e3 * 2 * _cdiv(nb, R) * s.q_block * heads_k * token_bytes / bw  # (U,)
         steps = _steps(C).max(1)  # (U, R)
         if groups is None:
-            best = min(best, a2a + float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max()))
-        if moves and reward != math.inf:
-            best = min(best, a2a + _moved_bound_ms(s, gs, ms, mix, R, p2p, 2 * s.q_block * token_bytes / bw * 1e3, lat))
-    return best
+            home = min(home, a2a + float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max()))
+        if may_move and reward != math.inf:
+            bound, ring[n] = _moved_bound_ms(s, gs, ms, mix, R, p2p, 2 * s.q_block * token_bytes / bw * 1e3, lat, moves)
+            moved[n] = a2a + bound
+    if parts is not None:
+        parts.update(home=home, moved=moved, ring=ring, a2a=a2a, lat=lat, block_ms=1e3 * s.q_block * token_bytes / bw)
+    return min([home] + moved)
 
 
 def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix: np.ndarray, R: int, p2p: np.ndarray,
-                    block_ms: float, lat: float) -> float:
+                    block_ms: float, lat: float, moves: bool = True) -> tuple[float, float]:
     """:func:`_summary_bound_ms`' bound on exchange + ring time of plans with ``groups`` that move
-    units. ``ms``: ``(H,)`` per entry; ``mix``: ``(U,)`` per call; ``block_ms``: the exchange time
-    of one block of one head (both ways)."""
+    units, and its bound on their ring time alone. ``ms``: ``(H,)`` per entry; ``mix``: ``(U,)``
+    per call; ``block_ms``: the exchange time of one block of one head (both ways). ``moves=False``:
+    one unit moved, the ring time at its bound (no sorting)."""
     U, H = len(groups), s.heads
     idx, chunk = _movable_units(s, R)  # (R, n) movable units of each home chunk (NU: none), (R + 1,)
     weigh = np.zeros((U, H))
@@ -2529,6 +2600,8 @@ def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix
     heads_k = weigh.astype(bool).sum(1).astype(np.float64)
     mean = max(float((weigh @ s._head_totals.astype(np.float64))[k]) / R + R * mix[k] for k in range(U))
     mean = max(mean, float(((R - 1) * p2p).max()))
+    if not moves:
+        return mean + 2 * lat + heads_k.min() * s.coarse * block_ms, mean
     lefts = []
     for marg in s._unit_marginals:  # query units' rows, key units' columns
         load = np.concatenate([weigh @ marg.astype(np.float64), np.zeros((U, 1))], 1)  # (U, NU + 1) ms per unit
@@ -2547,7 +2620,7 @@ def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix
         need += over.sum(3).max(2)
     blocks = np.maximum((need * heads_k).max(1), heads_k.min()) * s.coarse  # at least one unit moves
     total = cands + 2 * lat + blocks * block_ms
-    return float(total[feasible].min()) if feasible.any() else math.inf
+    return (float(total[feasible].min()) if feasible.any() else math.inf), mean
 
 
 def _movable_units(s: WorkSummary, ring: int) -> tuple[np.ndarray, np.ndarray]:
@@ -2617,19 +2690,22 @@ def _ring_key(plan: Plan) -> tuple[int, int]:
 
 
 def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None,
-                cost: "tuple[CostModel, int] | None" = None):
+                cost: "tuple[CostModel, int] | None" = None, prune_for=None):
     """``(unbalanced, balanced)`` DegreeChoices of one ``(U, R)`` from one set of passes.
 
     The unbalanced one exists where ``U`` divides the heads. The balanced one (with ``balance``)
     is the faster, by the cost model, of the planner's choice and the layouts that move no
     blocks, so blocks move only where the exchange pays for itself. With ``cost`` (the cost
     model and head_dim) and a mask where time and tile entries differ (dense heads), the
-    time-weighted candidates (:func:`_timed_layouts`) compete too.
+    time-weighted candidates (:func:`_timed_layouts`) compete too. ``prune_for``: as in
+    :func:`_layouts` (then :class:`_Pruned` may be raised).
     """
     if not balance:
         plan = _layouts(w, ulysses=u, ring=r, balance_heads=False, balance_blocks=False, stats=stats)[0]
         return DegreeChoice(u, r, plan, predict(plan)), None
-    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats)
+    memo: dict[int, Prediction] = {}  # plan id -> prediction: the contiguous layout is scored twice
+    predict = lambda p, f=predict: memo[id(p)] if id(p) in memo else memo.setdefault(id(p), f(p))  # noqa: E731
+    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for)
     plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
     chosen = min(layouts, key=_ring_key)
     options = [chosen] + [p for p in layouts if p is not chosen and _moved(p) == 0]
@@ -2638,7 +2714,8 @@ def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_head
             stats = _stats(w, r)
         rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1])
         if rates is not None:
-            options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates)
+            options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates,
+                                prune_for=prune_for)
     pred, _, plan = min(((predict(p), n, p) for n, p in enumerate(options)), key=lambda x: (x[0].total_ms, x[0].imbalance, x[1]))
     return plain, DegreeChoice(u, r, plan, pred)
 
