@@ -63,7 +63,6 @@ model, the :class:`PlanCache` check) is exact, not estimated; only the search is
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import json
@@ -1218,14 +1217,26 @@ def _best_swap(new: np.ndarray, ok: np.ndarray, xs: np.ndarray, ys: np.ndarray, 
 
 
 def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
-    """:func:`_lpt_heads`, remembered for the last few inputs: a degree choice balances the same
-    totals for its lower bound and for its plans."""
-    return [list(g) for g in _lpt_heads_memo(tuple(int(t) for t in totals), tuple(counts), bool(refine))]
+    """:func:`_lpt_heads`, remembered within one degree choice (:func:`_remembered`): its bound
+    and its plans balance the same totals."""
+    return _remembered(("lpt", tuple(int(t) for t in totals), tuple(counts), bool(refine)),
+                       lambda: _lpt_heads(totals, counts, refine))
 
 
-@functools.lru_cache(maxsize=64)
-def _lpt_heads_memo(totals: tuple[int, ...], counts: tuple[int, ...], refine: bool) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(g) for g in _lpt_heads(list(totals), list(counts), refine))
+_MEMO = threading.local()
+"""``memo``: the head groups computed so far in this thread's running degree choice, or None."""
+
+
+def _remembered(key: tuple, compute) -> list[list[int]]:
+    """``compute()`` (head groups), looked up by ``key`` while a degree choice runs on this thread
+    (:func:`_score`); outside one, computed afresh (a memo across calls would make repeated
+    re-plans of one mask look cheaper than re-plans of new masks)."""
+    memo = getattr(_MEMO, "memo", None)
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = tuple(tuple(g) for g in compute())
+    return [list(g) for g in memo[key]]
 
 
 def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
@@ -1374,14 +1385,9 @@ def _mixed_groups(groups: list[list[int]], dense: np.ndarray) -> int:
 
 
 def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
-    """:func:`_lpt_heads_timed`, remembered for the last few inputs (as :func:`_balance_heads`)."""
-    key = (tuple(int(t) for t in totals), tuple(bool(d) for d in np.asarray(dense)), tuple(counts), bool(refine), int(penalty))
-    return [list(g) for g in _lpt_heads_timed_memo(*key)]
-
-
-@functools.lru_cache(maxsize=64)
-def _lpt_heads_timed_memo(totals, dense, counts, refine, penalty) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(g) for g in _lpt_heads_timed(list(totals), np.array(dense, dtype=bool), list(counts), refine, penalty))
+    """:func:`_lpt_heads_timed`, remembered within one degree choice (as :func:`_balance_heads`)."""
+    key = ("timed", tuple(int(t) for t in totals), tuple(bool(d) for d in np.asarray(dense)), tuple(counts), bool(refine), int(penalty))
+    return _remembered(key, lambda: _lpt_heads_timed(totals, dense, counts, refine, penalty))
 
 
 def _lpt_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
@@ -2400,6 +2406,18 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
     summary, once a time is found, each later candidate is first held to the tighter
     :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops its block
     balancing as soon as the blocks it moves make it slower than the best."""
+    outer = getattr(_MEMO, "memo", None)
+    _MEMO.memo = {} if outer is None else outer
+    try:
+        return _score_now(w, world, cost_model, balance=balance, reward=reward, uneven_heads=uneven_heads,
+                          head_dim=head_dim, element_bytes=element_bytes, prune=prune)
+    finally:
+        _MEMO.memo = outer
+
+
+def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
+               uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
+    """:func:`_score` with the head-group memo in place."""
     predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
     pairs = _candidates(world, w.heads, w.num_blocks, uneven_heads and balance)
     tight = dict(reward=reward, uneven_heads=uneven_heads, balance=balance, head_dim=head_dim, element_bytes=element_bytes)
