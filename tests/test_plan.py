@@ -676,6 +676,68 @@ def test_summary_bound_for_moved_units_by_hand(diag, expected):
     assert lb == pytest.approx(expected, rel=1e-9)
 
 
+def test_degree_choice_stops_losing_block_balancing_and_keeps_the_winner(monkeypatch):
+    """choose_degrees on a summary stops a candidate's block balancing once its moved blocks make
+    it lose (this happens here), and still picks what the full scoring picks, plan and all."""
+    import dbsp.plan as P
+
+    tests = []
+    real = P._prune_moves
+
+    def counting(parts, n, limit):
+        test = real(parts, n, limit)
+        return None if test is None else (lambda sent: tests.append(test(sent)) or tests[-1])
+
+    monkeypatch.setattr(P, "_prune_moves", counting)
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        tflops = 10 ** float(torch.empty(1).uniform_(-0.5, 1.5, generator=g))
+        cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], call_overhead_us=0.0, comm_latency_us=20.0,
+                     nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)))
+        s = summarize_work(synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed), q_block=64, seq_len=12000)
+        best = min(score_degrees(s, world=8, cost_model=cost), key=lambda c: (c.prediction.total_ms, -c.ulysses))
+        u, r, plan = choose_degrees(s, world=8, heads=16, cost_model=cost)
+        assert (u, r) == (best.ulysses, best.ring) and plan == best.plan and plan.fingerprint() == best.plan.fingerprint()
+    assert any(tests), "no candidate's balancing was stopped: the early stop is not exercised"
+
+
+def test_early_stop_bound_is_below_every_moved_plan():
+    """What the early stop relies on: a plan of a group set that moves blocks is predicted no
+    faster than the all-to-all + the set's ring-time bound + the exchange of the blocks it moves
+    (counted here from the plan's owners, by loops)."""
+    import dbsp.plan as P
+
+    seen = 0
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        tflops = 10 ** float(torch.empty(1).uniform_(-0.5, 1.5, generator=g))
+        cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], call_overhead_us=0.0, comm_latency_us=20.0,
+                     nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)))
+        s = summarize_work(synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed), q_block=64, seq_len=12000)
+        for c in score_degrees(s, world=8, cost_model=cost):
+            plan = c.plan
+            owners = [plan.block_owner(kind).numpy() for kind in ("q", "kv")]
+            sent = 0
+            for k in range(plan.ulysses):
+                out = 0
+                for owner in owners:
+                    per_home = [0] * plan.ring
+                    for b in range(plan.num_blocks):
+                        if owner[k, b] != plan.home(b):
+                            per_home[plan.home(b)] += 1
+                    out += max(per_home)
+                sent = max(sent, 2 * out * plan.heads_per_rank[k])
+            if sent == 0:
+                continue
+            parts = {}
+            P._summary_bound_ms(cost, s, c.ulysses, c.ring, reward=2.0, uneven_heads=False, balance=True, head_dim=128,
+                                element_bytes=2, parts=parts)
+            bound = parts["a2a"] + min(parts["ring"][1:]) + 2 * parts["lat"] + sent * parts["block_ms"]
+            assert bound <= c.prediction.total_ms * (1 + 1e-9), (seed, c.ulysses, bound, c.prediction.total_ms)
+            seen += 1
+    assert seen > 0
+
+
 def test_degree_choice_pruning_skips_hopeless_candidates(monkeypatch):
     """With slow links every ring candidate's transfers alone exceed Ulysses' time: only U8R1 is planned."""
     import dbsp.plan as P
