@@ -2452,7 +2452,8 @@ def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, b
         totals = _work_per_head(w)
         bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
         if summary:  # the order: with the head groups and home tiles, one moved unit for plans that move
-            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, moves=False, **tight)) for p, b in bounds.items()}
+            parts = {p: {} for p in pairs}
+            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, moves=False, parts=parts[p], **tight)) for p, b in bounds.items()}
         pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
     out: list[DegreeChoice] = []
     best = math.inf
@@ -2460,13 +2461,12 @@ def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, b
         if prune and bounds[u, r] > best * (1 + 1e-9):
             continue
         prune_for = None
-        if summary and best < math.inf:
-            # Sorting every rank's units costs a few plans' head balancing: only where there is a time to beat.
-            parts: dict = {}
+        if summary and best < math.inf and "tighten" in parts[u, r]:
+            # Sorting every rank's units costs about a head balancing: only where there is a time to beat.
             limit = best * (1 + 1e-9)
-            if _summary_bound_ms(cost_model, w, u, r, parts=parts, **tight) > limit:
+            if parts[u, r]["tighten"]() > limit:
                 continue
-            prune_for = lambda n, p=parts, limit=limit: _prune_moves(p, n, limit)  # noqa: E731
+            prune_for = lambda n, p=parts[u, r], limit=limit: _prune_moves(p, n, limit)  # noqa: E731
         try:
             plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
                                           cost=(cost_model, head_dim), prune_for=prune_for)
@@ -2582,7 +2582,7 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     :func:`_prune_moves` needs (the bound at home, and per group set of :func:`_layouts` --
     contiguous, balanced, time-balanced -- the bound with moves and its ring-time part).
     ``moves=False``: the cheaper bound that counts one moved unit for plans that move (no
-    sorting of units).
+    sorting of units); ``parts["tighten"]()`` then returns the full bound (and updates ``parts``).
     """
     H, S, B, nb, R = s.heads, s.seq_len, s.batch, s.num_blocks, r
     if s.ring % R:
@@ -2608,24 +2608,35 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     tiles = _summary_home_tiles(s, R) * ms[:, None, None]  # (H, R, R) ms per head, blocks at home
     bw = cost._bandwidth(R, u * R)
     mixed = cost.mixed_overhead_us * 1e-3 if cost.dense_tflops is not None and dense.any() else 0.0
-    best = home = math.inf
+    home = math.inf
     moved, ring = [math.inf] * len(sets), [0.0] * len(sets)
+    mixes, p2ps = [None] * len(sets), [None] * len(sets)
+    block_ms = 2 * s.q_block * token_bytes / bw * 1e3
     for n, (gs, may_move) in enumerate(sets):
         heads_k = np.array([len(g) for g in gs], dtype=np.float64)
-        mix = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
+        mix = mixes[n] = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
         C = np.stack([tiles[g].sum(0) for g in gs]) + mix[:, None, None]  # (U, R, R)
         if R == 1:
             home = min(home, a2a + float(C.max()))
             continue
-        p2p = lat + 1e3 * 2 * _cdiv(nb, R) * s.q_block * heads_k * token_bytes / bw  # (U,)
+        p2p = p2ps[n] = lat + 1e3 * 2 * _cdiv(nb, R) * s.q_block * heads_k * token_bytes / bw  # (U,)
         steps = _steps(C).max(1)  # (U, R)
         if groups is None:
             home = min(home, a2a + float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max()))
         if may_move and reward != math.inf:
-            bound, ring[n] = _moved_bound_ms(s, gs, ms, mix, R, p2p, 2 * s.q_block * token_bytes / bw * 1e3, lat, moves)
+            bound, ring[n] = _moved_bound_ms(s, gs, ms, mix, R, p2p, block_ms, lat, moves)
             moved[n] = a2a + bound
+
+    def tighten() -> float:
+        """The bound again with ``moves=True``, reusing this call's groups and tiles."""
+        for n, (gs, may_move) in enumerate(sets):
+            if R > 1 and may_move and reward != math.inf:
+                bound, ring[n] = _moved_bound_ms(s, gs, ms, mixes[n], R, p2ps[n], block_ms, lat, True)
+                moved[n] = a2a + bound
+        return min([home] + moved)
+
     if parts is not None:
-        parts.update(home=home, moved=moved, ring=ring, a2a=a2a, lat=lat, block_ms=1e3 * s.q_block * token_bytes / bw)
+        parts.update(home=home, moved=moved, ring=ring, a2a=a2a, lat=lat, block_ms=block_ms / 2, tighten=tighten)
     return min([home] + moved)
 
 
