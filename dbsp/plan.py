@@ -1424,10 +1424,11 @@ def _lpt_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], re
     starts = [[list(g) for g in plain], groups]
     if refine and U > 1:
         for groups in starts:
+            # Loads and dense counts kept up to date by each swap (group sizes never change).
+            load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
+            nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
             for _ in range(4 * len(totals) * U):
-                c = np.asarray(costs(groups), dtype=np.int64)
-                load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
-                nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
+                c = load + penalty * ((nds > 0) & (nds < cnt))  # costs(groups)
                 a = int(np.lexsort((np.arange(U), -c))[0])  # heaviest group, lowest index on ties
                 xs, ys, bs = _swap_pairs(groups, a)
                 d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
@@ -1442,6 +1443,10 @@ def _lpt_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], re
                 b, x, y = swap
                 groups[a][groups[a].index(x)] = y
                 groups[b][groups[b].index(y)] = x
+                load[a] += tot[y] - tot[x]
+                load[b] += tot[x] - tot[y]
+                nds[a] += dn[y] - dn[x]
+                nds[b] += dn[x] - dn[y]
     best = min(range(2), key=lambda n: (max(costs(starts[n])), _mixed_groups(starts[n], dense), n))
     return [sorted(g) for g in starts[best]]
 
