@@ -362,11 +362,19 @@ class Plan:
         Row ``j`` are the split sizes ring rank ``j`` sends in the block exchange; the diagonal
         stays in place. The identity plan has a diagonal ``C``.
         """
-        owner = self._owners[self._kind(kind)]
+        return torch.from_numpy(self._exchange[self._kind(kind)].copy())
+
+    @cached_property
+    def _exchange(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`exchange_counts` of both kinds, ``(U, R, R)`` int64 each, built once per plan
+        (the degree choice reads them for every candidate it predicts)."""
         home = _home(self.num_blocks, self.ring)
         R = self.ring
-        flat = (home[None, :] * R + owner).reshape(self.ulysses, -1)
-        return torch.from_numpy(np.stack([np.bincount(f, minlength=R * R) for f in flat]).reshape(self.ulysses, R, R))
+        out = []
+        for owner in self._owners:
+            flat = (home[None, :] * R + owner).reshape(self.ulysses, -1)
+            out.append(np.stack([np.bincount(f, minlength=R * R) for f in flat]).reshape(self.ulysses, R, R))
+        return out[0], out[1]
 
     def moved_blocks(self, kind: str) -> int:
         """Blocks held away from their home, summed over head groups (``kind`` "q" or "kv"): the
@@ -687,6 +695,19 @@ class WorkSummary:
     def _starts(self) -> np.ndarray:
         return np.asarray(self.unit_bounds, dtype=np.int64)
 
+    @cached_property
+    def _ring_tiles(self) -> np.ndarray:
+        """``(H, ring, ring)`` int64: every head's tiles with every unit at home at the summary's
+        ring degree (one pass over ``pooled``); the tiles of any ``R`` dividing ``ring`` are
+        their block sums (:func:`_summary_home_tiles`)."""
+        return _chunk_tiles(self, self.ring)
+
+    @cached_property
+    def _unit_marginals(self) -> tuple[np.ndarray, np.ndarray]:
+        """``((H, NU), (H, NU))`` int64: every head's work per query unit and per key unit."""
+        a = self._cells
+        return a.sum(2, dtype=np.int64), a.sum(1, dtype=np.int64)
+
     def __repr__(self) -> str:
         return (
             f"WorkSummary(H={self.heads}, {self.num_blocks} blocks of {self.q_block} in {self.num_units} units of "
@@ -751,27 +772,39 @@ def summarize_work(
     unit = np.repeat(np.arange(nu), np.diff(starts))  # (NB,): unit of every block
     fits = coarse * coarse * cell_max < 2**31  # a unit pair sums at most coarse^2 cells
     totals = None  # (H,) per-head work, computed beside the pooling where cheap there
+    chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()  # home chunks in units
     if isinstance(mask_or_work, SparseMask):
-        pooled, totals = _pool_mask(mask_or_work, torch.from_numpy(unit), nu)
+        pooled, totals, extras = _pool_mask(mask_or_work, torch.from_numpy(unit), nu, chunk)
     elif isinstance(w.cells, np.ndarray):
         dt = np.int32 if fits and w.cells.dtype == np.int32 else np.int64
         runs = _runs(nb, ring, coarse)
         rows = _pool_rows(w.cells, runs, coarse, dt)  # (H, NB, NB) -> (H, NU, NB): the one full pass
         pooled = torch.from_numpy(_pool_cols(rows, runs, coarse, dt))  # -> (H, NU, NU)
         totals = pooled.sum((1, 2), dtype=torch.int64).numpy()
+        extras = _pooled_extras(pooled, chunk)
     else:
         a, idx = w.cells, torch.from_numpy(unit).to(w.cells.device)
         acc = torch.int32 if fits and a.dtype == torch.int32 else torch.int64  # no widened copy of the work
         y = torch.zeros(w.heads, nb, nu, dtype=acc, device=a.device).index_add_(2, idx, a.to(acc))
         pooled = torch.zeros(w.heads, nu, nu, dtype=acc, device=a.device).index_add_(1, idx, y)
         totals = pooled.sum((1, 2), dtype=torch.int64).cpu().numpy()
+        extras = _pooled_extras(pooled, chunk)
         pooled = pooled.cpu()
     pooled = pooled.to(torch.int32 if fits else torch.int64)
     out = WorkSummary(pooled.contiguous(), q_block=q_block, seq_len=seq_len, coarse=coarse, ring=ring, kv_tile=kv_tile, batch=batch)
     out.__dict__["_cell_bound"] = coarse * coarse * cell_max  # what a unit pair can hold, known without a pass
-    if totals is not None:
-        out.__dict__["_head_totals"] = totals
+    out.__dict__["_head_totals"] = totals
+    out.__dict__["_unit_marginals"], out.__dict__["_ring_tiles"] = extras[:2], extras[2]
     return out
+
+
+def _pooled_extras(pooled: torch.Tensor, chunk: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the degree choice's bound reads, computed where ``pooled`` ``(H, NU, NU)`` lives:
+    ``((H, NU) work per query unit, (H, NU) per key unit, (H, ring, ring) home tiles)``, int64."""
+    R = len(chunk) - 1
+    y = torch.stack([pooled[:, chunk[i] : chunk[i + 1]].sum(1, dtype=torch.int64) for i in range(R)], 1)  # (H, R, NU)
+    tiles = torch.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(R)], 2)
+    return pooled.sum(2, dtype=torch.int64).cpu().numpy(), y.sum(1).cpu().numpy(), tiles.cpu().numpy()
 
 
 def _runs(num_blocks: int, ring: int, coarse: int) -> list[tuple[int, int, int]]:
@@ -806,9 +839,9 @@ def _pool_cols(a: np.ndarray, runs: list[tuple[int, int, int]], coarse: int, dty
     return np.concatenate(parts, 2)
 
 
-def _pool_mask(m: SparseMask, unit: torch.Tensor, nu: int) -> tuple[torch.Tensor, np.ndarray]:
+def _pool_mask(m: SparseMask, unit: torch.Tensor, nu: int, chunk: list[int]) -> tuple[torch.Tensor, np.ndarray, tuple]:
     """``(H, NU, NU)`` int64 CPU: a mask's work pooled over units, from its index lists (one pass),
-    and ``(H,)`` int64 per-head totals."""
+    ``(H,)`` int64 per-head totals and :func:`_pooled_extras` (``chunk``: home chunks in units)."""
     H, mq = m.heads, m.num_q_blocks
     out = torch.zeros(H * nu * nu, dtype=torch.int64, device=m.device)
     if m.nnz:
@@ -820,7 +853,7 @@ def _pool_mask(m: SparseMask, unit: torch.Tensor, nu: int) -> tuple[torch.Tensor
         kb = tiles.div(m.q_block // m.kv_tile, rounding_mode="floor")
         out.index_add_(0, (head * nu + unit[qb]) * nu + unit[kb], cost)
     out = out.reshape(H, nu, nu)
-    return out.cpu(), out.sum((1, 2)).cpu().numpy()
+    return out.cpu(), out.sum((1, 2)).cpu().numpy(), _pooled_extras(out, chunk)
 
 
 def _bounds(num_blocks: int, ring: int) -> np.ndarray:
@@ -1065,6 +1098,26 @@ def _summary_group_sum(s: WorkSummary, heads: list[int]) -> np.ndarray:
     return acc
 
 
+def _chunk_tiles(s: WorkSummary, ring: int) -> np.ndarray:
+    """``(H, R, R)`` int64: every head's tiles with every unit at home on ``ring`` ranks (one pass)."""
+    home = _home(s.num_blocks, ring)[s._starts[:-1]]
+    chunk = np.searchsorted(home, np.arange(ring + 1)).tolist()  # home chunk i = units chunk[i] .. chunk[i + 1] - 1
+    # Slice sums (few segments) beat reduceat; rows first, as adding whole rows vectorises:
+    # (H, NU, NU) -> (H, R, NU) -> (H, R, R).
+    y = np.stack([s._cells[:, chunk[i] : chunk[i + 1]].sum(1, dtype=np.int64) for i in range(ring)], 1)
+    return np.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(ring)], 2)
+
+
+def _summary_home_tiles(s: WorkSummary, ring: int) -> np.ndarray:
+    """``(H, R, R)`` int64 home tiles of ``ring`` (aligned to the summary): block sums of the
+    summary's cached ring tiles when ``ring`` divides its ring (home chunks nest:
+    ``floor(b * R / NB) = floor(floor(b * ring / NB) / (ring / R))``), else one pass."""
+    if s.ring % ring:
+        return _chunk_tiles(s, ring)
+    m = s.ring // ring
+    return s._ring_tiles.reshape(s.heads, ring, m, ring, m).sum((2, 4))
+
+
 def _summary_tile_work(s: WorkSummary, plan: Plan) -> np.ndarray:
     """``(U, R, R)`` int64 tiles of ``plan`` from a summary (exact; see :class:`WorkSummary`)."""
     U, R = plan.ulysses, plan.ring
@@ -1164,6 +1217,29 @@ def _best_swap(new: np.ndarray, ok: np.ndarray, xs: np.ndarray, ys: np.ndarray, 
 
 
 def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
+    """:func:`_lpt_heads`, remembered within one degree choice (:func:`_remembered`): its bound
+    and its plans balance the same totals."""
+    return _remembered(("lpt", tuple(int(t) for t in totals), tuple(counts), bool(refine)),
+                       lambda: _lpt_heads(totals, counts, refine))
+
+
+_MEMO = threading.local()
+"""``memo``: the head groups computed so far in this thread's running degree choice, or None."""
+
+
+def _remembered(key: tuple, compute) -> list[list[int]]:
+    """``compute()`` (head groups), looked up by ``key`` while a degree choice runs on this thread
+    (:func:`_score`); outside one, computed afresh (a memo across calls would make repeated
+    re-plans of one mask look cheaper than re-plans of new masks)."""
+    memo = getattr(_MEMO, "memo", None)
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = tuple(tuple(g) for g in compute())
+    return [list(g) for g in memo[key]]
+
+
+def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
     """Head groups with the given counts and balanced total work.
 
     Longest processing time first: heads by decreasing work (ties: lower id) go to the least
@@ -1176,7 +1252,10 @@ def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[l
     groups: list[list[int]] = [[] for _ in range(U)]
     load = [0] * U
     for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
-        k = min((k for k in range(U) if len(groups[k]) < counts[k]), key=lambda k: (load[k], k))
+        k = -1  # the least loaded group with room, lowest index on ties
+        for j in range(U):
+            if len(groups[j]) < counts[j] and (k < 0 or load[j] < load[k]):
+                k = j
         groups[k].append(h)
         load[k] += totals[h]
     if refine and U > 1:
@@ -1317,6 +1396,12 @@ def _dense_first(groups: list[list[int]], dense: np.ndarray | None) -> list[list
 
 
 def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
+    """:func:`_lpt_heads_timed`, remembered within one degree choice (as :func:`_balance_heads`)."""
+    key = ("timed", tuple(int(t) for t in totals), tuple(bool(d) for d in np.asarray(dense)), tuple(counts), bool(refine), int(penalty))
+    return _remembered(key, lambda: _lpt_heads_timed(totals, dense, counts, refine, penalty))
+
+
+def _lpt_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
     """:func:`_balance_heads` on weighted totals where a group holding both dense and sparse heads
     also costs ``penalty`` (its mixed calls): groups of one kind are preferred where that does not
     cost balance.
@@ -1350,10 +1435,11 @@ def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int]
     starts = [[list(g) for g in plain], groups]
     if refine and U > 1:
         for groups in starts:
+            # Loads and dense counts kept up to date by each swap (group sizes never change).
+            load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
+            nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
             for _ in range(4 * len(totals) * U):
-                c = np.asarray(costs(groups), dtype=np.int64)
-                load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
-                nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
+                c = load + penalty * ((nds > 0) & (nds < cnt))  # costs(groups)
                 a = int(np.lexsort((np.arange(U), -c))[0])  # heaviest group, lowest index on ties
                 xs, ys, bs = _swap_pairs(groups, a)
                 d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
@@ -1368,6 +1454,10 @@ def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int]
                 b, x, y = swap
                 groups[a][groups[a].index(x)] = y
                 groups[b][groups[b].index(y)] = x
+                load[a] += tot[y] - tot[x]
+                load[b] += tot[x] - tot[y]
+                nds[a] += dn[y] - dn[x]
+                nds[b] += dn[x] - dn[y]
     best = min(range(2), key=lambda n: (max(costs(starts[n])), _mixed_groups(starts[n], dense), n))
     return [sorted(g) for g in starts[best]]
 
@@ -1449,6 +1539,13 @@ def _rest_max(D: np.ndarray, top: np.ndarray, e1: np.ndarray, e2: np.ndarray) ->
     return rest
 
 
+def _among(owner: np.ndarray, ranks: np.ndarray, R: int) -> np.ndarray:
+    """``np.isin(owner, ranks)`` for owners in ``[0, R)``, by a lookup table (a few times faster)."""
+    table = np.zeros(R, dtype=bool)
+    table[ranks] = True
+    return table[owner]
+
+
 def _refine(
     A: np.ndarray,
     Af: np.ndarray,
@@ -1504,7 +1601,7 @@ def _refine(
         # Query side: swap one of rank a's heavy query blocks with any other rank's block.
         a = int(np.bincount(arg, weights=excess, minlength=R).argmax())
         light = np.argsort(np.where(ii == a, np.iinfo(np.int64).max, W.sum(1)), kind="stable")[:partners]
-        mine, others = np.nonzero((qo == a) & mov)[0], np.nonzero(np.isin(qo, light) & mov)[0]
+        mine, others = np.nonzero((qo == a) & mov)[0], np.nonzero(_among(qo, light, R) & mov)[0]
         weight = Y[mine][:, cols[a, arg == a]].sum(1)
         xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
         bs = qo[others]
@@ -1521,7 +1618,7 @@ def _refine(
         # Key side: swap one of key rank j's heavy key blocks with any other key rank's block.
         j = int(np.bincount((arg + ii) % R, weights=excess, minlength=R).argmax())
         light = np.argsort(np.where(ii == j, np.iinfo(np.int64).max, W.sum(0)), kind="stable")[:partners]
-        mine, others = np.nonzero((ko == j) & mov)[0], np.nonzero(np.isin(ko, light) & mov)[0]
+        mine, others = np.nonzero((ko == j) & mov)[0], np.nonzero(_among(ko, light, R) & mov)[0]
         steps = np.nonzero((arg + ii) % R == j)[0]
         weight = Z[meet[j, steps]][:, mine].sum(0)
         xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
@@ -1585,6 +1682,7 @@ def _balance_blocks(
     refine: bool,
     target: float,
     movable: np.ndarray | None = None,
+    early=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block layout of one head group: ``(q_owner, kv_owner, W)``.
 
@@ -1619,6 +1717,8 @@ def _balance_blocks(
     _, _, n = min(good, key=lambda s: (s[1], s[0], s[2])) if good else min(scored)
     qo, ko, Wk = starts[n]
     if refine and R <= _REFINE_MAX_RING and _ring_time(Wk) > goal:
+        if early is not None:
+            early(qo, ko, _REFINE_MAX_SWAPS)
         qo, ko, Wk = _refine(A, Af, qo, ko, home, R, target=target, max_swaps=_REFINE_MAX_SWAPS, movable=movable)
     return qo, ko, Wk
 
@@ -1773,17 +1873,25 @@ def _layouts(
     refine_target: float = 1.01,
     stats: _Stats | None = None,
     rates: _Rates | None = None,
+    prune_for=None,
 ) -> list[Plan]:
     """The candidate plans, fewest moved blocks first: the unplanned layout (contiguous heads,
     blocks at home), balanced heads with blocks at home, and (with ``balance_blocks``) balanced
     heads and blocks. Each carries its exact ``tile_work``. Two passes over the work.
 
     With ``rates`` the balancing runs on time-weighted work (:class:`_Rates`), heads with the
-    mixed-call cost (:func:`_balance_heads_timed`); ``tile_work`` stays the true tile work."""
+    mixed-call cost (:func:`_balance_heads_timed`); ``tile_work`` stays the true tile work.
+
+    ``prune_for`` (summaries only; a degree choice): group set -> :func:`_prune_moves`' test,
+    which stops the block balancing (raises :class:`_Pruned`) once the candidate cannot win."""
     if isinstance(w, WorkSummary):
+        prune = None if prune_for is None else prune_for(1 if rates is None else 2)
         return _summary_layouts(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
                                 balance_blocks=balance_blocks, per_group_blocks=per_group_blocks,
-                                uneven_heads=uneven_heads, refine=refine, refine_target=refine_target, rates=rates)
+                                uneven_heads=uneven_heads, refine=refine, refine_target=refine_target, rates=rates,
+                                prune=prune)
+    if prune_for is not None:
+        raise TypeError("prune_for is for summaries only")
     H, nb, U, R = w.heads, w.num_blocks, ulysses, ring
     counts = _head_counts(H, U, uneven_heads)
     _check_ring(R, nb)
@@ -1798,6 +1906,8 @@ def _layouts(
         groups = _balance_heads_timed(st.rows.sum(1).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
     else:
         groups = _balance_heads(st.rows.sum(1).tolist(), counts, refine)
+    if groups == contiguous:  # (always at U = 1): one layout, not two equal ones
+        groups = contiguous
     home = _home(nb, R)
     caps = np.bincount(home, minlength=R).tolist()
     sums: dict[tuple[int, ...], np.ndarray] = {}  # pass 2: each head group's summed work, once
@@ -1854,6 +1964,7 @@ def _summary_layouts(
     refine: bool,
     refine_target: float,
     rates: _Rates | None = None,
+    prune=None,
 ) -> list[Plan]:
     """:func:`_layouts` from a summary: the same candidates, blocks moved in whole units.
 
@@ -1870,11 +1981,7 @@ def _summary_layouts(
     home = _home(nb, R)[starts[:-1]]  # (NU,): home ring rank of every unit
     movable = sizes == s.coarse
     caps = np.bincount(home[movable], minlength=R).tolist()
-    chunk = np.searchsorted(home, np.arange(R + 1)).tolist()  # home chunk i = units chunk[i] .. chunk[i + 1] - 1
-    # Slice sums (few segments) beat reduceat; rows first, as adding whole rows vectorises:
-    # (H, NU, NU) -> (H, R, NU) -> (H, R, R).
-    y = np.stack([s._cells[:, chunk[i] : chunk[i + 1]].sum(1, dtype=np.int64) for i in range(R)], 1)
-    head_tiles = np.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(R)], 2)
+    head_tiles = _summary_home_tiles(s, R)  # (H, R, R), shared by the candidates of a degree choice
     tokens = np.add.reduceat(_block_tokens(nb, s.q_block, s.seq_len), starts[:-1])  # (NU,) tokens per unit
     if rates is not None:
         head_tiles = head_tiles * rates.weights[:, None, None]
@@ -1886,6 +1993,8 @@ def _summary_layouts(
         groups = _balance_heads_timed(head_tiles.sum((1, 2)).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
     else:
         groups = _balance_heads(head_tiles.sum((1, 2)).tolist(), counts, refine)
+    if groups == contiguous:  # (always at U = 1): one layout, not two equal ones
+        groups = contiguous
 
     def group_sum(g: list[int]) -> np.ndarray:
         A = _summary_group_sum(s, g)
@@ -1907,10 +2016,31 @@ def _summary_layouts(
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
         if per_group_blocks:
+            sent = 0  # the cost model's exchanged blocks so far: max over groups of 2 (q + kv) x heads
+
+            def exchanged(g: list[int], owners, swaps: int = 0) -> int:
+                """Group ``g``'s ``2 (q + kv) x heads``, or a bound on it after ``swaps`` swaps of
+                :func:`_refine` (a swap changes two ranks' sent counts by one unit each, so the
+                largest by at most one unit)."""
+                out = sum(int(np.bincount(home[o != home], weights=sizes[o != home], minlength=R).max()) for o in owners)
+                return 2 * len(g) * max(0, out - swaps * s.coarse)
+
+            def check(g: list[int], qo: np.ndarray, ko: np.ndarray, swaps: int) -> None:
+                """Stop before refining when even the fewest blocks it could leave moved lose."""
+                bound = max(sent, exchanged(g, (qo, ko), swaps))
+                if bound and prune(bound):
+                    raise _Pruned
+
             for k, g in enumerate(groups):
+                early = None if prune is None else (lambda qo, ko, swaps, g=g: check(g, qo, ko, swaps))
                 q_owner[k], kv_owner[k], W[k] = _balance_blocks(
-                    lambda g=g: group_sum(g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable
+                    lambda g=g: group_sum(g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable,
+                    early
                 )
+                if prune is not None:
+                    sent = max(sent, exchanged(g, (q_owner[k], kv_owner[k])))
+                    if sent and prune(sent):
+                        raise _Pruned
         else:
             total = s._cells.sum(0, dtype=np.int64) if rates is None else group_sum(list(range(H)))
             q_owner[:] = _biased_greedy(total.sum(1), home, caps, reward, movable)
@@ -2211,8 +2341,7 @@ class CostModel:
             p2p = lat + 2 * kv_tokens * heads_k * token_bytes / ring_bw  # (U,) K and V of one chunk
             steps = compute.max(1)  # (U, R): slowest rank per step
             ring_ms = 1e3 * float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max())
-            q_moved = plan.exchange_counts("q").numpy()
-            kv_moved = plan.exchange_counts("kv").numpy()
+            q_moved, kv_moved = plan._exchange
             out = [(q_moved[k].sum(1) - np.diag(q_moved[k]), kv_moved[k].sum(1) - np.diag(kv_moved[k])) for k in range(U)]
             blocks = max(float(2 * (q.max() + kv.max()) * heads_k[k]) for k, (q, kv) in enumerate(out))
             if blocks > 0:
@@ -2329,25 +2458,72 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
            uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
     """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned in order
     of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
-    are skipped (they cannot win), so the result holds the best candidate but not every one."""
+    are skipped (they cannot win), so the result holds the best candidate but not every one. On a
+    summary, once a time is found, each later candidate is first held to the tighter
+    :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops its block
+    balancing as soon as the blocks it moves make it slower than the best."""
+    outer = getattr(_MEMO, "memo", None)
+    _MEMO.memo = {} if outer is None else outer
+    try:
+        return _score_now(w, world, cost_model, balance=balance, reward=reward, uneven_heads=uneven_heads,
+                          head_dim=head_dim, element_bytes=element_bytes, prune=prune)
+    finally:
+        _MEMO.memo = outer
+
+
+def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
+               uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
+    """:func:`_score` with the head-group memo in place."""
     predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
     pairs = _candidates(world, w.heads, w.num_blocks, uneven_heads and balance)
+    tight = dict(reward=reward, uneven_heads=uneven_heads, balance=balance, head_dim=head_dim, element_bytes=element_bytes)
     bounds = {}
+    summary = prune and isinstance(w, WorkSummary)
     if prune:
         totals = _work_per_head(w)
         bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
+        if summary:  # the order: with the head groups and home tiles, one moved unit for plans that move
+            parts = {p: {} for p in pairs}
+            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, moves=False, parts=parts[p], **tight)) for p, b in bounds.items()}
         pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
     out: list[DegreeChoice] = []
     best = math.inf
     for u, r in pairs:
         if prune and bounds[u, r] > best * (1 + 1e-9):
             continue
-        plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
-                                      cost=(cost_model, head_dim))
+        prune_for = None
+        if summary and best < math.inf and "tighten" in parts[u, r]:
+            # Sorting every rank's units costs about a head balancing: only where there is a time to beat.
+            limit = best * (1 + 1e-9)
+            if parts[u, r]["tighten"]() > limit:
+                continue
+            prune_for = lambda n, p=parts[u, r], limit=limit: _prune_moves(p, n, limit)  # noqa: E731
+        try:
+            plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
+                                          cost=(cost_model, head_dim), prune_for=prune_for)
+        except _Pruned:  # its block balancing showed that it cannot win
+            continue
         choice = balanced if balance else plain
         best = min(best, choice.prediction.total_ms)
         out.append(choice)
     return sorted(out, key=lambda c: c.ulysses)
+
+
+class _Pruned(Exception):
+    """A degree candidate's planning stopped early: every plan it could score is slower than the best so far."""
+
+
+def _prune_moves(parts: dict, n: int, limit: float):
+    """For the block balancing of group set ``n`` (1: balanced heads, 2: time-balanced) of one
+    candidate, from its :func:`_summary_bound_ms` ``parts``: a test ``sent -> bool``, True once a
+    plan that already exchanges ``sent`` blocks (the cost model's count, ``2 (q + kv) x heads``
+    of the busiest group so far) must be slower than ``limit``; None where another plan of the
+    candidate (blocks at home, or the other set's moves) may be faster, as stopping then could
+    change the pick."""
+    if n >= len(parts["moved"]) or parts["home"] <= limit or any(b <= limit for i, b in enumerate(parts["moved"]) if i != n):
+        return None
+    base = parts["a2a"] + parts["ring"][n] + 2 * parts["lat"]
+    return lambda sent: base + sent * parts["block_ms"] > limit
 
 
 def _work_per_head(w: "_Work | WorkSummary") -> np.ndarray:
@@ -2391,6 +2567,162 @@ def _lower_bound_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarra
         shard = _cdiv(S, u * r) * H * token_bytes
         a2a_ms = 1e3 * (2 * lat + 4 * shard * (u - 1) / u / cost._bandwidth(u, u))
     return a2a_ms + ring_ms
+
+
+def _entry_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, head_dim: int) -> np.ndarray:
+    """``(H,)`` float64: the least predicted milliseconds per tile entry of each head, as
+    :meth:`CostModel.predict` rates them (dense heads at ``dense_tflops`` when modelled, without
+    the unaligned-key factor, which is >= 1; the others at the sparse curve's rate for their
+    density, which no plan changes)."""
+    H, full = w.heads, w.batch * w.seq_len * w.seq_len
+    dense = totals == full if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    n_dense = int(dense.sum())
+    density = float(totals[~dense].sum()) / max(1, (H - n_dense) * full)
+    fine = w.kv_tile is not None and w.kv_tile < w.q_block
+    out = np.full(H, 1e3 * 4.0 * head_dim / (cost.tflops(density=density, fine_grained=fine) * 1e12))
+    if n_dense:
+        out[dense] = 1e3 * 4.0 * head_dim / (cost.dense_tflops * 1e12)
+    return out
+
+
+def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward: float, uneven_heads: bool, balance: bool,
+                      head_dim: int, element_bytes: int, groups: list[list[int]] | None = None, parts: dict | None = None,
+                      moves: bool = True) -> float:
+    """A lower bound on the predicted time of the plan :func:`_score_pair` scores for ``(u, r)``
+    on summary ``s``, tighter than :func:`_lower_bound_ms` because it knows the planner's head
+    groups (cheap: per-head totals) and the summary's home tiles and unit marginals.
+
+    The scored plan is the fastest of plans that keep the contiguous, the balanced or (with
+    dense heads) the time-balanced head groups (:func:`_layouts`), with blocks at home or moved in
+    whole units. Per head group set, with every tile's time taken at its heads' least rate
+    (:func:`_entry_ms`, plus the mixed-call cost of groups holding dense and sparse heads, whose
+    every tile is non-empty):
+
+    * blocks at home: the cost model's ring time of those tiles (exact but for call overheads and
+      the unaligned-key factor);
+    * blocks moved: the exchange's latency plus, for a ring time ``T``, the exchange of the fewest
+      units every rank must send away so that no rank computes more than ``T`` (rank ``(k, i)``
+      computes its query units' rows, ``sum_t`` of its step times, and its key units' columns,
+      which ring time bounds from below; sending a unit away lowers a rank's load by at most
+      that unit's work), minimised over ``T`` from the largest group mean upwards.
+
+    A ring time is at least each rank's row and column load, and the exchange is set by the
+    largest count of units a rank sends, so the bound holds for every plan with those groups
+    whose ranks keep their block counts (as the planner's do). ``groups``: bound only the plans
+    with these head groups that move units (for tests). ``parts``: filled with what
+    :func:`_prune_moves` needs (the bound at home, and per group set of :func:`_layouts` --
+    contiguous, balanced, time-balanced -- the bound with moves and its ring-time part).
+    ``moves=False``: the cheaper bound that counts one moved unit for plans that move (no
+    sorting of units); ``parts["tighten"]()`` then returns the full bound (and updates ``parts``).
+    """
+    H, S, B, nb, R = s.heads, s.seq_len, s.batch, s.num_blocks, r
+    if s.ring % R:
+        return 0.0  # home tiles only for ring degrees whose chunks nest in the summary's
+    totals = np.asarray(s._head_totals, dtype=np.int64)
+    ms = _entry_ms(cost, s, totals, head_dim)
+    dense = totals == B * S * S if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    counts = _head_counts(H, u, uneven_heads)
+    off = np.cumsum([0] + counts).tolist()
+    sets = [([list(range(off[k], off[k + 1])) for k in range(u)], False)]  # (groups, may move blocks)
+    if groups is not None:
+        sets = [(groups, True)]
+    elif balance:
+        sets.append((_balance_heads(totals.tolist(), counts, True), True))
+        rates = _rates_of(cost, s, totals, head_dim)
+        if rates is not None:
+            sets.append((_balance_heads_timed((totals * rates.weights).tolist(), rates.dense, counts, True, R * R * rates.mixed), True))
+    lat = cost.comm_latency_us * 1e-3
+    token_bytes = B * head_dim * element_bytes
+    a2a = 0.0
+    if u > 1:
+        a2a = 1e3 * (2 * cost.comm_latency_us * 1e-6 + 4 * _cdiv(S, u * R) * H * token_bytes * (u - 1) / u / cost._bandwidth(u, u))
+    tiles = _summary_home_tiles(s, R) * ms[:, None, None]  # (H, R, R) ms per head, blocks at home
+    bw = cost._bandwidth(R, u * R)
+    mixed = cost.mixed_overhead_us * 1e-3 if cost.dense_tflops is not None and dense.any() else 0.0
+    home = math.inf
+    moved, ring = [math.inf] * len(sets), [0.0] * len(sets)
+    mixes, p2ps = [None] * len(sets), [None] * len(sets)
+    block_ms = 2 * s.q_block * token_bytes / bw * 1e3
+    for n, (gs, may_move) in enumerate(sets):
+        heads_k = np.array([len(g) for g in gs], dtype=np.float64)
+        mix = mixes[n] = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
+        C = np.stack([tiles[g].sum(0) for g in gs]) + mix[:, None, None]  # (U, R, R)
+        if R == 1:
+            home = min(home, a2a + float(C.max()))
+            continue
+        p2p = p2ps[n] = lat + 1e3 * 2 * _cdiv(nb, R) * s.q_block * heads_k * token_bytes / bw  # (U,)
+        steps = _steps(C).max(1)  # (U, R)
+        if groups is None:
+            home = min(home, a2a + float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max()))
+        if may_move and reward != math.inf:
+            bound, ring[n] = _moved_bound_ms(s, gs, ms, mix, R, p2p, block_ms, lat, moves)
+            moved[n] = a2a + bound
+
+    def tighten() -> float:
+        """The bound again with ``moves=True``, reusing this call's groups and tiles."""
+        for n, (gs, may_move) in enumerate(sets):
+            if R > 1 and may_move and reward != math.inf:
+                bound, ring[n] = _moved_bound_ms(s, gs, ms, mixes[n], R, p2ps[n], block_ms, lat, True)
+                moved[n] = a2a + bound
+        return min([home] + moved)
+
+    if parts is not None:
+        parts.update(home=home, moved=moved, ring=ring, a2a=a2a, lat=lat, block_ms=block_ms / 2, tighten=tighten)
+    return min([home] + moved)
+
+
+def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix: np.ndarray, R: int, p2p: np.ndarray,
+                    block_ms: float, lat: float, moves: bool = True) -> tuple[float, float]:
+    """:func:`_summary_bound_ms`' bound on exchange + ring time of plans with ``groups`` that move
+    units, and its bound on their ring time alone. ``ms``: ``(H,)`` per entry; ``mix``: ``(U,)``
+    per call; ``block_ms``: the exchange time of one block of one head (both ways). ``moves=False``:
+    one unit moved, the ring time at its bound (no sorting)."""
+    U, H = len(groups), s.heads
+    idx, chunk = _movable_units(s, R)  # (R, n) movable units of each home chunk (NU: none), (R + 1,)
+    weigh = np.zeros((U, H))
+    for k, g in enumerate(groups):
+        weigh[k, g] = ms[g]
+    heads_k = weigh.astype(bool).sum(1).astype(np.float64)
+    mean = max(float((weigh @ s._head_totals.astype(np.float64))[k]) / R + R * mix[k] for k in range(U))
+    mean = max(mean, float(((R - 1) * p2p).max()))
+    if not moves:
+        return mean + 2 * lat + heads_k.min() * s.coarse * block_ms, mean
+    lefts = []
+    for marg in s._unit_marginals:  # query units' rows, key units' columns
+        load = np.concatenate([weigh @ marg.astype(np.float64), np.zeros((U, 1))], 1)  # (U, NU + 1) ms per unit
+        start = np.add.reduceat(load[:, :-1], chunk[:-1], axis=1) + R * mix[:, None]  # (U, R) loads at home
+        sent = np.cumsum(-np.sort(-load[:, idx], axis=2), axis=2)  # (U, R, n): the n heaviest units sent away
+        lefts.append(start[:, :, None] - np.concatenate([np.zeros((U, R, 1)), sent], 2))  # (U, R, n + 1)
+    # A plan's ring time T is at least every rank's load, so rank (k, i) sent at least
+    # count(left > T) units; T ranges over the group mean and the loads where a count drops.
+    cands = np.unique(np.concatenate([[mean]] + [x.reshape(-1) for x in lefts]))
+    cands = cands[cands >= mean]
+    need = np.zeros((len(cands), U))
+    feasible = np.ones(len(cands), dtype=bool)
+    for x in lefts:
+        over = x[None] > cands[:, None, None, None] * (1 + 1e-12)  # (C, U, R, n + 1); slack keeps the bound below
+        feasible &= ~over[..., -1].any((1, 2))
+        need += over.sum(3).max(2)
+    blocks = np.maximum((need * heads_k).max(1), heads_k.min()) * s.coarse  # at least one unit moves
+    total = cands + 2 * lat + blocks * block_ms
+    return (float(total[feasible].min()) if feasible.any() else math.inf), mean
+
+
+def _movable_units(s: WorkSummary, ring: int) -> tuple[np.ndarray, np.ndarray]:
+    """``((R, n) movable units of each home chunk of ``ring``, padded with ``NU``; (R + 1,) chunk
+    starts in units)``."""
+    memo = s.__dict__.setdefault("_movable_memo", {})
+    if ring not in memo:
+        home = _home(s.num_blocks, ring)[s._starts[:-1]]
+        movable = np.diff(s._starts) == s.coarse
+        chunk = np.searchsorted(home, np.arange(ring + 1))
+        per = [np.nonzero(movable[chunk[i] : chunk[i + 1]])[0] + chunk[i] for i in range(ring)]
+        n = max(len(p) for p in per)
+        idx = np.full((ring, n), s.num_units, dtype=np.int64)
+        for i, p in enumerate(per):
+            idx[i, : len(p)] = p
+        memo[ring] = (idx, chunk)
+    return memo[ring]
 
 
 def dense_heads(mask_or_work: "SparseMask | torch.Tensor | WorkSummary", *, q_block: int | None = None,
@@ -2443,19 +2775,22 @@ def _ring_key(plan: Plan) -> tuple[int, int]:
 
 
 def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None,
-                cost: "tuple[CostModel, int] | None" = None):
+                cost: "tuple[CostModel, int] | None" = None, prune_for=None):
     """``(unbalanced, balanced)`` DegreeChoices of one ``(U, R)`` from one set of passes.
 
     The unbalanced one exists where ``U`` divides the heads. The balanced one (with ``balance``)
     is the faster, by the cost model, of the planner's choice and the layouts that move no
     blocks, so blocks move only where the exchange pays for itself. With ``cost`` (the cost
     model and head_dim) and a mask where time and tile entries differ (dense heads), the
-    time-weighted candidates (:func:`_timed_layouts`) compete too.
+    time-weighted candidates (:func:`_timed_layouts`) compete too. ``prune_for``: as in
+    :func:`_layouts` (then :class:`_Pruned` may be raised).
     """
     if not balance:
         plan = _layouts(w, ulysses=u, ring=r, balance_heads=False, balance_blocks=False, stats=stats)[0]
         return DegreeChoice(u, r, plan, predict(plan)), None
-    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats)
+    memo: dict[int, Prediction] = {}  # plan id -> prediction: the contiguous layout is scored twice
+    predict = lambda p, f=predict: memo[id(p)] if id(p) in memo else memo.setdefault(id(p), f(p))  # noqa: E731
+    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for)
     plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
     chosen = min(layouts, key=_ring_key)
     options = [chosen] + [p for p in layouts if p is not chosen and _moved(p) == 0]
@@ -2464,7 +2799,8 @@ def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_head
             stats = _stats(w, r)
         rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1])
         if rates is not None:
-            options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates)
+            options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates,
+                                prune_for=prune_for)
     pred, _, plan = min(((predict(p), n, p) for n, p in enumerate(options)), key=lambda x: (x[0].total_ms, x[0].imbalance, x[1]))
     return plain, DegreeChoice(u, r, plan, pred)
 
@@ -2483,7 +2819,11 @@ def choose_degrees(
     returns the one with the least predicted time (ties: the larger ``ulysses``, fewer ring steps).
     Candidates are planned in order of a lower bound on their predicted time (the all-to-all, and
     the mean rank compute or the ring transfers, whichever is larger); those whose bound exceeds
-    the best time found are not planned, since they cannot win.
+    the best time found are not planned, since they cannot win. From a :class:`WorkSummary` the
+    bound also knows the planner's head groups, the home tiles and, for plans that move blocks,
+    the units every rank must send away to reach a ring time (:func:`_summary_bound_ms`), and a
+    candidate's block balancing stops as soon as the blocks it has moved make it slower than the
+    best; the pick and its plan are those of the full scoring.
     Run it per layer and step, or let :class:`PlanCache` decide when to re-run it.
 
     Example::
