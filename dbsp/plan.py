@@ -3020,7 +3020,7 @@ class PlanCache:
     21% to 4% of the predicted attention time (``benchmarks/bench_plan.py``). Where the check is
     cheaper than the hand-off (a plan with ``R = 1`` and a summary: ``O(H)``), ``get`` makes it on
     the caller's thread and sends only misses to the background; the decisions are the same. With
-    ``incremental=True`` as well the caller's share fell to 0.8% there (background: 5%, mostly
+    ``incremental=True`` as well the caller's share fell to 0.7% there (background: 2.3%, mostly
     the first degree choice of each layer).
 
     Args:
