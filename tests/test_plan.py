@@ -734,6 +734,16 @@ def test_summary_bound_for_moved_units_by_hand(diag, expected):
     assert lb == pytest.approx(expected, rel=1e-9)
 
 
+
+def _random_model_and_summary(seed):
+    """A cost model of random throughput and link speed, and a 16-head synthetic summary."""
+    g = torch.Generator().manual_seed(seed)
+    tflops = 10 ** float(torch.empty(1).uniform_(-0.5, 1.5, generator=g))
+    cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], call_overhead_us=0.0, comm_latency_us=20.0,
+                 nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)))
+    return cost, summarize_work(synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed), q_block=64, seq_len=12000)
+
+
 def test_degree_choice_stops_losing_block_balancing_and_keeps_the_winner(monkeypatch):
     """choose_degrees on a summary stops a candidate's block balancing once its moved blocks make
     it lose (this happens here), and still picks what the full scoring picks, plan and all."""
@@ -748,11 +758,7 @@ def test_degree_choice_stops_losing_block_balancing_and_keeps_the_winner(monkeyp
 
     monkeypatch.setattr(P, "_prune_moves", counting)
     for seed in range(8):
-        g = torch.Generator().manual_seed(seed)
-        tflops = 10 ** float(torch.empty(1).uniform_(-0.5, 1.5, generator=g))
-        cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], call_overhead_us=0.0, comm_latency_us=20.0,
-                     nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)))
-        s = summarize_work(synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed), q_block=64, seq_len=12000)
+        cost, s = _random_model_and_summary(seed)
         best = min(score_degrees(s, world=8, cost_model=cost), key=lambda c: (c.prediction.total_ms, -c.ulysses))
         u, r, plan = choose_degrees(s, world=8, heads=16, cost_model=cost)
         assert (u, r) == (best.ulysses, best.ring) and plan == best.plan and plan.fingerprint() == best.plan.fingerprint()
@@ -767,11 +773,7 @@ def test_early_stop_bound_is_below_every_moved_plan():
 
     seen = 0
     for seed in range(6):
-        g = torch.Generator().manual_seed(seed)
-        tflops = 10 ** float(torch.empty(1).uniform_(-0.5, 1.5, generator=g))
-        cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], call_overhead_us=0.0, comm_latency_us=20.0,
-                     nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)))
-        s = summarize_work(synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed), q_block=64, seq_len=12000)
+        cost, s = _random_model_and_summary(seed)
         for c in score_degrees(s, world=8, cost_model=cost):
             plan = c.plan
             owners = [plan.block_owner(kind).numpy() for kind in ("q", "kv")]
