@@ -8,7 +8,7 @@ writes a score to memory::
     stats       per (query block, group): max tile log-mass, sum of exp(log-mass - max)
     thresholds  per query block, from the stats in registers: lse, the bracket (two sorts) and the
                 candidate thresholds
-    candidates  per (query block, program chunk): mass and count of tiles >= each threshold
+    candidates  per (query block, program chunk): mass (and, for budgets, count) of tiles >= each threshold
     emit        per (query block, group): a bit word of kept tiles and its popcount
     expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices)
 
