@@ -1931,7 +1931,7 @@ def _layouts(
     common = dict(ulysses=U, ring=R, heads=H, q_block=w.q_block, seq_len=w.seq_len, counts=counts)
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, homes, homes), **common)]
     ordered = _dense_first(groups, rates.dense if rates is not None else st.rows.sum(1) == w.batch * w.seq_len * w.seq_len)
-    if groups is not contiguous:
+    if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
         out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, homes, homes), **common))
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = homes.copy(), homes.copy(), heads_only.copy()
@@ -2010,7 +2010,7 @@ def _summary_layouts(
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
                        **common)]
     ordered = _dense_first(groups, s._head_totals == s.batch * s.seq_len * s.seq_len)
-    if groups is not contiguous:
+    if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
         out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
                                **common))
     if balance_blocks and R > 1:

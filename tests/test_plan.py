@@ -515,6 +515,12 @@ def test_dense_heads_run_at_the_dense_rate():
         model(mixed_overhead_us=-1.0)
 
 
+def _dense_consecutive_everywhere(plan, dense):
+    for k in range(plan.ulysses):
+        at = [i for i, h in enumerate(plan.head_group(k)) if h in dense]
+        assert not at or at[-1] - at[0] == len(at) - 1, (k, plan.head_group(k), dense)
+
+
 def _dense_first_everywhere(plan, dense):
     for k in range(plan.ulysses):
         kinds = [h in dense for h in plan.head_group(k)]
@@ -524,8 +530,10 @@ def _dense_first_everywhere(plan, dense):
 @pytest.mark.parametrize("U, R", [(2, 1), (4, 1), (2, 2), (1, 4)])
 def test_plans_list_dense_heads_first_and_scattered_ones_pay_the_gather(U, R):
     """Every plan the planner builds other than the unplanned layout (from work or a summary, with
-    or without a cost model, and PlanCache's head-swap repairs) lists each group's dense heads first, which changes no work;
-    CostModel charges mixed_gather_us only to mixed calls whose dense heads are apart."""
+    or without a cost model, and PlanCache's head-swap repairs) lists each group's dense heads
+    first, which changes no work; with a cost model that charges the gather, no plan with dense
+    heads apart wins, at U = 1 either, nor in the degree choice; CostModel charges
+    mixed_gather_us only to mixed calls whose dense heads are apart."""
     from dbsp.plan import dense_heads, summarize_work
 
     H, nb, S = 8, 8, 512
@@ -537,16 +545,23 @@ def test_plans_list_dense_heads_first_and_scattered_ones_pay_the_gather(U, R):
     timed = model(dense_tflops=700.0, mixed_overhead_us=20.0, mixed_gather_us=300.0)
     summary = summarize_work(work, q_block=64, seq_len=S, coarse=1, ring=R)
     for src in (work, summary):
-        for kw in (dict(), dict(cost_model=timed), dict(balance_heads=False), dict(balance_blocks=False)):
+        for kw in (dict(), dict(cost_model=timed), dict(balance_heads=False), dict(balance_blocks=False),
+                   dict(cost_model=timed, balance_heads=False), dict(cost_model=timed, balance_blocks=False)):
             plan = make_plan(src, ulysses=U, ring=R, q_block=64, seq_len=S, **kw)
             if plan.head_perm == tuple(range(H)) and plan.moved_blocks("q") + plan.moved_blocks("kv") == 0:
-                continue  # the unplanned layout is returned as it is
+                # The unplanned layout ties with its dense-first twin by tile work; timed, it wins
+                # only where it pays no gather (its dense heads happen to be consecutive).
+                if "cost_model" in kw:
+                    _dense_consecutive_everywhere(plan, dense)
+                continue
             _dense_first_everywhere(plan, dense)
             # The same heads per group and blocks, in natural order, have the same tile work.
             natural = Plan(ulysses=U, ring=R, heads=H, q_block=64, seq_len=S,
                            head_perm=tuple(h for k in range(U) for h in sorted(plan.head_group(k))),
                            head_offsets=plan.head_offsets, q_blocks=plan.q_blocks, kv_blocks=plan.kv_blocks)
             assert torch.equal(tile_work(work, natural), plan.tile_work)
+    _, _, picked = choose_degrees(summary if R > 1 else work, world=U * R, heads=H, q_block=64, seq_len=S, cost_model=timed)
+    _dense_consecutive_everywhere(picked, dense)
     if R == 1:  # a repair after the dense heads move keeps the order
         cache = PlanCache(incremental=True, threshold=1.0)
         cache.get(0, summary, ulysses=U, ring=1)
