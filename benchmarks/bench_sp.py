@@ -376,6 +376,18 @@ def make_mask(w, kind: str, args) -> SparseMask:
     return predict_mask(w.q, w.k, q_block=args.q_block, kv_tile=args.kv_tile, top_p=args.top_p, dense_above=args.dense_above)
 
 
+def _print_predicted(kind, layer, configs, mask, work, cost, w, full_heads, t_plan) -> None:
+    """``--plan-only``: every configuration's predicted time (the cost model), nothing timed."""
+    print(f"  {kind} layer {layer}: density {mask.density():.3f}, {len(full_heads)} dense heads, {len(configs)} configs "
+          f"(planned in {t_plan:.1f} s); predicted ms:")
+    for cfg in configs:
+        sizes = dict(ulysses=cfg.ulysses, ring=cfg.ring, q_block=mask.q_block, seq_len=mask.seq_len_q)
+        tiled = cfg.plan if cfg.plan is not None else Plan.identity(heads=mask.heads, **sizes).with_tile_work(work)
+        pred = cost.predict(tiled, head_dim=w.head_dim, batch=w.batch, element_bytes=2,  # bf16, as the GPU run moves
+                            kv_tile=mask.kv_tile, dense_heads=full_heads)
+        print(f"    {cfg.name:<22} {pred.total_ms:8.2f}")
+
+
 def run_emulate(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -398,6 +410,10 @@ def run_emulate(args) -> int:
             t_plan = time.perf_counter()
             configs = make_configs(mask, work, P, cost, head_dim=w.head_dim)
             t_plan = time.perf_counter() - t_plan
+            if args.plan_only:
+                _print_predicted(kind, layer, configs, mask, work, cost, w, full_heads, t_plan)
+                del w, mask, work
+                continue
             # Every configuration's local problems first, then all of them timed together, interleaved.
             pset = ProblemSet(w, repeats=args.repeats, warmup=not args.quick, features=problems)
             collected = [collect(cfg, w, mask, pset) for cfg in configs]
@@ -431,6 +447,8 @@ def run_emulate(args) -> int:
                   f"(planned in {t_plan:.1f} s), {len(pset)} distinct local problems, {time.perf_counter() - t0:.1f} s; "
                   f"{pset.spread_summary()}")
             del w, mask, work, pset, collected
+    if args.plan_only:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "sp.csv", rows)
@@ -790,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"predictor: round heads denser than this up to full. Default: {DENSE_CROSSOVER}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cost-model", default=None, help="cost model JSON. Default: dbsp/cost_model.json")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="--emulate: build the workloads, masks and plans and print each configuration's predicted "
+                             "time; time nothing (runs on a CPU at full shapes)")
     parser.add_argument("--bandwidth-gbps", type=float, default=None, help="per-GPU bandwidth. Default: the cost model's NVLink")
     args = parser.parse_args(argv)
     args.workloads = [x.strip() for x in args.workloads.split(",") if x.strip()]

@@ -124,3 +124,14 @@ def test_calibration_recovers_the_mixed_call_terms():
     assert (rs, rd, unaligned) == (approx(400.0), approx(600.0), approx(1.1))
     old = [{k: v for k, v in r.items() if k != "dense_consecutive"} for r in rows]
     assert cal.fit_problems(old, D)[2] == 0.0
+
+
+def test_plan_only_prints_predictions_and_times_nothing(tmp_path, capsys):
+    """--plan-only: every configuration's predicted time, dbsp-auto included, and no CSV."""
+    assert bench_sp.main(["--emulate", "8", "--quick", "--plan-only", "--workloads", "skewed", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [x.split() for x in out.splitlines() if x.startswith("    ")]
+    names = [x[0] + " " + x[1] for x in lines]
+    assert any(n.startswith("dbsp-auto") for n in names) and any(n.startswith("ring U1R8") for n in names)
+    assert all(float(x[-1]) > 0 for x in lines)
+    assert not list(tmp_path.iterdir())
