@@ -376,16 +376,21 @@ def make_mask(w, kind: str, args) -> SparseMask:
     return predict_mask(w.q, w.k, q_block=args.q_block, kv_tile=args.kv_tile, top_p=args.top_p, dense_above=args.dense_above)
 
 
+def _predicted(cfg, mask, work, cost, w, full_heads, element_bytes: int):
+    """``(plan with tile work, the cost model's Prediction)`` of one configuration (unbalanced
+    ones: the identity layout)."""
+    sizes = dict(ulysses=cfg.ulysses, ring=cfg.ring, q_block=mask.q_block, seq_len=mask.seq_len_q)
+    tiled = cfg.plan if cfg.plan is not None else Plan.identity(heads=mask.heads, **sizes).with_tile_work(work)
+    return tiled, cost.predict(tiled, head_dim=w.head_dim, batch=w.batch, element_bytes=element_bytes,
+                               kv_tile=mask.kv_tile, dense_heads=full_heads)
+
+
 def _print_predicted(kind, layer, configs, mask, work, cost, w, full_heads, t_plan) -> None:
     """``--plan-only``: every configuration's predicted time (the cost model), nothing timed."""
     print(f"  {kind} layer {layer}: density {mask.density():.3f}, {len(full_heads)} dense heads, {len(configs)} configs "
           f"(planned in {t_plan:.1f} s); predicted ms:")
-    for cfg in configs:
-        sizes = dict(ulysses=cfg.ulysses, ring=cfg.ring, q_block=mask.q_block, seq_len=mask.seq_len_q)
-        tiled = cfg.plan if cfg.plan is not None else Plan.identity(heads=mask.heads, **sizes).with_tile_work(work)
-        pred = cost.predict(tiled, head_dim=w.head_dim, batch=w.batch, element_bytes=2,  # bf16, as the GPU run moves
-                            kv_tile=mask.kv_tile, dense_heads=full_heads)
-        print(f"    {cfg.name:<22} {pred.total_ms:8.2f}")
+    for cfg in configs:  # bf16 bytes, as the GPU run moves
+        print(f"    {cfg.name:<22} {_predicted(cfg, mask, work, cost, w, full_heads, 2)[1].total_ms:8.2f}")
 
 
 def run_emulate(args) -> int:
@@ -422,11 +427,8 @@ def run_emulate(args) -> int:
                 steps, live = step_times(ids, pset)
                 em = model_comm(cfg, steps, layouts, w, mask, latency_ms=cost.comm_latency_us * 1e-3, a2a_bytes_s=bw,
                                 p2p_bytes_s=bw, slice_ms=slice_ms)
-                sizes = dict(ulysses=cfg.ulysses, ring=cfg.ring, q_block=mask.q_block, seq_len=mask.seq_len_q)
-                tiled = cfg.plan if cfg.plan is not None else Plan.identity(heads=mask.heads, **sizes).with_tile_work(work)
+                tiled, pred = _predicted(cfg, mask, work, cost, w, full_heads, w.q.element_size())
                 rho_plan = tiled.imbalance()
-                pred = cost.predict(tiled, head_dim=w.head_dim, batch=w.batch, element_bytes=w.q.element_size(),
-                                    kv_tile=mask.kv_tile, dense_heads=full_heads)
                 rho_model = pred.compute_imbalance  # the cost model's own per-step compute times
                 results[(kind, layer, cfg.name)] = em
                 tiles.append(_tile_record(kind, layer, cfg, mask, tiled, em, live))
