@@ -1353,7 +1353,7 @@ def _rates_of(cost_model: "CostModel | None", w: "_Work | WorkSummary", totals: 
     if cost_model is None or cost_model.dense_tflops is None:
         return None
     full = w.batch * w.seq_len * w.seq_len
-    dense = np.asarray(totals) == full
+    dense = _full_heads(w, totals)
     n, H = int(dense.sum()), len(dense)
     if n == 0 or n == H:  # one rate for every head, no call mixes kinds
         return None
@@ -1382,6 +1382,12 @@ def _block_tokens(num_blocks: int, q_block: int, seq_len: int) -> np.ndarray:
 
 def _mixed_groups(groups: list[list[int]], dense: np.ndarray) -> int:
     return sum(0 < int(dense[g].sum()) < len(g) for g in groups)
+
+
+def _full_heads(w: "_Work | WorkSummary", totals: np.ndarray) -> np.ndarray:
+    """``(H,)`` bool: the heads whose every tile is selected (total work ``B x S x S``), from their
+    ``(H,)`` totals."""
+    return np.asarray(totals) == w.batch * w.seq_len * w.seq_len
 
 
 def _dense_first(groups: list[list[int]], dense: np.ndarray | None) -> list[list[int]]:
@@ -1851,7 +1857,7 @@ def _timed_layouts(w: "_Work | WorkSummary", *, ulysses: int, ring: int, cost_mo
     if not isinstance(w, WorkSummary) and stats is None:
         stats = _stats(w, ring)
     totals = _head_totals(w, stats)
-    dense = tuple(int(h) for h in np.nonzero(totals == w.batch * w.seq_len * w.seq_len)[0])
+    dense = tuple(int(h) for h in np.nonzero(_full_heads(w, totals))[0])
     layouts = _layouts(w, ulysses=ulysses, ring=ring, stats=stats, **options)
     rates = _rates_of(cost_model, w, totals, head_dim)
     if rates is not None:
@@ -1930,7 +1936,7 @@ def _layouts(
     unplanned = heads_only if groups is contiguous else _home_tiles(w, st, contiguous, R, sums)
     common = dict(ulysses=U, ring=R, heads=H, q_block=w.q_block, seq_len=w.seq_len, counts=counts)
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, homes, homes), **common)]
-    ordered = _dense_first(groups, rates.dense if rates is not None else st.rows.sum(1) == w.batch * w.seq_len * w.seq_len)
+    ordered = _dense_first(groups, rates.dense if rates is not None else _full_heads(w, st.rows.sum(1)))
     if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
         out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, homes, homes), **common))
     if balance_blocks and R > 1:
@@ -2009,7 +2015,7 @@ def _summary_layouts(
     common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
                        **common)]
-    ordered = _dense_first(groups, s._head_totals == s.batch * s.seq_len * s.seq_len)
+    ordered = _dense_first(groups, _full_heads(s, s._head_totals))
     if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
         out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
                                **common))
@@ -2546,7 +2552,7 @@ def _lower_bound_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarra
     """
     H, S, B = w.heads, w.seq_len, w.batch
     full = B * S * S
-    dense = totals == full if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    dense = _full_heads(w, totals) if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
     n_dense = int(dense.sum())
     total, dense_total = float(totals.sum()), float(totals[dense].sum()) if n_dense else 0.0
     density = (total - dense_total) / max(1, (H - n_dense) * full)
@@ -2575,7 +2581,7 @@ def _entry_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, hea
     the unaligned-key factor, which is >= 1; the others at the sparse curve's rate for their
     density, which no plan changes)."""
     H, full = w.heads, w.batch * w.seq_len * w.seq_len
-    dense = totals == full if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    dense = _full_heads(w, totals) if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
     n_dense = int(dense.sum())
     density = float(totals[~dense].sum()) / max(1, (H - n_dense) * full)
     fine = w.kv_tile is not None and w.kv_tile < w.q_block
@@ -2748,9 +2754,7 @@ def dense_heads(mask_or_work: "SparseMask | torch.Tensor | WorkSummary", *, q_bl
 
 
 def _dense_heads_of(w: "_Work | WorkSummary") -> tuple[int, ...]:
-    totals = _work_per_head(w)
-    full = w.batch * w.seq_len * w.seq_len
-    return tuple(int(h) for h in np.nonzero(totals == full)[0])
+    return tuple(int(h) for h in np.nonzero(_full_heads(w, _work_per_head(w)))[0])
 
 
 def _predictor(cost_model: CostModel, w: _Work, *, head_dim: int, element_bytes: int, dense: tuple[int, ...] | None = None):
@@ -2967,7 +2971,7 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
         return None
     U = plan.ulysses
     groups = _swap_heads(s._head_totals, [list(plan.head_group(k)) for k in range(U)])
-    groups = _dense_first(groups, s._head_totals == s.batch * s.seq_len * s.seq_len)
+    groups = _dense_first(groups, _full_heads(s, s._head_totals))
     W = np.array([s._head_totals[g].sum() for g in groups], dtype=np.int64).reshape(U, 1, 1)
     owner = np.zeros((U, plan.num_blocks), dtype=np.int64)
     new = _build_plan(ulysses=U, ring=1, heads=plan.heads, q_block=plan.q_block, seq_len=plan.seq_len, groups=groups,
