@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .._checks import check_positive_int
+from .layout import MeshPosition
 
 log = logging.getLogger("dbsp")
 
@@ -41,7 +42,7 @@ def factorisations(world: int, *, heads: int | None = None) -> list[tuple[int, i
 
 
 @dataclass(frozen=True)
-class SPGroups:
+class SPGroups(MeshPosition):
     """The process groups of one ``(ulysses, ring)`` factorisation of the world.
 
     Build it with :meth:`SPGroups.init` (a collective: every rank calls it with the same degrees)
@@ -176,16 +177,6 @@ class SPGroups:
     def world_size(self) -> int:
         """P = U * R."""
         return self.ulysses * self.ring
-
-    @property
-    def ring_rank(self) -> int:
-        """i = rank // U: this rank's position in its ring group (and its sequence chunk)."""
-        return self.rank // self.ulysses
-
-    @property
-    def ulysses_rank(self) -> int:
-        """k = rank % U: this rank's position in its Ulysses group (and its head group)."""
-        return self.rank % self.ulysses
 
     @property
     def device_type(self) -> str:

@@ -35,6 +35,30 @@ import torch
 from ..mask import SparseMask, _offsets_from_counts, _segments
 
 
+class MeshPosition:
+    """Mixin: a rank's ring and Ulysses indices, from the ``rank`` and ``ulysses`` of the class using it.
+
+    Global rank ``r`` of a ``U x R`` layout has ring index ``i = r // U`` and Ulysses index
+    ``k = r % U`` (the picture in :mod:`dbsp.dist.groups`). :class:`dbsp.dist.SPGroups` and
+    :class:`RankLayout` both derive their indices here, so the two can never disagree.
+
+    Example (U = 2): rank 3 has ``ring_rank == 1`` and ``ulysses_rank == 1``.
+    """
+
+    rank: int
+    ulysses: int
+
+    @property
+    def ring_rank(self) -> int:
+        """i = rank // U: this rank's position in its ring group (and its sequence chunk)."""
+        return self.rank // self.ulysses
+
+    @property
+    def ulysses_rank(self) -> int:
+        """k = rank % U: this rank's position in its Ulysses group (and its head group)."""
+        return self.rank % self.ulysses
+
+
 def shard_sizes(seq_len: int, parts: int) -> tuple[int, ...]:
     """Token counts of ``torch.tensor_split(range(seq_len), parts)``: the first ``seq_len % parts`` get one more.
 
@@ -255,7 +279,7 @@ def sub_masks(
 
 
 @dataclass(frozen=True, eq=False)
-class RankLayout:
+class RankLayout(MeshPosition):
     """One rank's view of a sequence-parallel call: a pure function of the sizes and the plan.
 
     Attributes:
@@ -290,14 +314,6 @@ class RankLayout:
     q_exchange: TokenExchange
     kv_exchange: TokenExchange
     kv_lens: tuple[int, ...]
-
-    @property
-    def ring_rank(self) -> int:
-        return self.rank // self.ulysses
-
-    @property
-    def ulysses_rank(self) -> int:
-        return self.rank % self.ulysses
 
     @property
     def q_len(self) -> int:
