@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ._checks import check_positive_int
+from ._procs import join_or_kill
 
 
 @dataclass(frozen=True)
@@ -271,11 +272,7 @@ def _spawn(args) -> RunResult:
                 if not ok:
                     raise RuntimeError(f"demo: rank {rank} failed:\n{value}")
         finally:
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+            join_or_kill(procs)
     return RunResult.from_numpy(done[0][1])
 
 

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from dbsp._procs import join_or_kill
+
 
 # ---------------------------------------------------------------------------- Triton IR for sm_90
 
@@ -130,11 +132,7 @@ def run_distributed(
                     continue
                 (values if ok else errors)[rank] = value
         finally:
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+            join_or_kill(procs)
     if errors:
         raise RuntimeError(
             f"{len(errors)} of {world_size} ranks failed"

@@ -24,6 +24,7 @@ from hypothesis import Phase, given
 from hypothesis import strategies as st
 
 from dbsp import sparse_attention
+from dbsp._procs import join_or_kill
 from dbsp.dist import SPGroups, sp_attention
 from dbsp.dist.groups import factorisations
 from dbsp.dist.layout import home_blocks, shard_sizes
@@ -114,11 +115,7 @@ class _Pool:
     def close(self) -> None:
         for box in self._inbox:
             box.put(None)
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        join_or_kill(self._procs, grace=10.0)
         self._tmp.cleanup()
 
 
