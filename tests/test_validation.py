@@ -30,22 +30,20 @@ def test_mismatched_qkv_shapes(attend):
         attend(q[0], k, v, full())
 
 
+@pytest.mark.parametrize(
+    "mask_sizes, message",
+    [
+        pytest.param(dict(b=2), r"mask is for batch=2, heads=2 but q has batch=1, heads=2", id="batch"),
+        pytest.param(dict(h=3), r"mask is for batch=1, heads=3 but q has batch=1, heads=2", id="heads"),
+        pytest.param(dict(sq=41), r"seq_len_q=41, seq_len_kv=40 but q has Sq=40 and k has Skv=40", id="seq_len_q"),
+        pytest.param(dict(skv=30), r"seq_len_q=40, seq_len_kv=30 but q has Sq=40 and k has Skv=40", id="seq_len_kv"),
+    ],
+)
 @pytest.mark.parametrize("attend", ENTRY_POINTS)
-def test_mask_batch_head_mismatch(attend):
+def test_mask_sizes_must_match_inputs(attend, mask_sizes, message):
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"mask is for batch=2, heads=2 but q has batch=1, heads=2"):
-        attend(q, k, v, full(b=2))
-    with pytest.raises(ValueError, match=r"mask is for batch=1, heads=3 but q has batch=1, heads=2"):
-        attend(q, k, v, full(h=3))
-
-
-@pytest.mark.parametrize("attend", ENTRY_POINTS)
-def test_mask_seq_len_mismatch(attend):
-    q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"seq_len_q=41, seq_len_kv=40 but q has Sq=40 and k has Skv=40"):
-        attend(q, k, v, full(sq=41))
-    with pytest.raises(ValueError, match=r"seq_len_q=40, seq_len_kv=30 but q has Sq=40 and k has Skv=40"):
-        attend(q, k, v, full(skv=30))
+    with pytest.raises(ValueError, match=message):
+        attend(q, k, v, full(**mask_sizes))
 
 
 @pytest.mark.parametrize("attend", ENTRY_POINTS)
