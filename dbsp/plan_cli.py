@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from .mask import SparseMask
-from .plan import DEFAULT_REWARD, CostModel, Plan, _as_work, _dense_heads_of, _tile_work, make_plan
+from .plan import DEFAULT_REWARD, CostModel, Plan, make_plan
+from .plan.core import _as_work, _dense_heads_of, _tile_work
 
 _MASK_FIELDS = ("offsets", "indices", "q_block", "kv_tile", "seq_len_q", "seq_len_kv")
 

@@ -30,7 +30,10 @@ import numpy as np
 import torch
 
 from ._checks import check_nonnegative_int, check_positive_int
-from .plan import DEFAULT_REWARD, CostModel, _as_work, _candidates, _predictor, _score_pair, _stats
+from .plan import DEFAULT_REWARD, CostModel
+from .plan.core import _as_work, _stats
+from .plan.cost import _predictor
+from .plan.degrees import _candidates, _score_pair
 
 KINDS = ("window", "temporal", "sink", "dense", "hotspot")
 """Head patterns of :func:`synthetic_tiles`."""

@@ -25,7 +25,8 @@ from dbsp.plan import (
     summarize_work,
     tile_work,
 )
-from dbsp.plan import _biased_greedy, _home
+from dbsp.plan.balance import _biased_greedy
+from dbsp.plan.core import _home
 from dbsp.simulate import KINDS, synthetic_tiles, synthetic_work
 from harness import run_distributed
 
@@ -612,7 +613,8 @@ def test_degree_choice_pruning_bounds_every_plan_and_keeps_the_winner(seed):
     """The pruning bound is below the predicted time of every plan of every candidate (balanced,
     unbalanced, from the work and from a summary, with dense heads at their own rate), and
     choose_degrees (pruned) picks what the full scoring picks."""
-    from dbsp.plan import _work_per_head, _lower_bound_ms, _as_work
+    from dbsp.plan.core import _work_per_head, _as_work
+    from dbsp.plan.degrees import _lower_bound_ms
 
     g = torch.Generator().manual_seed(seed)
     heads, nb = 8, 32
@@ -640,7 +642,7 @@ def test_summary_bound_is_below_every_scored_candidate(seed):
     predicted time of the plan every candidate scores (balanced or not, uneven heads, any home
     bonus, dense heads with and without a mixed-call cost), and choose_degrees (pruned with it)
     picks what the full scoring picks, plan and all."""
-    from dbsp.plan import _summary_bound_ms
+    from dbsp.plan.degrees import _summary_bound_ms
 
     g = torch.Generator().manual_seed(100 + seed)
     heads = (5, 6, 8, 12)[seed % 4]
@@ -678,7 +680,10 @@ def test_summary_bound_holds_for_plans_that_move_few_units(seed):
     that send a few units away (the heaviest of the busiest ranks, as a cheap balancer would, or
     random ones; every rank keeps its block count), the predicted time is never below the bound
     for plans with those groups that move units, and comes close to it (it is not vacuous)."""
-    import dbsp.plan as P
+    from dbsp.plan.balance import _build_plan
+    from dbsp.plan.core import _head_counts, _home
+    from dbsp.plan.cost import _predictor
+    from dbsp.plan.degrees import _summary_bound_ms
 
     g = torch.Generator().manual_seed(200 + seed)
     rng = np.random.default_rng(seed)
@@ -690,15 +695,15 @@ def test_summary_bound_holds_for_plans_that_move_few_units(seed):
                  mixed_overhead_us=float(torch.randint(0, 300, (1,), generator=g)), comm_latency_us=20.0,
                  nvlink_gbps=float(torch.randint(1, 50, (1,), generator=g)))
     s = summarize_work(work, q_block=64, seq_len=6000, ring=8, coarse=1 + seed % 2)
-    predict = P._predictor(cost, s, head_dim=128, element_bytes=2)
+    predict = _predictor(cost, s, head_dim=128, element_bytes=2)
     sizes = np.diff(s._starts)
     rows, cols = s._unit_marginals
     closest = math.inf
     for U, R in ((1, 8), (2, 4), (4, 2)):
-        home = P._home(s.num_blocks, R)[s._starts[:-1]]
+        home = _home(s.num_blocks, R)[s._starts[:-1]]
         for trial in range(6):
             perm = rng.permutation(heads)
-            counts = P._head_counts(heads, U, True)
+            counts = _head_counts(heads, U, True)
             off = np.cumsum([0] + counts)
             groups = [sorted(perm[off[k] : off[k + 1]].tolist()) for k in range(U)]
             owners = []
@@ -717,12 +722,12 @@ def test_summary_bound_holds_for_plans_that_move_few_units(seed):
                 owners.append(np.repeat(owner, sizes, axis=1))
             if all((o == np.repeat(np.tile(home, (U, 1)), sizes, axis=1)).all() for o in owners):
                 continue  # the bound is for plans that move units
-            plan = P._build_plan(ulysses=U, ring=R, heads=heads, q_block=64, seq_len=6000, groups=groups, counts=counts,
-                                 q_owner=owners[0], kv_owner=owners[1], tile_work=None).with_tile_work(s)
+            plan = _build_plan(ulysses=U, ring=R, heads=heads, q_block=64, seq_len=6000, groups=groups, counts=counts,
+                               q_owner=owners[0], kv_owner=owners[1], tile_work=None).with_tile_work(s)
             plan.validate()
             pred = predict(plan).total_ms
-            lb = P._summary_bound_ms(cost, s, U, R, reward=2.0, uneven_heads=True, balance=True, head_dim=128,
-                                     element_bytes=2, groups=groups)
+            lb = _summary_bound_ms(cost, s, U, R, reward=2.0, uneven_heads=True, balance=True, head_dim=128,
+                                   element_bytes=2, groups=groups)
             assert lb <= pred * (1 + 1e-9), (U, R, trial, lb, pred)
             closest = min(closest, pred / lb)
     assert closest < 1.1
@@ -737,7 +742,7 @@ def test_summary_bound_for_moved_units_by_hand(diag, expected):
     to send its 4 ms unit away on both the query and the key side (2 units, 1 ms): 3.15 ms; ring
     time 4.1 ms needs none but some unit moves (0.5 ms): 4.6 ms. The bound is the least, 3.15.
     Even ``(1000 x 4)``: nothing needs to move, so the mean plus one unit: 2.0 + 0.5 ms."""
-    import dbsp.plan as P
+    import dbsp.plan.degrees as P
 
     work = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     work[0, 0] = torch.diag(torch.tensor(diag, dtype=torch.int32))
@@ -762,7 +767,7 @@ def _random_model_and_summary(seed):
 def test_degree_choice_stops_losing_block_balancing_and_keeps_the_winner(monkeypatch):
     """choose_degrees on a summary stops a candidate's block balancing once its moved blocks make
     it lose (this happens here), and still picks what the full scoring picks, plan and all."""
-    import dbsp.plan as P
+    import dbsp.plan.degrees as P
 
     tests = []
     real = P._prune_moves
@@ -784,7 +789,7 @@ def test_early_stop_bound_is_below_every_moved_plan():
     """What the early stop relies on: a plan of a group set that moves blocks is predicted no
     faster than the all-to-all + the set's ring-time bound + the exchange of the blocks it moves
     (counted here from the plan's owners, by loops)."""
-    import dbsp.plan as P
+    import dbsp.plan.degrees as P
 
     seen = 0
     for seed in range(6):
@@ -815,7 +820,7 @@ def test_early_stop_bound_is_below_every_moved_plan():
 
 def test_degree_choice_pruning_skips_hopeless_candidates(monkeypatch):
     """With slow links every ring candidate's transfers alone exceed Ulysses' time: only U8R1 is planned."""
-    import dbsp.plan as P
+    import dbsp.plan.degrees as P
 
     calls = []
     real = P._score_pair
@@ -877,7 +882,7 @@ def test_plan_command_prints_before_and_after(tmp_path, capsys):
 
 def _torch_work(work, q_block, seq_len):
     """The planner's input as the device path sees it (cells stay a torch tensor), on CPU."""
-    from dbsp.plan import _as_work, _Work
+    from dbsp.plan.core import _as_work, _Work
 
     w = _as_work(work, q_block=q_block, seq_len=seq_len)
     return _Work(work[0] if work.shape[0] == 1 else work.sum(0, dtype=torch.int64), q_block, seq_len, None, work.shape[0], w.cell_max)
@@ -885,7 +890,8 @@ def _torch_work(work, q_block, seq_len):
 
 @pytest.mark.parametrize("U,R,B", [(2, 4, 1), (1, 3, 2), (4, 1, 1), (1, 20, 1)])
 def test_device_code_path_matches_the_numpy_path(U, R, B):
-    from dbsp.plan import _as_work, _plan_from, _tile_work
+    from dbsp.plan.balance import _plan_from
+    from dbsp.plan.core import _as_work, _tile_work
 
     work = torch.cat([synthetic_work(heads=8, seq_len=2600, frames=4, seed=s) for s in range(B)])
     host = _as_work(work, q_block=64, seq_len=2600)
@@ -1111,7 +1117,7 @@ def test_deferred_plan_cache_reports_background_errors_at_the_next_call():
 
 # ---------------------------------------------------------------------------- fast reuse check, repairs
 
-from dbsp.plan import _Check, _repair, _swap_heads  # noqa: E402
+from dbsp.plan.cache import _Check, _repair, _swap_heads  # noqa: E402
 
 
 def random_unit_plan(summary, U, R, *, seed, uneven=False):

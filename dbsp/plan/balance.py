@@ -1,0 +1,880 @@
+"""The planner, :func:`make_plan`: head- and block-level balancing of one ``(U, R)``.
+
+The planner reads the work tensor twice:
+
+1. pass 1, statistics: per-head query-block and key-block marginals ``(H, NB)`` and, for rings
+   up to 16, every head's tiles under the contiguous layout ``(H, R, R)``;
+2. head level: longest-processing-time greedy over per-head totals with equal head counts, then
+   pairwise swaps while they lower the heaviest group;
+3. block level, per head group (pass 2: the group's summed work ``(NB, NB)``): db-SP's biased
+   greedy over the group's marginals with reward ``R_b`` (a block stays on its home ring rank
+   unless another rank is lighter by more than ``R_b`` times its weight), the contiguous layout
+   and a round-robin deal are scored on the exact ring time; the cheapest good-enough one is
+   refined by swapping query or key blocks on the exact objective. Every ring rank keeps its
+   block count, so tensor shapes never change;
+4. the result is never worse than the unplanned layout: of {unplanned, heads balanced only,
+   heads and blocks balanced} the lowest ``rho_s`` wins, ties to fewer moved blocks.
+
+With a cost model (``make_plan(cost_model=...)``, and always inside
+:func:`~dbsp.plan.choose_degrees`) the planner balances predicted *time* rather than tile entries:
+fully dense heads run on dense SDPA, faster per entry, so each head's work is weighed by its rate
+(integers, so the arithmetic stays exact), and a head group mixing dense and sparse heads is
+charged the mixed-call overhead. The candidates of both weightings are scored by
+:meth:`CostModel.predict`; the least predicted time wins. ``rho_s`` (``imbalance_ratio``,
+``Plan.imbalance``) keeps its tile-entry meaning; the time-based ratio of the same formula is
+``Prediction.compute_imbalance``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._checks import check_positive_int
+from ..mask import SparseMask
+from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _check_aligned, _check_degrees, _check_ring, _full_heads,
+                   _group_sum, _group_tuples, _head_counts, _home, _reduce_cols, _reduce_rows, _ring_time, _stats,
+                   _step_work, _summary_group_sum, _summary_home_tiles)
+from .cost import CostModel, _Rates, _predictor, _rates_of
+
+
+DEFAULT_REWARD = 2.0
+"""R_b used by db-SP's experiments (``papers/db-SP.md`` section 4)."""
+
+
+def _check_reward(reward: object) -> float:
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        raise TypeError(f"reward must be a float >= 0 (R_b; math.inf keeps every block home), got {type(reward).__name__}")
+    if not reward >= 0:  # also rejects NaN
+        raise ValueError(f"reward must be >= 0 (R_b), got {reward}")
+    return float(reward)
+
+
+# ---------------------------------------------------------------------------------------- balancing
+
+
+def _swap_pairs(groups: list[list[int]], a: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every swap of a head ``x`` of group ``a`` with a head ``y`` of another group ``b``:
+    ``(xs (X,), ys (Y,), bs (Y,))``, the ``y`` in the order (b, position in b)."""
+    xs = np.asarray(groups[a], dtype=np.int64)
+    others = [b for b in range(len(groups)) if b != a]
+    ys = np.asarray([y for b in others for y in groups[b]], dtype=np.int64)
+    bs = np.repeat(others, [len(groups[b]) for b in others])
+    return xs, ys, bs
+
+
+def _best_swap(new: np.ndarray, ok: np.ndarray, xs: np.ndarray, ys: np.ndarray, bs: np.ndarray) -> tuple[int, int, int] | None:
+    """``(b, x, y)`` of the allowed (``ok``) swap with the strictly smallest ``new`` (both ``(Y, X)``),
+    ties to (b, position of x, position of y); None if no swap is allowed."""
+    if not ok.any():
+        return None
+    score = np.where(ok, new, np.iinfo(np.int64).max)
+    yi, xi = np.nonzero(score == score.min())
+    first = np.lexsort((yi, xi, bs[yi]))[0]
+    return int(bs[yi[first]]), int(xs[xi[first]]), int(ys[yi[first]])
+
+
+def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
+    """:func:`_lpt_heads`, remembered within one degree choice (:func:`_remembered`): its bound
+    and its plans balance the same totals."""
+    return _remembered(("lpt", tuple(int(t) for t in totals), tuple(counts), bool(refine)),
+                       lambda: _lpt_heads(totals, counts, refine))
+
+
+_MEMO = threading.local()
+"""``memo``: the head groups computed so far in this thread's running degree choice, or None."""
+
+
+def _remembered(key: tuple, compute) -> list[list[int]]:
+    """``compute()`` (head groups), looked up by ``key`` while a degree choice runs on this thread
+    (:func:`_score`); outside one, computed afresh (a memo across calls would make repeated
+    re-plans of one mask look cheaper than re-plans of new masks)."""
+    memo = getattr(_MEMO, "memo", None)
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = tuple(tuple(g) for g in compute())
+    return [list(g) for g in memo[key]]
+
+
+def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
+    """Head groups with the given counts and balanced total work.
+
+    Longest processing time first: heads by decreasing work (ties: lower id) go to the least
+    loaded group that still has room (ties: lower group). Then, with ``refine``, swap a head of
+    the heaviest group with a lighter head of another group while that lowers the heaviest group
+    and keeps the pair below its old load (each swap strictly improves the sorted load vector,
+    so this terminates).
+    """
+    U = len(counts)
+    groups: list[list[int]] = [[] for _ in range(U)]
+    load = [0] * U
+    for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
+        k = -1  # the least loaded group with room, lowest index on ties
+        for j in range(U):
+            if len(groups[j]) < counts[j] and (k < 0 or load[j] < load[k]):
+                k = j
+        groups[k].append(h)
+        load[k] += totals[h]
+    if refine and U > 1:
+        tot = np.asarray(totals, dtype=np.int64)
+        for _ in range(4 * len(totals) * U):
+            a = max(range(U), key=lambda k: (load[k], -k))
+            # Every swap of x in group a with y in another group b at once, in the order
+            # (b, position of x, position of y); the first strictly smallest pair maximum wins.
+            xs, ys, bs = _swap_pairs(groups, a)
+            d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
+            lb = np.asarray(load, dtype=np.int64)[bs][:, None]
+            new = np.maximum(load[a] - d, lb + d)
+            swap = _best_swap(new, (d > 0) & (new < load[a]), xs, ys, bs)
+            if swap is None:
+                break
+            b, x, y = swap
+            d = totals[x] - totals[y]
+            groups[a][groups[a].index(x)] = y
+            groups[b][groups[b].index(y)] = x
+            load[a] -= d
+            load[b] += d
+    return [sorted(g) for g in groups]
+
+
+def _block_tokens(num_blocks: int, q_block: int, seq_len: int) -> np.ndarray:
+    """``(NB,)`` int64 tokens of every block (the last one may be partial)."""
+    tok = np.full(num_blocks, q_block, dtype=np.int64)
+    tok[-1] = seq_len - (num_blocks - 1) * q_block
+    return tok
+
+
+def _mixed_groups(groups: list[list[int]], dense: np.ndarray) -> int:
+    return sum(0 < int(dense[g].sum()) < len(g) for g in groups)
+
+
+def _dense_first(groups: list[list[int]], dense: np.ndarray | None) -> list[list[int]]:
+    """Each group's heads with its dense heads first (ids ascending within each kind).
+
+    The order inside a group changes no work, but the runtime reads a rank's dense heads as one
+    strided view when they are consecutive and gathers them otherwise (``attention``'s mixed
+    calls; :class:`CostModel` charges the two cases apart)."""
+    if dense is None or not dense.any():
+        return groups
+    return [sorted(g, key=lambda h: (not dense[h], h)) for g in groups]
+
+
+def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
+    """:func:`_lpt_heads_timed`, remembered within one degree choice (as :func:`_balance_heads`)."""
+    key = ("timed", tuple(int(t) for t in totals), tuple(bool(d) for d in np.asarray(dense)), tuple(counts), bool(refine), int(penalty))
+    return _remembered(key, lambda: _lpt_heads_timed(totals, dense, counts, refine, penalty))
+
+
+def _lpt_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
+    """:func:`_balance_heads` on weighted totals where a group holding both dense and sparse heads
+    also costs ``penalty`` (its mixed calls): groups of one kind are preferred where that does not
+    cost balance.
+
+    Two starts: LPT as in :func:`_balance_heads` (refined there), and LPT that puts each head in
+    the group whose cost after placing it is least (a dense head joins dense heads when that is
+    no dearer). With ``refine`` both are improved by swaps on the cost with the penalty; the start
+    with the lower maximum cost wins (ties: fewer mixed groups, then the first start).
+    """
+    if penalty <= 0:
+        return _balance_heads(totals, counts, refine)
+    U = len(counts)
+    tot = np.asarray(totals, dtype=np.int64)
+    dn = np.asarray(dense, dtype=np.int64)
+    cnt = np.asarray(counts, dtype=np.int64)
+
+    def costs(groups):
+        return [int(tot[g].sum()) + penalty * (0 < int(dn[g].sum()) < len(g)) for g in groups]
+
+    plain = _balance_heads(totals, counts, refine)
+    groups: list[list[int]] = [[] for _ in range(U)]
+    load, nd = [0] * U, [0] * U
+    for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
+        def after(k: int) -> int:  # group k's cost with h in it (mixed: both kinds so far)
+            return load[k] + totals[h] + penalty * (0 < nd[k] + int(dn[h]) < len(groups[k]) + 1)
+
+        k = min((k for k in range(U) if len(groups[k]) < counts[k]), key=lambda k: (after(k), k))
+        groups[k].append(h)
+        load[k] += totals[h]
+        nd[k] += int(dn[h])
+    starts = [[list(g) for g in plain], groups]
+    if refine and U > 1:
+        for groups in starts:
+            # Loads and dense counts kept up to date by each swap (group sizes never change).
+            load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
+            nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
+            for _ in range(4 * len(totals) * U):
+                c = load + penalty * ((nds > 0) & (nds < cnt))  # costs(groups)
+                a = int(np.lexsort((np.arange(U), -c))[0])  # heaviest group, lowest index on ties
+                xs, ys, bs = _swap_pairs(groups, a)
+                d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
+                dd = dn[xs][None, :] - dn[ys][:, None]
+                na, nb_ = nds[a] - dd, nds[bs][:, None] + dd
+                new_a = load[a] - d + penalty * ((na > 0) & (na < cnt[a]))
+                new_b = load[bs][:, None] + d + penalty * ((nb_ > 0) & (nb_ < cnt[bs][:, None]))
+                new = np.maximum(new_a, new_b)
+                swap = _best_swap(new, new < c[a], xs, ys, bs)
+                if swap is None:
+                    break
+                b, x, y = swap
+                groups[a][groups[a].index(x)] = y
+                groups[b][groups[b].index(y)] = x
+                load[a] += tot[y] - tot[x]
+                load[b] += tot[x] - tot[y]
+                nds[a] += dn[y] - dn[x]
+                nds[b] += dn[x] - dn[y]
+    best = min(range(2), key=lambda n: (max(costs(starts[n])), _mixed_groups(starts[n], dense), n))
+    return [sorted(g) for g in starts[best]]
+
+
+def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], reward: float, movable: np.ndarray | None = None) -> np.ndarray:
+    """db-SP's biased greedy: ``(NB,)`` owning ring rank of every block.
+
+    Blocks by decreasing weight (ties: lower id). Each goes to the least loaded ring rank with room
+    (ties: lower rank), unless its home has room and ``load[home] - reward * w <= that load``: a
+    block stays home unless another rank is lighter by more than ``reward`` times its weight.
+    ``reward = 0`` is plain greedy (home wins ties); ``reward = inf`` keeps every block home, as do
+    zero-weight blocks (moving them costs traffic and cannot help balance). ``caps[i]`` blocks end
+    on rank ``i``. With ``movable`` (bool ``(NB,)``), the other blocks stay home and count towards
+    their home's load from the start, and ``caps`` counts movable blocks only.
+    """
+    R = len(caps)
+    owner = home.copy()
+    load = [0] * R
+    if movable is not None:
+        for g, w in zip(home[~movable].tolist(), weights[~movable].tolist()):
+            load[g] += w
+    cnt = [0] * R
+    order = np.argsort(-weights, kind="stable")
+    if movable is not None:
+        order = order[movable[order]]
+    out = []
+    if R <= _GREEDY_SCAN_MAX_RING:
+        # Few ranks: a scan of the open ranks beats a heap with its outdated entries.
+        open_ = [g for g in range(R) if caps[g] > 0]
+        by_load = load.__getitem__
+        for w, h in zip(weights[order].tolist(), home[order].tolist()):
+            g = min(open_, key=by_load)  # least loaded rank with room, lowest index on ties
+            if cnt[h] < caps[h] and (w == 0 or load[h] - reward * w <= load[g]):
+                g = h
+            out.append(g)
+            cnt[g] += 1
+            load[g] += w
+            if cnt[g] == caps[g]:
+                open_.remove(g)
+    else:
+        heap = [(load[g], g) for g in range(R)]  # (load, rank) of ranks with room; outdated entries are skipped
+        heapq.heapify(heap)
+        for w, h in zip(weights[order].tolist(), home[order].tolist()):
+            while heap[0][0] != load[heap[0][1]] or cnt[heap[0][1]] >= caps[heap[0][1]]:
+                heapq.heappop(heap)
+            lmin, g = heap[0]  # least loaded rank with room, lowest index on ties
+            if cnt[h] < caps[h] and (w == 0 or load[h] - reward * w <= lmin):
+                g = h
+            out.append(g)
+            cnt[g] += 1
+            if w:
+                load[g] += w
+                heapq.heappush(heap, (load[g], g))
+    owner[order] = out
+    return owner
+
+
+_GREEDY_SCAN_MAX_RING = 16
+"""The biased greedy scans the open ranks up to this ring size and keeps a heap above it."""
+
+
+_REFINE_MAX_RING = 32
+"""Block refinement runs for rings up to this size: its candidate scan costs O(NB * R) per swap,
+and longer rings hold only a few blocks per rank."""
+
+
+_REFINE_MAX_SWAPS = 32
+"""At most this many refinement swaps per head group (each costs ~1 ms at NB = 1182, R = 8)."""
+
+
+def _rest_max(D: np.ndarray, top: np.ndarray, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
+    """Per candidate and step, the largest ``D[i, t]`` over ranks ``i`` other than ``e1[t]`` and
+    ``e2[c, t]``: ``(C, R)``, ``-1`` where no rank is left. ``top`` holds each step's three
+    heaviest ranks, heaviest first, which is enough to skip two."""
+    R = D.shape[1]
+    t = np.arange(R)
+    rest = np.full(e2.shape, -1, dtype=np.int64)
+    for s in range(top.shape[0] - 1, -1, -1):
+        r = top[s]
+        rest = np.where((r != e1)[None, :] & (r[None, :] != e2), D[r, t][None, :], rest)
+    return rest
+
+
+def _among(owner: np.ndarray, ranks: np.ndarray, R: int) -> np.ndarray:
+    """``np.isin(owner, ranks)`` for owners in ``[0, R)``, by a lookup table (a few times faster)."""
+    table = np.zeros(R, dtype=bool)
+    table[ranks] = True
+    return table[owner]
+
+
+def _refine(
+    A: np.ndarray,
+    Af: np.ndarray,
+    q_owner: np.ndarray,
+    kv_owner: np.ndarray,
+    home: np.ndarray,
+    R: int,
+    *,
+    target: float,
+    max_swaps: int,
+    candidates: int = 8,
+    partners: int = 2,
+    movable: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local search on one head group's exact ring time ``T = sum_t max_i W[i, (i + t) % R]``.
+
+    ``A`` is the group's ``(NB, NB)`` work (``Af`` the same as float64). The search keeps ``Y =
+    A`` summed over each ring rank's key blocks ``(NB, R)`` and ``Z = A`` summed over each rank's
+    query blocks ``(R, NB)``, so a swap's effect on ``W`` is exact: moving query block ``r`` from
+    rank ``a`` to ``b`` moves ``Y[r]`` from row ``a`` of ``W`` to row ``b``; moving key block
+    ``c`` from ``j`` to ``j'`` moves ``Z[:, c]`` from column ``j`` to ``j'``. Each round finds the
+    rank (query side) and the key rank (key side) that stand most above the step means where
+    they set a step's maximum, takes their ``candidates`` blocks that weigh most on those steps,
+    scores the swap of each with every block of the ``partners`` lightest other ranks at once,
+    and applies the single best strict improvement (ties: the swap that brings more blocks
+    home). Swaps keep every rank's block count. Stops at ``T <= target * sum(W) / R``, after
+    ``max_swaps`` swaps, or when no swap helps. With ``movable`` (bool ``(NB,)``) only those
+    blocks are swapped (summary units of equal size, so block counts stay).
+
+    Returns:
+        ``(q_owner, kv_owner, W)``: new owners ``(NB,)`` and the exact ``(R, R)`` tile matrix.
+    """
+    qo, ko = q_owner.copy(), kv_owner.copy()
+    Y = _reduce_cols(Af, ko, R)
+    Z = _reduce_rows(Af, qo, R)
+    W = _reduce_rows(Y, qo, R)
+    ii = np.arange(R)
+    cols = (ii[:, None] + ii[None, :]) % R  # cols[i, t] = (i + t) % R: the key rank rank i meets at step t
+    meet = (ii[:, None] - ii[None, :]) % R  # meet[j, t] = the rank that meets key rank j at step t
+    goal = target * int(W.sum()) / R
+    mov = np.ones(qo.shape[0], dtype=bool) if movable is None else movable
+    for _ in range(max_swaps):
+        D = W[ii[:, None], cols]  # (R, R): D[i, t] = rank i's work at ring step t
+        peak = D.max(0)
+        T = int(peak.sum())
+        if T <= goal:
+            break
+        arg = D.argmax(0)
+        excess = peak - D.mean(0)
+        top = np.argsort(-D, axis=0, kind="stable")[:3]
+        best = []  # (new T, -homes, kind, x, o)
+
+        # Query side: swap one of rank a's heavy query blocks with any other rank's block.
+        a = int(np.bincount(arg, weights=excess, minlength=R).argmax())
+        light = np.argsort(np.where(ii == a, np.iinfo(np.int64).max, W.sum(1)), kind="stable")[:partners]
+        mine, others = np.nonzero((qo == a) & mov)[0], np.nonzero(_among(qo, light, R) & mov)[0]
+        weight = Y[mine][:, cols[a, arg == a]].sum(1)
+        xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
+        bs = qo[others]
+        cb = cols[bs]  # (O, R): the key rank that rank b meets at step t
+        new_a = D[a] - Y[xs][:, None, cols[a]] + Y[others][None, :, cols[a]]  # (X, O, R)
+        new_b = D[bs][None] + Y[xs][:, cb] - Y[others[:, None], cb][None]
+        rest = _rest_max(D, top, np.full(R, a), np.broadcast_to(bs[:, None], cb.shape))
+        new_T = np.maximum(np.maximum(new_a, new_b), rest[None]).sum(-1)
+        homes = (home[xs][:, None] == bs[None, :]).astype(np.int64) + (home[others] == a)[None, :]
+        if new_T.size:
+            xi, oi = divmod(int(np.argmin(new_T * 3 - homes)), len(others))
+            best.append((int(new_T[xi, oi]), -int(homes[xi, oi]), 0, int(xs[xi]), int(others[oi])))
+
+        # Key side: swap one of key rank j's heavy key blocks with any other key rank's block.
+        j = int(np.bincount((arg + ii) % R, weights=excess, minlength=R).argmax())
+        light = np.argsort(np.where(ii == j, np.iinfo(np.int64).max, W.sum(0)), kind="stable")[:partners]
+        mine, others = np.nonzero((ko == j) & mov)[0], np.nonzero(_among(ko, light, R) & mov)[0]
+        steps = np.nonzero((arg + ii) % R == j)[0]
+        weight = Z[meet[j, steps]][:, mine].sum(0)
+        xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
+        js = ko[others]
+        p = meet[j]  # (R,): rank meeting key rank j at step t
+        q = meet[js]  # (O, R): rank meeting key rank j' at step t
+        new_p = D[p, ii] - Z[p][:, xs].T[:, None, :] + Z[p][:, others].T[None]  # (X, O, R)
+        new_q = (D[q, ii[None, :]] - Z[q, others[:, None]])[None] + Z[q[None], xs[:, None, None]]
+        rest = _rest_max(D, top, p, q)
+        new_T = np.maximum(np.maximum(new_p, new_q), rest[None]).sum(-1)
+        homes = (home[xs][:, None] == js[None, :]).astype(np.int64) + (home[others] == j)[None, :]
+        if new_T.size:
+            xi, oi = divmod(int(np.argmin(new_T * 3 - homes)), len(others))
+            best.append((int(new_T[xi, oi]), -int(homes[xi, oi]), 1, int(xs[xi]), int(others[oi])))
+
+        if not best:
+            break
+        new, _, kind, x, o = min(best)
+        if new >= T:
+            break
+        if kind == 0:  # query block x: a -> b, o: b -> a
+            a, b = int(qo[x]), int(qo[o])
+            W[a] += Y[o] - Y[x]
+            W[b] += Y[x] - Y[o]
+            Z[a] += A[o] - A[x]
+            Z[b] += A[x] - A[o]
+            qo[x], qo[o] = b, a
+        else:  # key block x: j -> j2, o: j2 -> j
+            j, j2 = int(ko[x]), int(ko[o])
+            W[:, j] += Z[:, o] - Z[:, x]
+            W[:, j2] += Z[:, x] - Z[:, o]
+            Y[:, j] += A[:, o] - A[:, x]
+            Y[:, j2] += A[:, x] - A[:, o]
+            ko[x], ko[o] = j2, j
+    return qo, ko, W
+
+
+def _round_robin(caps: list[int]) -> np.ndarray:
+    """Blocks dealt in order to ring ranks 0, 1, ..., R - 1, 0, ... (skipping full ranks): the
+    layout that balances masks whose work depends mostly on ``r - c`` (local windows, bands)."""
+    R, nb = len(caps), sum(caps)
+    owner = np.empty(nb, dtype=np.int64)
+    cnt, g = [0] * R, 0
+    for b in range(nb):
+        while cnt[g] >= caps[g]:
+            g = (g + 1) % R
+        owner[b] = g
+        cnt[g] += 1
+        g = (g + 1) % R
+    return owner
+
+
+def _balance_blocks(
+    group_sum,
+    rows: np.ndarray | None,
+    cols: np.ndarray | None,
+    home_W: np.ndarray,
+    home: np.ndarray,
+    caps: list[int],
+    reward: float,
+    refine: bool,
+    target: float,
+    movable: np.ndarray | None = None,
+    early=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block layout of one head group: ``(q_owner, kv_owner, W)``.
+
+    ``rows``/``cols`` are the group's ``(NB,)`` marginals (``None``: from ``group_sum()``),
+    ``home_W`` its tiles with every block at home, and ``group_sum()`` returns its ``(NB, NB)``
+    work (pass 2, only read when needed). The "blocks" may be summary units: then only the
+    ``movable`` ones (all of equal size) move and ``caps`` counts movable units per rank.
+    If the contiguous layout is within ``target`` of the mean (or ``reward`` is infinite) it is
+    kept. Otherwise marginal balancing, which ignores where the work sits inside ``W``, is not
+    trusted blindly: the biased greedy, the contiguous layout and the round-robin deal are scored
+    on the exact ring time; among those within ``target`` of the mean the one that moves fewest
+    blocks wins, else the fastest; then :func:`_refine`.
+    """
+    R = len(caps)
+    goal = target * int(home_W.sum()) / R
+    if reward == math.inf or _ring_time(home_W) <= goal:
+        return home, home, home_W
+    A = group_sum()
+    Af = A.astype(np.float64)
+    rows = A.sum(1) if rows is None else rows
+    cols = A.sum(0) if cols is None else cols
+    if movable is None:
+        rr = _round_robin(caps)
+    else:
+        rr = home.copy()
+        rr[movable] = _round_robin(caps)
+    starts = [(home, home, home_W)]
+    for qo, ko in ((_biased_greedy(rows, home, caps, reward, movable), _biased_greedy(cols, home, caps, reward, movable)), (rr, rr)):
+        starts.append((qo, ko, _reduce_rows(_reduce_cols(Af, ko, R), qo, R)))
+    scored = [(_ring_time(Wk), int((qo != home).sum() + (ko != home).sum()), n) for n, (qo, ko, Wk) in enumerate(starts)]
+    good = [s for s in scored if s[0] <= goal]
+    _, _, n = min(good, key=lambda s: (s[1], s[0], s[2])) if good else min(scored)
+    qo, ko, Wk = starts[n]
+    if refine and R <= _REFINE_MAX_RING and _ring_time(Wk) > goal:
+        if early is not None:
+            early(qo, ko, _REFINE_MAX_SWAPS)
+        qo, ko, Wk = _refine(A, Af, qo, ko, home, R, target=target, max_swaps=_REFINE_MAX_SWAPS, movable=movable)
+    return qo, ko, Wk
+
+
+def make_plan(
+    mask_or_work: "SparseMask | torch.Tensor | WorkSummary",
+    *,
+    ulysses: int,
+    ring: int,
+    reward: float = DEFAULT_REWARD,
+    q_block: int | None = None,
+    seq_len: int | None = None,
+    balance_heads: bool = True,
+    balance_blocks: bool = True,
+    per_group_blocks: bool = True,
+    uneven_heads: bool = False,
+    refine: bool = True,
+    refine_target: float = 1.01,
+    world: int | None = None,
+    cost_model: "CostModel | None" = None,
+    head_dim: int = 128,
+    element_bytes: int = 2,
+) -> Plan:
+    """The db-SP plan of a mask on ``ulysses x ring`` ranks (module docstring for the algorithm).
+
+    The block step on a picture: R = 2, one head group, 4 query blocks of weights
+    ``[8, 6, 1, 1]``; blocks 0, 1 live on ring rank 0 and blocks 2, 3 on rank 1::
+
+        contiguous:   rank 0 = {0, 1} -> 14    rank 1 = {2, 3} -> 2
+        R_b = 0:      0 -> r0 (8); 1 -> r1, lighter (6); 2 stays home, a tie (7); 3 -> r0, home full
+                      rank 0 = {0, 3} -> 9     rank 1 = {1, 2} -> 7     2 blocks moved
+        R_b = 2:      1 stays home: rank 1 is lighter by 8, not by more than 2 x 6 = 12
+                      rank 0 = {0, 1} -> 14    rank 1 = {2, 3} -> 2     nothing moved
+
+    Balancing marginals ignores where the work sits inside the ``W`` matrix (the greedy can
+    make a local-window mask worse), so per head group the greedy, the contiguous layout and a
+    round-robin deal are scored on the exact ring time; the cheapest good-enough one (or else the
+    best) is refined by block swaps on the exact objective. Finally the plan is never worse than
+    the unplanned layout: if balancing heads only, or nothing, gives an equal or lower
+    ``rho_s``, that layout is returned (it moves fewer blocks).
+
+    Args:
+        mask_or_work: a ``SparseMask`` (self-attention) or its ``work()`` tensor
+            ``(B, H, NB, NB)``; summed over the batch. Or a :class:`WorkSummary`
+            (:func:`summarize_work`): the plan then moves whole units of ``coarse`` blocks, and
+            its ``tile_work`` and ``imbalance()`` are still exact for the full work; ``ring`` must
+            divide the summary's ``ring``.
+        ulysses: U, must divide the head count (see ``uneven_heads``).
+        ring: R, at most the number of blocks.
+        reward: R_b >= 0, the home bonus of the biased greedy; ``0`` is plain greedy (best
+            marginal balance, moves most blocks), ``math.inf`` keeps every block home. It shapes
+            the greedy only: the exact-objective stages (round-robin start, swaps) may move
+            other blocks when that is what balances (never with ``math.inf``), and
+            :func:`choose_degrees` weighs every move against its exchange time. Default: 2.0 (db-SP).
+        q_block, seq_len: required with a work tensor; taken from a mask.
+        balance_heads: head-level LPT (else heads stay contiguous). Default: True.
+        balance_blocks: block-level balancing (else blocks stay contiguous). Default: True.
+        per_group_blocks: a block plan per Ulysses head group, from that group's own statistics
+            (db-SP's code shares one plan over all heads; with False the greedy's shared plan is
+            used as is, without refinement). Default: True.
+        uneven_heads: allow ``H % U != 0``: ranks get ``H // U`` or ``H // U + 1`` heads, balanced
+            by work. Needs runtime support for uneven all-to-all splits. Default: False.
+        refine: head swaps after LPT, and block swaps on the exact objective (rings up to 32)
+            after the block greedy. Default: True.
+        refine_target: a group's block layout is good enough once its ring time is within
+            this factor of its mean rank work: the start that moves fewest blocks among those
+            that reach it is kept, and refinement stops there. Default: 1.01.
+        world: the number of ranks, checked against ``ulysses * ring``. Default: not checked.
+        cost_model: balance predicted *time* instead of tile entries. Fully dense heads run on
+            dense SDPA at ``dense_tflops``, faster per entry than the sparse kernel, so the
+            planner weighs each head's work by its rate (dense heads by ``sparse rate / dense
+            rate``, in integers) and, at the head level, charges a group that mixes dense and
+            sparse heads its ``mixed_overhead_us`` per call (groups of one kind are preferred
+            where balance allows). The candidates of both weightings (time and tile entries) are
+            then scored by :meth:`CostModel.predict` and the least predicted time wins (ties:
+            fewer moved blocks), so the plan is never slower, by the model, than the tile-based
+            one. Planning costs up to twice as much where the mask has dense heads. ``None``:
+            tile entries, the rule above. Default: None.
+        head_dim, element_bytes: for the cost model (its per-entry time and communicated bytes).
+            Defaults: 128, 2.
+
+    Returns:
+        A :class:`Plan` with ``tile_work`` filled, so ``plan.imbalance()`` is its rho_s (tile
+        entries, also with a cost model; the predicted time's ratio is
+        ``cost_model.predict(plan, ...).compute_imbalance``).
+
+    Example::
+
+        >>> plan = make_plan(mask, ulysses=2, ring=4)                    # doctest: +SKIP
+        >>> imbalance_ratio(mask, ulysses=2, ring=4), plan.imbalance()
+        (1.36, 1.007)
+    """
+    _check_degrees(ulysses, ring, world)
+    reward = _check_reward(reward)
+    if isinstance(refine_target, bool) or not isinstance(refine_target, (int, float)) or not refine_target >= 1.0:
+        raise ValueError(f"refine_target must be a number >= 1.0, got {refine_target!r}")
+    if cost_model is not None:
+        if not isinstance(cost_model, CostModel):
+            raise TypeError(f"cost_model must be a dbsp CostModel or None, got {type(cost_model).__name__}")
+        check_positive_int("head_dim", head_dim)
+        check_positive_int("element_bytes", element_bytes)
+    w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
+    return _plan_from(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
+                      balance_blocks=balance_blocks, per_group_blocks=per_group_blocks, uneven_heads=uneven_heads,
+                      refine=refine, refine_target=refine_target, cost_model=cost_model, head_dim=head_dim,
+                      element_bytes=element_bytes)
+
+
+def _plan_from(w: _Work, *, ulysses: int, ring: int, cost_model: "CostModel | None" = None, head_dim: int = 128,
+               element_bytes: int = 2, **options: Any) -> Plan:
+    """The planner's choice among :func:`_layouts`: the lowest ring time, ties to fewer moves. With a
+    cost model, among the candidates of both weightings (:func:`_timed_layouts`): the least
+    predicted time, ties to fewer moves, then to the tile-weighted candidate."""
+    if cost_model is None:
+        return min(_layouts(w, ulysses=ulysses, ring=ring, **options), key=_ring_key)
+    layouts, dense = _timed_layouts(w, ulysses=ulysses, ring=ring, cost_model=cost_model, head_dim=head_dim, **options)
+    predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes, dense=dense)
+    return min(layouts, key=lambda p: (predict(p).total_ms, _moved(p)))
+
+
+def _head_totals(w: "_Work | WorkSummary", st: _Stats | None) -> np.ndarray:
+    """``(H,)`` int64 work per head: a summary's, or from pass-1 statistics."""
+    return w._head_totals if isinstance(w, WorkSummary) else st.rows.sum(1)
+
+
+def _timed_layouts(w: "_Work | WorkSummary", *, ulysses: int, ring: int, cost_model: "CostModel", head_dim: int,
+                   stats: _Stats | None = None, **options: Any) -> tuple[list[Plan], tuple[int, ...]]:
+    """``(candidates, dense heads)``: :func:`_layouts` on tile entries, then, where time and tiles
+    differ (:func:`_rates_of`), on time-weighted work; pass 1 is shared."""
+    if not isinstance(w, WorkSummary) and stats is None:
+        stats = _stats(w, ring)
+    totals = _head_totals(w, stats)
+    dense = tuple(int(h) for h in np.nonzero(_full_heads(w, totals))[0])
+    layouts = _layouts(w, ulysses=ulysses, ring=ring, stats=stats, **options)
+    rates = _rates_of(cost_model, w, totals, head_dim)
+    if rates is not None:
+        layouts += _layouts(w, ulysses=ulysses, ring=ring, stats=stats, rates=rates, **options)
+    return layouts, dense
+
+
+def _home_tiles(w: _Work, st: _Stats, groups: list[list[int]], ring: int, sums: dict | None = None) -> np.ndarray:
+    """``(U, R, R)``: the groups' tile matrices with every block at home. From pass 1 for short
+    rings; else one pass over the groups' heads (``sums`` caches group sums by head tuple)."""
+    if st.home_tiles is not None:
+        return np.stack([st.home_tiles[g].sum(0) for g in groups])
+    home = _home(w.num_blocks, ring)
+    out = []
+    for g in groups:
+        A = sums[tuple(g)] if sums is not None and tuple(g) in sums else _group_sum(w, g)
+        out.append(_reduce_rows(_reduce_cols(A, home, ring), home, ring))
+    return np.stack(out)
+
+
+def _layouts(
+    w: _Work,
+    *,
+    ulysses: int,
+    ring: int,
+    reward: float = DEFAULT_REWARD,
+    balance_heads: bool = True,
+    balance_blocks: bool = True,
+    per_group_blocks: bool = True,
+    uneven_heads: bool = False,
+    refine: bool = True,
+    refine_target: float = 1.01,
+    stats: _Stats | None = None,
+    rates: _Rates | None = None,
+    prune_for=None,
+) -> list[Plan]:
+    """The candidate plans, fewest moved blocks first: the unplanned layout (contiguous heads,
+    blocks at home), balanced heads with blocks at home, and (with ``balance_blocks``) balanced
+    heads and blocks. Each carries its exact ``tile_work``. Two passes over the work.
+
+    With ``rates`` the balancing runs on time-weighted work (:class:`_Rates`), heads with the
+    mixed-call cost (:func:`_balance_heads_timed`); ``tile_work`` stays the true tile work.
+
+    ``prune_for`` (summaries only; a degree choice): group set -> :func:`_prune_moves`' test,
+    which stops the block balancing (raises :class:`_Pruned`) once the candidate cannot win."""
+    if isinstance(w, WorkSummary):
+        prune = None if prune_for is None else prune_for(1 if rates is None else 2)
+        return _summary_layouts(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
+                                balance_blocks=balance_blocks, per_group_blocks=per_group_blocks,
+                                uneven_heads=uneven_heads, refine=refine, refine_target=refine_target, rates=rates,
+                                prune=prune)
+    if prune_for is not None:
+        raise TypeError("prune_for is for summaries only")
+    H, nb, U, R = w.heads, w.num_blocks, ulysses, ring
+    counts = _head_counts(H, U, uneven_heads)
+    _check_ring(R, nb)
+    st = _stats(w, R) if stats is None else stats  # pass 1
+    if rates is not None:
+        st = rates.stats(st)
+    off = np.cumsum([0] + counts).tolist()
+    contiguous = [list(range(off[k], off[k + 1])) for k in range(U)]
+    if not balance_heads:
+        groups = contiguous
+    elif rates is not None:
+        groups = _balance_heads_timed(st.rows.sum(1).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
+    else:
+        groups = _balance_heads(st.rows.sum(1).tolist(), counts, refine)
+    if groups == contiguous:  # (always at U = 1): one layout, not two equal ones
+        groups = contiguous
+    home = _home(nb, R)
+    caps = np.bincount(home, minlength=R).tolist()
+    sums: dict[tuple[int, ...], np.ndarray] = {}  # pass 2: each head group's summed work, once
+    tokens = _block_tokens(nb, w.q_block, w.seq_len)
+
+    def group_sum(g: list[int]) -> np.ndarray:
+        if tuple(g) not in sums:
+            A = _group_sum(w, g)
+            sums[tuple(g)] = A if rates is None else rates.group(A, g, tokens)
+        return sums[tuple(g)]
+
+    def true(W: np.ndarray, groups: list[list[int]], q_owner: np.ndarray, kv_owner: np.ndarray) -> np.ndarray:
+        return W if rates is None else rates.unweigh(W, groups, q_owner, kv_owner, tokens)
+
+    if st.home_tiles is None:  # long rings: contiguous-layout tiles come from the group sums
+        for g in groups + contiguous:
+            group_sum(g)
+    homes = np.tile(home, (U, 1))
+    heads_only = _home_tiles(w, st, groups, R, sums)
+    unplanned = heads_only if groups is contiguous else _home_tiles(w, st, contiguous, R, sums)
+    common = dict(ulysses=U, ring=R, heads=H, q_block=w.q_block, seq_len=w.seq_len, counts=counts)
+    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, homes, homes), **common)]
+    ordered = _dense_first(groups, rates.dense if rates is not None else _full_heads(w, st.rows.sum(1)))
+    if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
+        out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, homes, homes), **common))
+    if balance_blocks and R > 1:
+        q_owner, kv_owner, W = homes.copy(), homes.copy(), heads_only.copy()
+        if per_group_blocks:
+            for k, g in enumerate(groups):
+                q_owner[k], kv_owner[k], W[k] = _balance_blocks(
+                    lambda g=g: group_sum(g), st.rows[g].sum(0), st.cols[g].sum(0), heads_only[k], home, caps, reward, refine, refine_target
+                )
+        else:
+            q_owner[:] = _biased_greedy(st.rows.sum(0), home, caps, reward)
+            kv_owner[:] = _biased_greedy(st.cols.sum(0), home, caps, reward)
+            for k, g in enumerate(groups):
+                W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
+        if (q_owner != homes).any() or (kv_owner != homes).any():
+            out.append(_build_plan(groups=ordered, q_owner=q_owner, kv_owner=kv_owner, tile_work=true(W, groups, q_owner, kv_owner),
+                                   **common))
+    return out
+
+
+def _summary_layouts(
+    s: WorkSummary,
+    *,
+    ulysses: int,
+    ring: int,
+    reward: float,
+    balance_heads: bool,
+    balance_blocks: bool,
+    per_group_blocks: bool,
+    uneven_heads: bool,
+    refine: bool,
+    refine_target: float,
+    rates: _Rates | None = None,
+    prune=None,
+) -> list[Plan]:
+    """:func:`_layouts` from a summary: the same candidates, blocks moved in whole units.
+
+    Units play the role of blocks (``A`` is a group's ``(NU, NU)`` pooled work, exact), except
+    that only full units (``coarse`` blocks) move, so every ring rank keeps its block count; the
+    owners are expanded to blocks at the end. One pass over ``pooled`` gives every head's tiles
+    under the contiguous layout; a head group's sum is read only where its blocks need balancing.
+    """
+    H, nb, U, R = s.heads, s.num_blocks, ulysses, ring
+    counts = _head_counts(H, U, uneven_heads)
+    _check_ring(R, nb)
+    _check_aligned(s, R)
+    starts, sizes = s._starts, np.diff(s._starts)
+    home = _home(nb, R)[starts[:-1]]  # (NU,): home ring rank of every unit
+    movable = sizes == s.coarse
+    caps = np.bincount(home[movable], minlength=R).tolist()
+    head_tiles = _summary_home_tiles(s, R)  # (H, R, R), shared by the candidates of a degree choice
+    tokens = np.add.reduceat(_block_tokens(nb, s.q_block, s.seq_len), starts[:-1])  # (NU,) tokens per unit
+    if rates is not None:
+        head_tiles = head_tiles * rates.weights[:, None, None]
+    off = np.cumsum([0] + counts).tolist()
+    contiguous = [list(range(off[k], off[k + 1])) for k in range(U)]
+    if not balance_heads:
+        groups = contiguous
+    elif rates is not None:
+        groups = _balance_heads_timed(head_tiles.sum((1, 2)).tolist(), rates.dense, counts, refine, R * R * rates.mixed)
+    else:
+        groups = _balance_heads(head_tiles.sum((1, 2)).tolist(), counts, refine)
+    if groups == contiguous:  # (always at U = 1): one layout, not two equal ones
+        groups = contiguous
+
+    def group_sum(g: list[int]) -> np.ndarray:
+        A = _summary_group_sum(s, g)
+        return A if rates is None else rates.group(A, g, tokens)
+
+    def true(W: np.ndarray, groups: list[list[int]], q_owner: np.ndarray, kv_owner: np.ndarray) -> np.ndarray:
+        return W if rates is None else rates.unweigh(W, groups, q_owner, kv_owner, tokens)
+    heads_only = np.stack([head_tiles[g].sum(0) for g in groups])
+    unplanned = heads_only if groups is contiguous else np.stack([head_tiles[g].sum(0) for g in contiguous])
+    homes = np.tile(_home(nb, R), (U, 1))
+    unit_homes = np.tile(home, (U, 1))
+    common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)
+    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
+                       **common)]
+    ordered = _dense_first(groups, _full_heads(s, s._head_totals))
+    if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
+        out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
+                               **common))
+    if balance_blocks and R > 1:
+        q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
+        if per_group_blocks:
+            sent = 0  # the cost model's exchanged blocks so far: max over groups of 2 (q + kv) x heads
+
+            def exchanged(g: list[int], owners, swaps: int = 0) -> int:
+                """Group ``g``'s ``2 (q + kv) x heads``, or a bound on it after ``swaps`` swaps of
+                :func:`_refine` (a swap changes two ranks' sent counts by one unit each, so the
+                largest by at most one unit)."""
+                out = sum(int(np.bincount(home[o != home], weights=sizes[o != home], minlength=R).max()) for o in owners)
+                return 2 * len(g) * max(0, out - swaps * s.coarse)
+
+            def check(g: list[int], qo: np.ndarray, ko: np.ndarray, swaps: int) -> None:
+                """Stop before refining when even the fewest blocks it could leave moved lose."""
+                bound = max(sent, exchanged(g, (qo, ko), swaps))
+                if bound and prune(bound):
+                    raise _Pruned
+
+            for k, g in enumerate(groups):
+                early = None if prune is None else (lambda qo, ko, swaps, g=g: check(g, qo, ko, swaps))
+                q_owner[k], kv_owner[k], W[k] = _balance_blocks(
+                    lambda g=g: group_sum(g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable,
+                    early
+                )
+                if prune is not None:
+                    sent = max(sent, exchanged(g, (q_owner[k], kv_owner[k])))
+                    if sent and prune(sent):
+                        raise _Pruned
+        else:
+            total = s._cells.sum(0, dtype=np.int64) if rates is None else group_sum(list(range(H)))
+            q_owner[:] = _biased_greedy(total.sum(1), home, caps, reward, movable)
+            kv_owner[:] = _biased_greedy(total.sum(0), home, caps, reward, movable)
+            for k, g in enumerate(groups):
+                W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
+        if (q_owner != home).any() or (kv_owner != home).any():
+            q_blocks, kv_blocks = np.repeat(q_owner, sizes, axis=1), np.repeat(kv_owner, sizes, axis=1)
+            out.append(_build_plan(groups=ordered, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
+                                   **common))
+    return out
+
+
+def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_owner, kv_owner, tile_work) -> Plan:
+    """A Plan from the planner's arrays, skipping re-validation (the planner builds valid layouts)."""
+    memo: dict[bytes, tuple[tuple[int, ...], ...]] = {}
+
+    def tuples(owner: np.ndarray) -> tuple[tuple[int, ...], ...]:  # groups often share a layout
+        key = np.ascontiguousarray(owner, dtype=np.int64).tobytes()
+        if key not in memo:
+            memo[key] = _group_tuples(owner, ring)
+        return memo[key]
+
+    plan = Plan(
+        ulysses=ulysses,
+        ring=ring,
+        heads=heads,
+        q_block=q_block,
+        seq_len=seq_len,
+        head_perm=tuple(int(h) for g in groups for h in g),
+        head_offsets=tuple(int(x) for x in np.cumsum([0] + list(counts))),
+        q_blocks=tuple(tuples(q_owner[k]) for k in range(ulysses)),
+        kv_blocks=tuple(tuples(kv_owner[k]) for k in range(ulysses)),
+        tile_work=None if tile_work is None else torch.from_numpy(np.ascontiguousarray(tile_work, dtype=np.int64)),
+        _checked=False,
+    )
+    # Seed the cached owner arrays that Plan would otherwise rebuild from the tuples.
+    plan.__dict__["_owners"] = (np.array(q_owner, dtype=np.int64), np.array(kv_owner, dtype=np.int64))
+    return plan
+
+
+class _Pruned(Exception):
+    """A degree candidate's planning stopped early: every plan it could score is slower than the best so far."""
+
+
+def _moved(plan: Plan) -> int:
+    return plan.moved_blocks("q") + plan.moved_blocks("kv")
+
+
+def _ring_key(plan: Plan) -> tuple[int, int]:
+    """Order plans by their slowest group's ring time, then by moved blocks."""
+    return int(_step_work(plan.tile_work).sum(1).max()), _moved(plan)

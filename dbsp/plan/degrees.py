@@ -1,0 +1,427 @@
+"""The degree choice: :func:`choose_degrees` picks ``(U, R)`` by the cost model's predicted time.
+
+:func:`score_degrees` plans and scores every factorisation ``U * R`` of the world size. Lower
+bounds on a candidate's time (:func:`_lower_bound_ms`, on a summary the tighter
+:func:`_summary_bound_ms` and :func:`_moved_bound_ms`) let the choice skip candidates that cannot
+win and stop a candidate's block balancing once the blocks it moves make it lose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._checks import check_positive_int
+from ..mask import SparseMask
+from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
+                      _layouts, _moved, _ring_key)
+from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _home, _stats, _steps,
+                   _summary_home_tiles, _work_per_head)
+from .cost import CostModel, Prediction, _predictor, _rates_of
+
+
+# ---------------------------------------------------------------------------------------- degree choice
+
+
+@dataclass(frozen=True)
+class DegreeChoice:
+    """One scored ``(ulysses, ring)`` candidate: its plan and the cost model's prediction."""
+
+    ulysses: int
+    ring: int
+    plan: Plan
+    prediction: Prediction
+
+
+def _candidates(world: int, heads: int, num_blocks: int, uneven_heads: bool) -> list[tuple[int, int]]:
+    out = []
+    for u in range(1, world + 1):
+        if world % u == 0 and u <= heads and (uneven_heads or heads % u == 0) and world // u <= num_blocks:
+            out.append((u, world // u))
+    if not out:
+        raise ValueError(
+            f"no (ulysses, ring) with ulysses * ring = world={world}, ulysses dividing heads={heads}"
+            f"{' (or uneven)' if uneven_heads else ''} and ring <= num_blocks={num_blocks}"
+        )
+    return out
+
+
+def score_degrees(
+    mask_or_work: "SparseMask | torch.Tensor | WorkSummary",
+    *,
+    world: int,
+    heads: int | None = None,
+    cost_model: CostModel | None = None,
+    balance: bool = True,
+    reward: float = DEFAULT_REWARD,
+    uneven_heads: bool = False,
+    head_dim: int = 128,
+    element_bytes: int = 2,
+    q_block: int | None = None,
+    seq_len: int | None = None,
+) -> list[DegreeChoice]:
+    """Plan and score every factorisation ``world = ulysses * ring`` that the head count allows.
+
+    Candidates: every divisor ``U`` of ``world`` with ``U <= heads`` and ``heads % U == 0`` (any
+    ``U <= heads`` with ``uneven_heads``), ``R = world / U <= num_blocks``. With ``balance``,
+    each candidate keeps the faster (by the cost model) of the full plan and the plan that
+    balances heads only, so blocks move only where the exchange pays for itself.
+
+    Args:
+        mask_or_work: a ``SparseMask``, its ``work()`` tensor (then ``q_block``/``seq_len``) or a
+            :class:`WorkSummary` (whose ``ring`` every candidate ring degree must divide).
+        world: P, the number of ranks.
+        heads: H, checked against the mask when given. Default: the mask's.
+        cost_model: Default: :meth:`CostModel.default`.
+        balance: plan with :func:`make_plan` (else the unbalanced identity layout). Default: True.
+        reward, uneven_heads: as in :func:`make_plan`.
+        head_dim, element_bytes: as in :meth:`CostModel.predict`.
+
+    Returns:
+        One :class:`DegreeChoice` per candidate, by increasing ``ulysses``.
+    """
+    return _scored(mask_or_work, world=world, heads=heads, cost_model=cost_model, balance=balance, reward=reward,
+                   uneven_heads=uneven_heads, head_dim=head_dim, element_bytes=element_bytes, q_block=q_block,
+                   seq_len=seq_len, prune=False)
+
+
+def _scored(mask_or_work, *, world, heads=None, cost_model=None, balance=True, reward=DEFAULT_REWARD, uneven_heads=False,
+            head_dim=128, element_bytes=2, q_block=None, seq_len=None, prune: bool) -> list[DegreeChoice]:
+    """:func:`score_degrees`' argument checks, then :func:`_score`."""
+    check_positive_int("world", world)
+    cost_model = CostModel.default() if cost_model is None else cost_model
+    if not isinstance(cost_model, CostModel):
+        raise TypeError(f"cost_model must be a dbsp CostModel or None, got {type(cost_model).__name__}")
+    w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
+    if heads is not None and check_positive_int("heads", heads) != w.heads:
+        raise ValueError(f"heads={heads} but the mask has {w.heads} heads")
+    return _score(w, world, cost_model, balance=balance, reward=_check_reward(reward), uneven_heads=uneven_heads,
+                  head_dim=head_dim, element_bytes=element_bytes, prune=prune)
+
+
+def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
+           uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
+    """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned in order
+    of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
+    are skipped (they cannot win), so the result holds the best candidate but not every one. On a
+    summary, once a time is found, each later candidate is first held to the tighter
+    :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops its block
+    balancing as soon as the blocks it moves make it slower than the best."""
+    outer = getattr(_MEMO, "memo", None)
+    _MEMO.memo = {} if outer is None else outer
+    try:
+        return _score_now(w, world, cost_model, balance=balance, reward=reward, uneven_heads=uneven_heads,
+                          head_dim=head_dim, element_bytes=element_bytes, prune=prune)
+    finally:
+        _MEMO.memo = outer
+
+
+def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
+               uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
+    """:func:`_score` with the head-group memo in place."""
+    predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
+    pairs = _candidates(world, w.heads, w.num_blocks, uneven_heads and balance)
+    tight = dict(reward=reward, uneven_heads=uneven_heads, balance=balance, head_dim=head_dim, element_bytes=element_bytes)
+    bounds = {}
+    summary = prune and isinstance(w, WorkSummary)
+    if prune:
+        totals = _work_per_head(w)
+        bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
+        if summary:  # the order: with the head groups and home tiles, one moved unit for plans that move
+            parts = {p: {} for p in pairs}
+            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, moves=False, parts=parts[p], **tight)) for p, b in bounds.items()}
+        pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
+    out: list[DegreeChoice] = []
+    best = math.inf
+    for u, r in pairs:
+        if prune and bounds[u, r] > best * (1 + 1e-9):
+            continue
+        prune_for = None
+        if summary and best < math.inf and "tighten" in parts[u, r]:
+            # Sorting every rank's units costs about a head balancing: only where there is a time to beat.
+            limit = best * (1 + 1e-9)
+            if parts[u, r]["tighten"]() > limit:
+                continue
+            prune_for = lambda n, p=parts[u, r], limit=limit: _prune_moves(p, n, limit)  # noqa: E731
+        try:
+            plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
+                                          cost=(cost_model, head_dim), prune_for=prune_for)
+        except _Pruned:  # its block balancing showed that it cannot win
+            continue
+        choice = balanced if balance else plain
+        best = min(best, choice.prediction.total_ms)
+        out.append(choice)
+    return sorted(out, key=lambda c: c.ulysses)
+
+
+def _prune_moves(parts: dict, n: int, limit: float):
+    """For the block balancing of group set ``n`` (1: balanced heads, 2: time-balanced) of one
+    candidate, from its :func:`_summary_bound_ms` ``parts``: a test ``sent -> bool``, True once a
+    plan that already exchanges ``sent`` blocks (the cost model's count, ``2 (q + kv) x heads``
+    of the busiest group so far) must be slower than ``limit``; None where another plan of the
+    candidate (blocks at home, or the other set's moves) may be faster, as stopping then could
+    change the pick."""
+    if n >= len(parts["moved"]) or parts["home"] <= limit or any(b <= limit for i, b in enumerate(parts["moved"]) if i != n):
+        return None
+    base = parts["a2a"] + parts["ring"][n] + 2 * parts["lat"]
+    return lambda sent: base + sent * parts["block_ms"] > limit
+
+
+def _lower_bound_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, u: int, r: int, *, head_dim: int,
+                    element_bytes: int) -> float:
+    """A lower bound on ``cost.predict(plan).total_ms`` over every plan of ``w`` on ``(u, r)``.
+
+    Every term of :meth:`CostModel.predict` that a plan can change is bounded below by what no
+    plan avoids: the all-to-all (fixed by ``u, r``), no block exchange, and a ring time of at
+    least the mean rank compute (the total work at its rates over ``u * r`` ranks, call overheads
+    dropped) and at least ``r - 1`` transfers of the smallest possible largest key chunk.
+    """
+    H, S, B = w.heads, w.seq_len, w.batch
+    full = B * S * S
+    dense = _full_heads(w, totals) if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    n_dense = int(dense.sum())
+    total, dense_total = float(totals.sum()), float(totals[dense].sum()) if n_dense else 0.0
+    density = (total - dense_total) / max(1, (H - n_dense) * full)
+    fine = w.kv_tile is not None and w.kv_tile < w.q_block
+    rate = cost.tflops(density=density, fine_grained=fine) * 1e12
+    seconds = (total - dense_total) * 4.0 * head_dim / rate
+    if n_dense:
+        seconds += dense_total * 4.0 * head_dim / (cost.dense_tflops * 1e12)
+    ring_ms = 1e3 * seconds / (u * r)
+    lat = cost.comm_latency_us * 1e-6
+    token_bytes = B * head_dim * element_bytes
+    if r > 1:
+        kv_tokens = _cdiv(w.num_blocks, r) * w.q_block  # the largest chunk holds at least this many blocks
+        p2p = lat + 2 * kv_tokens * _cdiv(H, u) * token_bytes / cost._bandwidth(r, u * r)
+        ring_ms = max(ring_ms, 1e3 * (r - 1) * p2p)
+    a2a_ms = 0.0
+    if u > 1:
+        shard = _cdiv(S, u * r) * H * token_bytes
+        a2a_ms = 1e3 * (2 * lat + 4 * shard * (u - 1) / u / cost._bandwidth(u, u))
+    return a2a_ms + ring_ms
+
+
+def _entry_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, head_dim: int) -> np.ndarray:
+    """``(H,)`` float64: the least predicted milliseconds per tile entry of each head, as
+    :meth:`CostModel.predict` rates them (dense heads at ``dense_tflops`` when modelled, without
+    the unaligned-key factor, which is >= 1; the others at the sparse curve's rate for their
+    density, which no plan changes)."""
+    H, full = w.heads, w.batch * w.seq_len * w.seq_len
+    dense = _full_heads(w, totals) if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    n_dense = int(dense.sum())
+    density = float(totals[~dense].sum()) / max(1, (H - n_dense) * full)
+    fine = w.kv_tile is not None and w.kv_tile < w.q_block
+    out = np.full(H, 1e3 * 4.0 * head_dim / (cost.tflops(density=density, fine_grained=fine) * 1e12))
+    if n_dense:
+        out[dense] = 1e3 * 4.0 * head_dim / (cost.dense_tflops * 1e12)
+    return out
+
+
+def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward: float, uneven_heads: bool, balance: bool,
+                      head_dim: int, element_bytes: int, groups: list[list[int]] | None = None, parts: dict | None = None,
+                      moves: bool = True) -> float:
+    """A lower bound on the predicted time of the plan :func:`_score_pair` scores for ``(u, r)``
+    on summary ``s``, tighter than :func:`_lower_bound_ms` because it knows the planner's head
+    groups (cheap: per-head totals) and the summary's home tiles and unit marginals.
+
+    The scored plan is the fastest of plans that keep the contiguous, the balanced or (with
+    dense heads) the time-balanced head groups (:func:`_layouts`), with blocks at home or moved in
+    whole units. Per head group set, with every tile's time taken at its heads' least rate
+    (:func:`_entry_ms`, plus the mixed-call cost of groups holding dense and sparse heads, whose
+    every tile is non-empty):
+
+    * blocks at home: the cost model's ring time of those tiles (exact but for call overheads and
+      the unaligned-key factor);
+    * blocks moved: the exchange's latency plus, for a ring time ``T``, the exchange of the fewest
+      units every rank must send away so that no rank computes more than ``T`` (rank ``(k, i)``
+      computes its query units' rows, ``sum_t`` of its step times, and its key units' columns,
+      which ring time bounds from below; sending a unit away lowers a rank's load by at most
+      that unit's work), minimised over ``T`` from the largest group mean upwards.
+
+    A ring time is at least each rank's row and column load, and the exchange is set by the
+    largest count of units a rank sends, so the bound holds for every plan with those groups
+    whose ranks keep their block counts (as the planner's do). ``groups``: bound only the plans
+    with these head groups that move units (for tests). ``parts``: filled with what
+    :func:`_prune_moves` needs (the bound at home, and per group set of :func:`_layouts` --
+    contiguous, balanced, time-balanced -- the bound with moves and its ring-time part).
+    ``moves=False``: the cheaper bound that counts one moved unit for plans that move (no
+    sorting of units); ``parts["tighten"]()`` then returns the full bound (and updates ``parts``).
+    """
+    H, S, B, nb, R = s.heads, s.seq_len, s.batch, s.num_blocks, r
+    if s.ring % R:
+        return 0.0  # home tiles only for ring degrees whose chunks nest in the summary's
+    totals = np.asarray(s._head_totals, dtype=np.int64)
+    ms = _entry_ms(cost, s, totals, head_dim)
+    dense = totals == B * S * S if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
+    counts = _head_counts(H, u, uneven_heads)
+    off = np.cumsum([0] + counts).tolist()
+    sets = [([list(range(off[k], off[k + 1])) for k in range(u)], False)]  # (groups, may move blocks)
+    if groups is not None:
+        sets = [(groups, True)]
+    elif balance:
+        sets.append((_balance_heads(totals.tolist(), counts, True), True))
+        rates = _rates_of(cost, s, totals, head_dim)
+        if rates is not None:
+            sets.append((_balance_heads_timed((totals * rates.weights).tolist(), rates.dense, counts, True, R * R * rates.mixed), True))
+    lat = cost.comm_latency_us * 1e-3
+    token_bytes = B * head_dim * element_bytes
+    a2a = 0.0
+    if u > 1:
+        a2a = 1e3 * (2 * cost.comm_latency_us * 1e-6 + 4 * _cdiv(S, u * R) * H * token_bytes * (u - 1) / u / cost._bandwidth(u, u))
+    tiles = _summary_home_tiles(s, R) * ms[:, None, None]  # (H, R, R) ms per head, blocks at home
+    bw = cost._bandwidth(R, u * R)
+    mixed = cost.mixed_overhead_us * 1e-3 if cost.dense_tflops is not None and dense.any() else 0.0
+    home = math.inf
+    moved, ring = [math.inf] * len(sets), [0.0] * len(sets)
+    mixes, p2ps = [None] * len(sets), [None] * len(sets)
+    block_ms = 2 * s.q_block * token_bytes / bw * 1e3
+    for n, (gs, may_move) in enumerate(sets):
+        heads_k = np.array([len(g) for g in gs], dtype=np.float64)
+        mix = mixes[n] = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
+        C = np.stack([tiles[g].sum(0) for g in gs]) + mix[:, None, None]  # (U, R, R)
+        if R == 1:
+            home = min(home, a2a + float(C.max()))
+            continue
+        p2p = p2ps[n] = lat + 1e3 * 2 * _cdiv(nb, R) * s.q_block * heads_k * token_bytes / bw  # (U,)
+        steps = _steps(C).max(1)  # (U, R)
+        if groups is None:
+            home = min(home, a2a + float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max()))
+        if may_move and reward != math.inf:
+            bound, ring[n] = _moved_bound_ms(s, gs, ms, mix, R, p2p, block_ms, lat, moves)
+            moved[n] = a2a + bound
+
+    def tighten() -> float:
+        """The bound again with ``moves=True``, reusing this call's groups and tiles."""
+        for n, (gs, may_move) in enumerate(sets):
+            if R > 1 and may_move and reward != math.inf:
+                bound, ring[n] = _moved_bound_ms(s, gs, ms, mixes[n], R, p2ps[n], block_ms, lat, True)
+                moved[n] = a2a + bound
+        return min([home] + moved)
+
+    if parts is not None:
+        parts.update(home=home, moved=moved, ring=ring, a2a=a2a, lat=lat, block_ms=block_ms / 2, tighten=tighten)
+    return min([home] + moved)
+
+
+def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix: np.ndarray, R: int, p2p: np.ndarray,
+                    block_ms: float, lat: float, moves: bool = True) -> tuple[float, float]:
+    """:func:`_summary_bound_ms`' bound on exchange + ring time of plans with ``groups`` that move
+    units, and its bound on their ring time alone. ``ms``: ``(H,)`` per entry; ``mix``: ``(U,)``
+    per call; ``block_ms``: the exchange time of one block of one head (both ways). ``moves=False``:
+    one unit moved, the ring time at its bound (no sorting)."""
+    U, H = len(groups), s.heads
+    idx, chunk = _movable_units(s, R)  # (R, n) movable units of each home chunk (NU: none), (R + 1,)
+    weigh = np.zeros((U, H))
+    for k, g in enumerate(groups):
+        weigh[k, g] = ms[g]
+    heads_k = weigh.astype(bool).sum(1).astype(np.float64)
+    mean = max(float((weigh @ s._head_totals.astype(np.float64))[k]) / R + R * mix[k] for k in range(U))
+    mean = max(mean, float(((R - 1) * p2p).max()))
+    if not moves:
+        return mean + 2 * lat + heads_k.min() * s.coarse * block_ms, mean
+    lefts = []
+    for marg in s._unit_marginals:  # query units' rows, key units' columns
+        load = np.concatenate([weigh @ marg.astype(np.float64), np.zeros((U, 1))], 1)  # (U, NU + 1) ms per unit
+        start = np.add.reduceat(load[:, :-1], chunk[:-1], axis=1) + R * mix[:, None]  # (U, R) loads at home
+        sent = np.cumsum(-np.sort(-load[:, idx], axis=2), axis=2)  # (U, R, n): the n heaviest units sent away
+        lefts.append(start[:, :, None] - np.concatenate([np.zeros((U, R, 1)), sent], 2))  # (U, R, n + 1)
+    # A plan's ring time T is at least every rank's load, so rank (k, i) sent at least
+    # count(left > T) units; T ranges over the group mean and the loads where a count drops.
+    cands = np.unique(np.concatenate([[mean]] + [x.reshape(-1) for x in lefts]))
+    cands = cands[cands >= mean]
+    need = np.zeros((len(cands), U))
+    feasible = np.ones(len(cands), dtype=bool)
+    for x in lefts:
+        over = x[None] > cands[:, None, None, None] * (1 + 1e-12)  # (C, U, R, n + 1); slack keeps the bound below
+        feasible &= ~over[..., -1].any((1, 2))
+        need += over.sum(3).max(2)
+    blocks = np.maximum((need * heads_k).max(1), heads_k.min()) * s.coarse  # at least one unit moves
+    total = cands + 2 * lat + blocks * block_ms
+    return (float(total[feasible].min()) if feasible.any() else math.inf), mean
+
+
+def _movable_units(s: WorkSummary, ring: int) -> tuple[np.ndarray, np.ndarray]:
+    """``((R, n) movable units of each home chunk of ``ring``, padded with ``NU``; (R + 1,) chunk
+    starts in units)``."""
+    memo = s.__dict__.setdefault("_movable_memo", {})
+    if ring not in memo:
+        home = _home(s.num_blocks, ring)[s._starts[:-1]]
+        movable = np.diff(s._starts) == s.coarse
+        chunk = np.searchsorted(home, np.arange(ring + 1))
+        per = [np.nonzero(movable[chunk[i] : chunk[i + 1]])[0] + chunk[i] for i in range(ring)]
+        n = max(len(p) for p in per)
+        idx = np.full((ring, n), s.num_units, dtype=np.int64)
+        for i, p in enumerate(per):
+            idx[i, : len(p)] = p
+        memo[ring] = (idx, chunk)
+    return memo[ring]
+
+
+def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None,
+                cost: "tuple[CostModel, int] | None" = None, prune_for=None):
+    """``(unbalanced, balanced)`` DegreeChoices of one ``(U, R)`` from one set of passes.
+
+    The unbalanced one exists where ``U`` divides the heads. The balanced one (with ``balance``)
+    is the faster, by the cost model, of the planner's choice and the layouts that move no
+    blocks, so blocks move only where the exchange pays for itself. With ``cost`` (the cost
+    model and head_dim) and a mask where time and tile entries differ (dense heads), the
+    time-weighted candidates (:func:`_timed_layouts`) compete too. ``prune_for``: as in
+    :func:`_layouts` (then :class:`_Pruned` may be raised).
+    """
+    if not balance:
+        plan = _layouts(w, ulysses=u, ring=r, balance_heads=False, balance_blocks=False, stats=stats)[0]
+        return DegreeChoice(u, r, plan, predict(plan)), None
+    memo: dict[int, Prediction] = {}  # plan id -> prediction: the contiguous layout is scored twice
+    predict = lambda p, f=predict: memo[id(p)] if id(p) in memo else memo.setdefault(id(p), f(p))  # noqa: E731
+    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for)
+    plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
+    chosen = min(layouts, key=_ring_key)
+    options = [chosen] + [p for p in layouts if p is not chosen and _moved(p) == 0]
+    if cost is not None:
+        if not isinstance(w, WorkSummary) and stats is None:
+            stats = _stats(w, r)
+        rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1])
+        if rates is not None:
+            options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates,
+                                prune_for=prune_for)
+    pred, _, plan = min(((predict(p), n, p) for n, p in enumerate(options)), key=lambda x: (x[0].total_ms, x[0].imbalance, x[1]))
+    return plain, DegreeChoice(u, r, plan, pred)
+
+
+def choose_degrees(
+    mask_or_work: "SparseMask | torch.Tensor | WorkSummary",
+    *,
+    world: int,
+    heads: int,
+    cost_model: CostModel | None = None,
+    **options: Any,
+) -> tuple[int, int, Plan]:
+    """The fastest ``(ulysses, ring)`` for this mask on ``world`` ranks, and its plan.
+
+    Scores the allowed factorisations as :func:`score_degrees` does (same keyword options) and
+    returns the one with the least predicted time (ties: the larger ``ulysses``, fewer ring steps).
+    Candidates are planned in order of a lower bound on their predicted time (the all-to-all, and
+    the mean rank compute or the ring transfers, whichever is larger); those whose bound exceeds
+    the best time found are not planned, since they cannot win. From a :class:`WorkSummary` the
+    bound also knows the planner's head groups, the home tiles and, for plans that move blocks,
+    the units every rank must send away to reach a ring time (:func:`_summary_bound_ms`), and a
+    candidate's block balancing stops as soon as the blocks it has moved make it slower than the
+    best; the pick and its plan are those of the full scoring.
+    Run it per layer and step, or let :class:`PlanCache` decide when to re-run it.
+
+    Example::
+
+        >>> u, r, plan = choose_degrees(mask, world=8, heads=40)     # doctest: +SKIP
+        >>> (u, r), plan.imbalance()
+        ((4, 2), 1.004)
+
+    Returns:
+        ``(ulysses, ring, plan)``.
+    """
+    scored = _scored(mask_or_work, world=world, heads=heads, cost_model=cost_model, prune=True, **options)
+    best = min(scored, key=lambda c: (c.prediction.total_ms, -c.ulysses))
+    return best.ulysses, best.ring, best.plan
