@@ -9,6 +9,7 @@ from dbsp.video import make_workload
 w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
 q, k, v = w.q, w.k, w.v
 V = {"128x128 pooled": dict(q_block=128, kv_tile=128), "64x64 pooled": dict(q_block=64, kv_tile=64),
+     "64x32 pooled": dict(q_block=64, kv_tile=32, pool_keys=True), "64x16 pooled": dict(q_block=64, kv_tile=16, pool_keys=True),
      "64x16 per-key": dict(q_block=64, kv_tile=16), "64x1 per-key": dict(q_block=64, kv_tile=1)}
 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,6 +1,8 @@
-"""Kernel-level profile of the per-key fine predictors (64x1, 64x16) at Wan2.1-1.3B 480p (GPU).
+"""Kernel-level profile of the fine predictors (64x1, 64x16) at Wan2.1-1.3B 480p (GPU).
 
-    python benchmarks/profile_predict.py [--shape wan1.3b-480p] [--masks 64x1,64x16]
+    python benchmarks/profile_predict.py [--shape wan1.3b-480p] [--masks 64x1,64x16,64x16p]
+
+A mask ``MxN`` scores every key (per-key passes); ``MxNp`` scores pooled key tiles (``pool_keys=True``).
 
 Prints, per mask, the wall time of one ``predict_mask`` call and torch.profiler's table of the
 GPU kernels and host ops of one call (after warm-up), to see where the time goes.
@@ -27,8 +29,9 @@ def main() -> None:
         raise SystemExit("profile_predict.py needs a GPU")
     w = make_workload(args.shape, device=torch.device("cuda"), dtype=torch.bfloat16)
     for spec in args.masks.split(","):
-        M, N = (int(x) for x in spec.split("x"))
-        call = lambda: predict_mask(w.q, w.k, q_block=M, kv_tile=N, top_p=0.9)  # noqa: E731
+        pooled = spec.endswith("p")
+        M, N = (int(x) for x in spec.rstrip("p").split("x"))
+        call = lambda: predict_mask(w.q, w.k, q_block=M, kv_tile=N, top_p=0.9, pool_keys=True if pooled else None)  # noqa: E731
         for _ in range(3):
             call()
         torch.cuda.synchronize()

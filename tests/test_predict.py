@@ -286,6 +286,7 @@ def assert_same_rows(a, b):
     (16, 16, 0.6, {"min_keep": 2, "max_keep": 3, "text_tokens": 20}),
     (32, 32, 0.7, {"dense_above": 0.5}),  # some heads rounded up to full
     (32, 4, 0.8, {"pool_keys": True, "keep_diagonal": False}),
+    (16, 4, 0.5, {"pool_keys": True, "min_keep": 9}),  # the budget moves most rows' cut
 ])
 def test_fused_pooled_predictor_matches_the_torch_path(q_block, kv_tile, top_p, extra):
     dev = _fused_or_skip()
@@ -331,6 +332,25 @@ def test_fused_pooling_and_reuse_check_match_the_torch_path():
         assert masks[1] is masks[0] and masks[2] is not masks[0]
     assert changes["torch"][1] == changes["triton"][1]
     assert changes["triton"][0] == pytest.approx(changes["torch"][0], rel=1e-4)
+
+
+@triton_only
+@pytest.mark.parametrize("heads,d,block", [(5, 48, 24), (3, 32, 64), (12, 128, 16)])
+def test_fused_pooling_matches_block_means_on_odd_shapes(heads, d, block):
+    """Odd head counts, head dims below a power of two, a partial last block, strided input, and
+    the change sums against the torch formula."""
+    dev = _fused_or_skip()
+    from dbsp.kernels import predict_pooled
+
+    g = torch.Generator().manual_seed(heads)
+    x = torch.randn(2, heads, 203, d, generator=g).transpose(1, 2)  # (B, S, H, D), not contiguous
+    want = block_pool(x, block).permute(0, 2, 1, 3)
+    old = torch.randn(want.shape, generator=g)
+    acc = torch.zeros(2 * heads, 2, device=dev)
+    got = predict_pooled.pool(x.to(dev), block, old.to(dev), acc)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    change = ((want - old) ** 2).sum((2, 3)).flatten(), (old ** 2).sum((2, 3)).flatten()
+    torch.testing.assert_close(acc.cpu(), torch.stack(change, -1), rtol=1e-4, atol=1e-4)
 
 
 @triton_only
