@@ -5,9 +5,13 @@ select kernel at 2-8 warps, the emit kernel), to see where the time goes.
     python benchmarks/sweep_select.py
 """
 import time
+
 import torch
+import triton
+import triton.language as tl
+
 from dbsp.kernels import predict_pooled
-from dbsp.predict import predict_mask
+from dbsp.predict import block_pool, predict_mask
 from dbsp.video import make_workload
 
 
@@ -33,6 +37,47 @@ qbar = predict_pooled.pool(w.q, 64)
 kbar = predict_pooled.pool(w.k, 16)
 mq, nt = qbar.shape[2], kbar.shape[2]
 print(f"pool q/64 {timed(lambda: predict_pooled.pool(w.q, 64)):.4f} ms, k/16 {timed(lambda: predict_pooled.pool(w.k, 16)):.4f} ms")
+print(f"torch block_pool q/64 {timed(lambda: block_pool(w.q, 64)):.4f} ms, k/16 {timed(lambda: block_pool(w.k, 16)):.4f} ms")
+
+
+@triton.jit
+def _pool_blocks(X, OUT, S, H, nb, s_xb, s_xs, s_xh, BLOCK: tl.constexpr, BPP: tl.constexpr, D: tl.constexpr):
+    # BPP consecutive blocks of one head per program, loaded as one (BPP * BLOCK, D) tile.
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t = pid * BPP * BLOCK + tl.arange(0, BPP * BLOCK)
+    d = tl.arange(0, D)
+    x = tl.load(X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + t[:, None].to(tl.int64) * s_xs + d[None, :],
+                mask=(t < S)[:, None], other=0.0).to(tl.float32)
+    sums = tl.sum(tl.reshape(x, (BPP, BLOCK, D)), axis=1)
+    blk = pid * BPP + tl.arange(0, BPP)
+    n = tl.minimum(BLOCK, S - blk * BLOCK).to(tl.float32)
+    tl.store(OUT + (bh.to(tl.int64) * nb + blk)[:, None] * D + d[None, :], sums / n[:, None], mask=(blk < nb)[:, None])
+
+
+def pool_blocks(x, block, bpp, warps):
+    B_, S_, H_, D_ = x.shape
+    nb = -(-S_ // block)
+    out = torch.empty(B_, H_, nb, D_, dtype=torch.float32, device=x.device)
+    _pool_blocks[(triton.cdiv(nb, bpp), B_ * H_)](x, out, S_, H_, nb, x.stride(0), x.stride(1), x.stride(2),
+                                                  BLOCK=block, BPP=bpp, D=D_, num_warps=warps)
+    return out
+
+
+for block, x in ((16, w.k), (64, w.q)):
+    want = predict_pooled.pool(x, block)
+    for bpp in (1, 2, 4, 8):
+        for warps in (2, 4, 8):
+            if bpp * block > 256:
+                continue
+            got = pool_blocks(x, block, bpp, warps)
+            err = (got - want).abs().max().item()
+            print(f"pool_blocks block {block} x{bpp} per program, {warps} warps: {timed(lambda: pool_blocks(x, block, bpp, warps)):.4f} ms (max diff {err:.1e})")
+for warps in (1, 2, 4, 8):
+    nb16 = -(-S // 16)
+    out = torch.empty(B, H, nb16, D, dtype=torch.float32, device="cuda")
+    f = lambda: predict_pooled._pool_kernel[(nb16, B * H)](w.k, out, out, out, S, H, nb16, 16, *w.k.stride(), HAS_OLD=False, TB=16, D=D, DP=D, num_warps=warps)  # noqa: E731
+    print(f"current pool kernel k/16 at {warps} warps: {timed(f):.4f} ms")
 q3, k3 = qbar.reshape(B * H, mq, D), kbar.reshape(B * H, nt, D)
 print("bmm fp32 all heads", timed(lambda: torch.bmm(q3, k3.transpose(1, 2))))
 torch.backends.cuda.matmul.allow_tf32 = True

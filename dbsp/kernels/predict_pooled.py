@@ -32,8 +32,10 @@ import triton.language as tl
 
 # Largest tile count per query block the select kernel holds in registers.
 MAX_TILES = 4096
-# Tokens per load of the pooling kernel. (A kernel reading several heads of a token at once, in
-# fewer programs, was slower on an H100: 0.13 ms for q at 64-token blocks, against 0.07 ms.)
+# Tokens per load of the pooling kernel. Its programs are small: on an H100 (Wan2.1-1.3B 480p
+# keys in 16-token blocks, 2048 x 12 programs) it took 0.042 ms with 1 warp, 0.057 with 2, 0.125
+# with 4 and 0.237 with 8 (`benchmarks/sweep_select.py`). A kernel reading several heads of a
+# token at once, in fewer programs, was slower (0.13 ms for q at 64-token blocks).
 _POOL_TOKENS = 32
 
 
@@ -162,10 +164,10 @@ def pool(x: torch.Tensor, block: int, old: torch.Tensor | None = None, acc: torc
     nb = -(-S // block)
     out = torch.empty(B, H, nb, D, dtype=torch.float32, device=x.device)
     has_old = old is not None
+    TB, DP = min(_POOL_TOKENS, triton.next_power_of_2(block)), triton.next_power_of_2(D)
     _pool_kernel[(nb, B * H)](
         x, out, old if has_old else out, acc if has_old else out, S, H, nb, block, *x.stride(),
-        HAS_OLD=has_old, TB=min(_POOL_TOKENS, triton.next_power_of_2(block)), D=D,
-        DP=triton.next_power_of_2(D),
+        HAS_OLD=has_old, TB=TB, D=D, DP=DP, num_warps=1 if TB * DP <= 2048 else 4,
     )
     return out
 
