@@ -7,7 +7,8 @@ Every predictor scores each query block by its **pooled (mean) query**
 * **pooled keys** (the default for block masks, ``kv_tile == q_block``): keys are pooled per
   tile too, ``kbar_j``, and a tile's log-mass is estimated as ``qbar_i . kbar_j * scale +
   log(keys in tile)``. Cost: an ``(S/M) x (S/N)`` score grid, tiny for blocks. Selection is the
-  exact smallest set whose softmax mass reaches ``top_p`` (a sort per query block).
+  exact smallest set whose softmax mass reaches ``top_p`` (PyTorch: a sort per query block; the
+  fused Triton kernel finds the same cut by bisection on the masses' float bits).
 * **per-key** (the default for fine masks, ``kv_tile < q_block``, down to 1): the pooled query
   is scored against every key, ``s = qbar_i . k_c * scale``, and a tile's log-mass is the
   log-sum-exp of its keys' scores, exact for the pooled query. Cost: ``(S/M) x S`` scores, 1/(2M)
