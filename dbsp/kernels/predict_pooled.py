@@ -106,7 +106,7 @@ def _select_kernel(DOTS, KEEP, COUNT, HEAD_KEYS, row0, mq, nt, Sq, Skv, scale, l
     above = valid & (bits > v_bits)
     tied = valid & (bits == v_bits)
     mass_above = tl.sum(tl.where(above, p, 0.0), axis=0)
-    v = tl.max(tl.where(tied, p, 0.0), axis=0)
+    v = v_bits.to(tl.float32, bitcast=True)  # the tied entries' mass
     n_tied = tl.sum(tied.to(tl.int32), axis=0)
     need = tl.ceil((top_p - mass_above) / tl.where(v > 0, v, 1.0)).to(tl.int32)
     reached = tl.sum(p, axis=0) >= top_p
