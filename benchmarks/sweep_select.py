@@ -1,6 +1,6 @@
 """The pooled-key predictors at Wan2.1-1.3B 480p (GPU): whole calls (64x16 ... 128x128) against
 dense SDPA, then the 64x16 call's pieces (pooling, the fp32 / TF32 / bf16 score products, the
-select kernel at 2-8 warps, the emit kernel), to see where the time goes.
+select kernel at 2-8 warps, the offsets and emit kernels), to see where the time goes.
 
     python benchmarks/sweep_select.py
 """
@@ -88,15 +88,20 @@ dots = torch.bmm(q3, k3.transpose(1, 2)).reshape(-1, nt)
 rows = dots.shape[0]
 keep = torch.empty(rows, nt, dtype=torch.int8, device="cuda")
 counts = torch.empty(rows, dtype=torch.int32, device="cuda")
-ent = torch.zeros(B * H, dtype=torch.int64, device="cuda")
+ent = torch.zeros(2, B * H, dtype=torch.int64, device="cuda")
 for warps in (2, 4, 8):
     predict_pooled._warps = lambda ntp, w_=warps: w_
     t = timed(lambda: predict_pooled.select(dots, 0, keep, counts, ent, mq=mq, Sq=S, Skv=S, scale=D ** -0.5, top_p=0.9,
                                             lo=1, hi=nt, M=64, N=16, diagonal=True, text=0))
     print(f"select all rows (64x16), {warps} warps: {t:.3f} ms")
-flat = torch.zeros(rows + 1, dtype=torch.int64, device="cuda")
-torch.cumsum(counts.reshape(-1), 0, out=flat[1:])
-dz = torch.zeros(B * H, dtype=torch.int8, device="cuda")
+predict_pooled._warps = lambda ntp: 4 if ntp <= 2048 else 8
+ent.zero_()
+predict_pooled.select(dots, 0, keep, counts, ent, mq=mq, Sq=S, Skv=S, scale=D ** -0.5, top_p=0.9, lo=1, hi=nt, M=64,
+                      N=16, diagonal=True, text=0)
+limit = int(0.6 * S * S)
+print(f"offsets (one launch) {timed(lambda: predict_pooled.offsets(counts, ent, mq=mq, nt=nt, limit=limit)):.4f} ms")
+offs, full = predict_pooled.offsets(counts, ent, mq=mq, nt=nt, limit=limit)
+total = int(offs[-1, -1])
 for warps in (2, 4, 8):
     predict_pooled._warps = lambda ntp, w_=warps: w_
-    print(f"emit {warps} warps", timed(lambda: predict_pooled.emit(keep, flat, dz, int(flat[-1]), mq=mq)))
+    print(f"emit {warps} warps {timed(lambda: predict_pooled.emit(keep, offs, full, total, mq=mq)):.4f} ms")

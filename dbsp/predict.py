@@ -76,6 +76,9 @@ _NUDGE = 1e-4
 
 # Score elements held at once per chunk by the torch passes (32 MB of fp32).
 _CHUNK_ELEMENTS = 1 << 23
+# Pooled dot products per bmm + select launch of the fused path (64 MiB of float32): one launch
+# pair covers every head of Wan2.1-1.3B 480p at 64x16.
+_FUSED_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -458,7 +461,7 @@ def _predict_pooled(qbar, kbar, Sq, Skv, scale, cfg):
 
 
 def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
-    """The pooled-key rule with the Triton select and emit kernels (same masks as
+    """The pooled-key rule with the Triton select, offsets and emit kernels (same masks as
     :func:`_predict_pooled` + :func:`_round_up_dense_heads`, up to float rounding at the top_p cut),
     with one host synchronisation (the total tile count, to size the indices).
 
@@ -473,30 +476,21 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     q3, k3 = qbar.reshape(BH, mq, D), kbar.reshape(BH, nt, D)
     keep = torch.empty(rows, nt, dtype=torch.int8, device=dev)
     counts = torch.empty(rows, dtype=torch.int32, device=dev)
-    entries = torch.zeros(BH, dtype=torch.int64, device=dev)  # kept score entries per head
-    heads_per_chunk = max(1, _CHUNK_ELEMENTS // (mq * nt))
+    totals = torch.zeros(2, BH, dtype=torch.int64, device=dev)  # kept tiles, kept score entries per head
+    heads_per_chunk = max(1, _FUSED_CHUNK_ELEMENTS // (mq * nt))
     for h0 in range(0, BH, heads_per_chunk):
         h1 = min(BH, h0 + heads_per_chunk)
         dots = torch.bmm(q3[h0:h1], k3[h0:h1].transpose(1, 2))  # (h, Mq, Nt)
         predict_pooled.select(
-            dots.reshape(-1, nt), h0 * mq, keep, counts, entries, mq=mq, Sq=Sq, Skv=Skv, scale=scale,
+            dots.reshape(-1, nt), h0 * mq, keep, counts, totals, mq=mq, Sq=Sq, Skv=Skv, scale=scale,
             top_p=cfg.top_p, lo=min(cfg.min_keep, nt), hi=nt if cfg.max_keep is None else cfg.max_keep, M=M, N=N,
             diagonal=cfg.keep_diagonal, text=cfg.text_tokens,
         )
-    counts = counts.reshape(BH, mq)
-    if cfg.dense_above is None:
-        dense = torch.zeros(BH, dtype=torch.int8, device=dev)
-    else:
-        # density > dense_above  <=>  entries > floor(dense_above * Sq * Skv), in exact integers.
-        full = entries > math.floor(cfg.dense_above * Sq * Skv)
-        counts = torch.where(full[:, None], nt, counts)
-        dense = full.to(torch.int8)
-    flat = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(counts.reshape(-1), 0, out=flat[1:])
-    indices = predict_pooled.emit(keep, flat, dense, int(flat[-1]), mq=mq)
-    # Row i of head h starts at flat[h * mq + i]; the head's last boundary is the next head's first.
-    offsets = flat.as_strided((BH, mq + 1), (mq, 1)).reshape(B, H, mq + 1).clone()
-    return offsets, indices
+    # density > dense_above  <=>  entries > floor(dense_above * Sq * Skv), in exact integers.
+    limit = None if cfg.dense_above is None else math.floor(cfg.dense_above * Sq * Skv)
+    offsets, full = predict_pooled.offsets(counts, totals, mq=mq, nt=nt, limit=limit)
+    indices = predict_pooled.emit(keep, offsets, full, int(offsets[-1, -1]), mq=mq)
+    return offsets.reshape(B, H, mq + 1), indices
 
 
 # ------------------------------------------------------------------------------ per-key scoring

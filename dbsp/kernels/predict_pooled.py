@@ -11,8 +11,10 @@ shapes their launches cost more than the arithmetic. Here one call is::
     select        per query block, in registers: tile log-masses, softmax, the top_p cut by
                   bisection on the masses' float bits (no sort), the min/max budgets, ties towards
                   lower tile ids, the forced tiles -> a keep byte per tile, the tile count of the
-                  row, and the row's kept score entries added to its head's total
-    (torch)       heads rounded up to full from those totals, offsets (a few operations)
+                  row, and its tiles and kept score entries added to its head's totals
+    offsets       per head: rounded up to full from every head's totals, then its rows' offsets
+                  (starting after all earlier heads' tiles); one host read of the last offset
+                  sizes the indices
     emit          keep bytes (or a full row for a rounded-up head) -> sorted int32 tile ids
 
 The selection is the same rule as ``predict._exact_top_p`` (softmax, stable descending order,
@@ -32,11 +34,16 @@ import triton.language as tl
 
 # Largest tile count per query block the select kernel holds in registers.
 MAX_TILES = 4096
-# Tokens per load of the pooling kernel. Its programs are small: on an H100 (Wan2.1-1.3B 480p
-# keys in 16-token blocks, 2048 x 12 programs) it took 0.042 ms with 1 warp, 0.057 with 2, 0.125
-# with 4 and 0.237 with 8 (`benchmarks/sweep_select.py`). A kernel reading several heads of a
-# token at once, in fewer programs, was slower (0.13 ms for q at 64-token blocks).
-_POOL_TOKENS = 32
+# Tokens per load of the pooling kernel. Its programs are small, so few warps win. On an H100 at
+# Wan2.1-1.3B 480p (`benchmarks/sweep_select.py`): keys in 16-token blocks took 0.042 ms with 1
+# warp, 0.057 with 2, 0.125 with 4 and 0.237 with 8; queries in 64-token blocks, loaded at once,
+# 0.043 ms with 2 warps against 0.071 in two 32-token loads with 4. A kernel reading several heads
+# of a token at once, in fewer programs, was slower (0.13 ms for q at 64-token blocks).
+_POOL_TOKENS = 64
+
+
+def _pool_warps(elements: int) -> int:
+    return 1 if elements <= 2048 else 2 if elements <= 8192 else 4
 
 
 @triton.jit
@@ -86,7 +93,7 @@ def _largest_bits(bits, w, goal):
 
 
 @triton.jit
-def _select_kernel(DOTS, KEEP, COUNT, HEAD_KEYS, row0, mq, nt, Sq, Skv, scale, log_n, log_last, top_p, lo, hi, M,
+def _select_kernel(DOTS, KEEP, COUNT, TOTALS, BH, row0, mq, nt, Sq, Skv, scale, log_n, log_last, top_p, lo, hi, M,
                    N, text, DIAG: tl.constexpr, NTP: tl.constexpr):
     r = tl.program_id(0)  # row of this chunk
     row = row0 + r  # global row: head * mq + query block
@@ -133,7 +140,35 @@ def _select_kernel(DOTS, KEEP, COUNT, HEAD_KEYS, row0, mq, nt, Sq, Skv, scale, l
     short = tl.sum(tl.where(keep & (j == nt - 1), nt * N - Skv, 0), axis=0)
     queries = tl.minimum(M, Sq - qb * M)
     tl.store(COUNT + row, count)
-    tl.atomic_add(HEAD_KEYS + row // mq, (count.to(tl.int64) * N - short) * queries)
+    tl.atomic_add(TOTALS + row // mq, count.to(tl.int64))
+    tl.atomic_add(TOTALS + BH + row // mq, (count.to(tl.int64) * N - short) * queries)
+
+
+@triton.jit
+def _offsets_kernel(COUNT, TOTALS, OFFS, DENSE, BH, mq, nt, limit, ROUND: tl.constexpr, BHP: tl.constexpr,
+                    RB: tl.constexpr):
+    # One program per head: round heads up to full from every head's totals, start this head
+    # after the tiles of all heads before it, and write its rows' offsets (a running cumsum).
+    bh = tl.program_id(0)
+    h = tl.arange(0, BHP)
+    ok = h < BH
+    tiles = tl.load(TOTALS + h, mask=ok, other=0)
+    if ROUND:
+        full = ok & (tl.load(TOTALS + BH + h, mask=ok, other=0) > limit)
+        tiles = tl.where(full, mq * nt, tiles)
+        mine = tl.sum(tl.where(h == bh, full.to(tl.int32), 0), axis=0) != 0
+    else:
+        mine = bh < 0
+    tl.store(DENSE + bh, mine.to(tl.int8))
+    start = tl.sum(tl.where(h < bh, tiles, 0), axis=0).to(tl.int64)
+    base = OFFS + bh.to(tl.int64) * (mq + 1)
+    tl.store(base, start)
+    for i0 in range(0, mq, RB):
+        i = i0 + tl.arange(0, RB)
+        c = tl.load(COUNT + bh.to(tl.int64) * mq + i, mask=i < mq, other=0).to(tl.int64)
+        c = tl.where(mine & (i < mq), nt, c)
+        tl.store(base + 1 + i, start + tl.cumsum(c, 0), mask=i < mq)
+        start += tl.sum(c, axis=0)
 
 
 @triton.jit
@@ -144,7 +179,8 @@ def _emit_kernel(KEEP, OFFS, DENSE, OUT, mq, nt, NTP: tl.constexpr):
     keep = tl.load(KEEP + row.to(tl.int64) * nt + j, mask=valid, other=0) != 0
     keep = tl.where(tl.load(DENSE + row // mq) != 0, valid, keep)
     pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(OUT + tl.load(OFFS + row) + pos, j, mask=keep)
+    # Offsets are (heads, mq + 1): row i of head h starts at h * (mq + 1) + i.
+    tl.store(OUT + tl.load(OFFS + row + row // mq) + pos, j, mask=keep)
 
 
 def _warps(ntp: int) -> int:
@@ -167,31 +203,49 @@ def pool(x: torch.Tensor, block: int, old: torch.Tensor | None = None, acc: torc
     TB, DP = min(_POOL_TOKENS, triton.next_power_of_2(block)), triton.next_power_of_2(D)
     _pool_kernel[(nb, B * H)](
         x, out, old if has_old else out, acc if has_old else out, S, H, nb, block, *x.stride(),
-        HAS_OLD=has_old, TB=TB, D=D, DP=DP, num_warps=1 if TB * DP <= 2048 else 4,
+        HAS_OLD=has_old, TB=TB, D=D, DP=DP, num_warps=_pool_warps(TB * DP),
     )
     return out
 
 
-def select(dots: torch.Tensor, row0: int, keep: torch.Tensor, counts: torch.Tensor, head_entries: torch.Tensor, *,
+def select(dots: torch.Tensor, row0: int, keep: torch.Tensor, counts: torch.Tensor, totals: torch.Tensor, *,
            mq: int, Sq: int, Skv: int, scale: float, top_p: float, lo: int, hi: int, M: int, N: int, diagonal: bool,
            text: int) -> None:
     """Run the select kernel on the pooled dot products ``dots (rows, nt)`` (rows ``row0 ..`` of
     the whole grid), writing ``keep[row0 + r]`` (int8 per tile) and ``counts`` (int32 tiles) per
-    row, and adding each row's kept score entries to ``head_entries`` (int64, per head, zeroed
-    by the caller)."""
+    row, and adding each row's tiles to ``totals[0, head]`` and its kept score entries to
+    ``totals[1, head]`` (``totals``: int64 ``(2, heads)``, zeroed by the caller)."""
     rows, nt = dots.shape
     ntp = max(16, triton.next_power_of_2(nt))
     _select_kernel[(rows,)](
-        dots, keep, counts, head_entries, row0, mq, nt, Sq, Skv, float(scale), math.log(N), math.log(Skv - (nt - 1) * N),
-        float(top_p), lo, hi, M, N, text, DIAG=diagonal, NTP=ntp, num_warps=_warps(ntp),
+        dots, keep, counts, totals, totals.shape[1], row0, mq, nt, Sq, Skv, float(scale), math.log(N),
+        math.log(Skv - (nt - 1) * N), float(top_p), lo, hi, M, N, text, DIAG=diagonal, NTP=ntp, num_warps=_warps(ntp),
     )
 
 
-def emit(keep: torch.Tensor, flat_offsets: torch.Tensor, dense: torch.Tensor, total: int, *, mq: int) -> torch.Tensor:
-    """Sorted int32 tile ids of every row: the kept tiles, or all of them in rounded-up heads."""
+def offsets(counts: torch.Tensor, totals: torch.Tensor, *, mq: int, nt: int, limit: int | None) -> tuple:
+    """CSR offsets from the select kernel's outputs, in one launch.
+
+    Heads whose kept score entries (``totals[1]``) exceed ``limit`` are rounded up to full
+    (``limit=None``: none are). Returns ``offsets`` (int64 ``(heads, mq + 1)``, each head starting
+    where the one before it ends) and ``full`` (int8 ``(heads,)``, 1 for a rounded-up head).
+    """
+    heads = totals.shape[1]
+    out = torch.empty(heads, mq + 1, dtype=torch.int64, device=counts.device)
+    full = torch.empty(heads, dtype=torch.int8, device=counts.device)
+    _offsets_kernel[(heads,)](
+        counts, totals, out, full, heads, mq, nt, 0 if limit is None else limit, ROUND=limit is not None,
+        BHP=max(16, triton.next_power_of_2(heads)), RB=min(1024, max(16, triton.next_power_of_2(mq))),
+    )
+    return out, full
+
+
+def emit(keep: torch.Tensor, offsets: torch.Tensor, full: torch.Tensor, total: int, *, mq: int) -> torch.Tensor:
+    """Sorted int32 tile ids of every row: the kept tiles, or all of them in rounded-up heads
+    (``offsets`` and ``full`` as :func:`offsets` returns them; ``total`` = the last offset)."""
     rows, nt = keep.shape
     out = torch.empty(total, dtype=torch.int32, device=keep.device)
     if total:
         ntp = max(16, triton.next_power_of_2(nt))
-        _emit_kernel[(rows,)](keep, flat_offsets, dense, out, mq, nt, NTP=ntp, num_warps=_warps(ntp))
+        _emit_kernel[(rows,)](keep, offsets, full, out, mq, nt, NTP=ntp, num_warps=_warps(ntp))
     return out
