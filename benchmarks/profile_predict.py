@@ -5,7 +5,10 @@
 A mask ``MxN`` scores every key (per-key passes); ``MxNp`` scores pooled key tiles (``pool_keys=True``).
 
 Prints, per mask, the wall time of one ``predict_mask`` call and torch.profiler's table of the
-GPU kernels and host ops of one call (after warm-up), to see where the time goes.
+GPU kernels and host ops of one call (after warm-up), to see where the time goes. With ``--host``,
+instead: the wall time of one call on an otherwise idle GPU and cProfile's table of the host
+functions over 50 calls (the device read that sizes the indices waits for the GPU; the rest is
+host time).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ def main() -> None:
     p.add_argument("--shape", default="wan1.3b-480p")
     p.add_argument("--masks", default="64x1,64x16")
     p.add_argument("--rows", type=int, default=25, help="rows of each profile table")
+    p.add_argument("--host", action="store_true", help="host-side timing and a cProfile table instead")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_predict.py needs a GPU")
@@ -35,6 +39,9 @@ def main() -> None:
         for _ in range(3):
             call()
         torch.cuda.synchronize()
+        if args.host:
+            host_profile(spec, call, args.rows)
+            continue
         t0 = time.perf_counter()
         for _ in range(10):
             call()
@@ -44,6 +51,27 @@ def main() -> None:
             call()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+def host_profile(spec: str, call, rows: int) -> None:
+    import cProfile
+    import pstats
+
+    wall = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        wall.append(time.perf_counter() - t0)
+    med = lambda xs: 1e3 * sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"\n=== {spec}: one call on an idle GPU {med(wall):.3f} ms wall (median of 20)")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        call()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
 if __name__ == "__main__":

@@ -343,8 +343,9 @@ def test_fused_pooled_predictor_matches_the_torch_path_under_many_ties(top_p, bu
     palette = torch.randn(4, 2, 16, generator=g)
     k = palette[torch.randint(0, 4, (48,), generator=g)].repeat_interleave(4, dim=0)[None]  # (1, 192, 2, 16)
     kw = dict(q_block=16, kv_tile=4, top_p=top_p, pool_keys=True, keep_diagonal=False, dense_above=None, **budgets)
+    q, k = q.to(dev), k.to(dev)
     a = predict_mask(q, k, backend="torch", **kw)
-    b = predict_mask(q.to(dev), k.to(dev), backend="triton", **kw)
+    b = predict_mask(q, k, backend="triton", **kw)
     b.validate()
     assert 0.0 < a.density() < 1.0
     assert_same_rows(a, b)
