@@ -243,7 +243,7 @@ def make_predictor(case: Case, tokens: int) -> MaskPredictor:
     afresh on every call (no reuse), never rounded up to dense."""
     tiles = -(-tokens // case.kv_tile)
     return MaskPredictor(q_block=case.q_block, kv_tile=case.kv_tile, top_p=0.9, max_keep=max(1, math.ceil(case.density * tiles)),
-                         dense_above=None, reuse_threshold=0.0)
+                         dense_above=None, reuse_threshold=None)
 
 
 def predictor_density(model, case: Case, clock: Clock, latents, text) -> float:

@@ -843,9 +843,10 @@ class MaskPredictor:
 
     Args:
         reuse_threshold: largest relative change of the pooled q or k that still reuses the mask;
-            0 reuses only identical statistics. Default: 0.05 (on the synthetic workloads a reused
-            mask then keeps at least ~99% of the attention mass a fresh prediction keeps; see
-            benchmarks/bench_predict.py).
+            0 reuses only identical statistics; None never reuses and skips the comparison (and
+            its read of a device value, which makes the GPU wait for the host). Default: 0.05 (on
+            the synthetic workloads a reused mask then keeps at least ~99% of the attention mass a
+            fresh prediction keeps; see benchmarks/bench_predict.py).
         dense_steps: the first ``dense_steps`` steps get full masks. Default: 0.
         **config: :class:`PredictConfig` fields (``q_block``, ``kv_tile``, ``top_p``, ...),
             passed to :func:`predict_mask`.
@@ -859,13 +860,15 @@ class MaskPredictor:
         print(pred.stats)   # PredictorStats(dense=60, hits=..., misses=...)
     """
 
-    def __init__(self, *, reuse_threshold: float = 0.05, dense_steps: int = 0, **config) -> None:
-        if isinstance(reuse_threshold, bool) or not isinstance(reuse_threshold, (int, float)):
-            raise TypeError(f"reuse_threshold must be a float >= 0, got {reuse_threshold!r}")
-        if not (0.0 <= reuse_threshold < math.inf):
-            raise ValueError(f"reuse_threshold must be a finite float >= 0, got {reuse_threshold}")
+    def __init__(self, *, reuse_threshold: float | None = 0.05, dense_steps: int = 0, **config) -> None:
+        if reuse_threshold is not None:
+            if isinstance(reuse_threshold, bool) or not isinstance(reuse_threshold, (int, float)):
+                raise TypeError(f"reuse_threshold must be a float >= 0 or None, got {reuse_threshold!r}")
+            if not (0.0 <= reuse_threshold < math.inf):
+                raise ValueError(f"reuse_threshold must be a finite float >= 0 or None, got {reuse_threshold}")
+            reuse_threshold = float(reuse_threshold)
         check_nonnegative_int("dense_steps", dense_steps)
-        self.reuse_threshold = float(reuse_threshold)
+        self.reuse_threshold = reuse_threshold
         self.dense_steps = dense_steps
         self.config = PredictConfig(**config)
         self._layers: dict[Hashable, _LayerState] = {}
@@ -903,6 +906,9 @@ class MaskPredictor:
         if step < self.dense_steps:
             self._dense += 1
             return SparseMask.full(B, H, Sq, Skv, q_block=cfg.q_block, kv_tile=cfg.kv_tile, device=q.device)
+        if self.reuse_threshold is None:  # nothing stored, nothing compared
+            self._misses += 1
+            return _predict(q, k, cfg)
         fused = _fused(cfg, q.device, -(-Skv // cfg.kv_tile) if cfg.uses_pooled_keys else 0)
         old = state.mask
         comparable = (

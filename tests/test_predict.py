@@ -419,6 +419,29 @@ def test_step_reuse_hits_on_identical_inputs_and_recomputes_on_change():
     assert (pred.stats.hits, pred.stats.misses, pred.stats.calls) == (1, 2, 3)
 
 
+def test_step_reuse_off_predicts_every_call_and_reads_nothing_back(monkeypatch):
+    """reuse_threshold=None: identical inputs still get a fresh prediction (a new mask object equal
+    to predict_mask's), no change is measured, and no pooled statistics are compared."""
+    import dbsp.predict as P
+
+    pred = MaskPredictor(reuse_threshold=None, q_block=64, kv_tile=16, top_p=0.9)
+    w = make_workload("cpu-tiny", step=0)
+    m0 = pred(w.q, w.k)
+    pool_pair, compared = P._pool_pair, []
+
+    def spy(*args, old=None, **kw):
+        compared.append(old is not None)
+        return pool_pair(*args, old=old, **kw)
+
+    monkeypatch.setattr(P, "_pool_pair", spy)
+    m1 = pred(w.q.clone(), w.k.clone())
+    assert m1 is not m0 and compared == [False]  # pooled once, for the prediction only
+    fresh = predict_mask(w.q, w.k, q_block=64, kv_tile=16, top_p=0.9)
+    for m in (m0, m1):
+        assert torch.equal(m.offsets, fresh.offsets) and torch.equal(m.indices, fresh.indices)
+    assert (pred.stats.hits, pred.stats.misses) == (0, 2) and pred.last_change() == math.inf
+
+
 def test_step_reuse_compares_with_the_last_prediction_so_drift_adds_up():
     thr = 0.05
     pred = MaskPredictor(reuse_threshold=thr, kv_tile=16)
@@ -458,7 +481,7 @@ def test_dense_steps_and_layers_and_shapes():
 
 
 def test_predictor_validation():
-    with pytest.raises(ValueError, match="reuse_threshold must be a finite float >= 0"):
+    with pytest.raises(ValueError, match="reuse_threshold must be a finite float >= 0 or None"):
         MaskPredictor(reuse_threshold=-0.1)
     with pytest.raises(ValueError, match="dense_steps must be >= 0"):
         MaskPredictor(dense_steps=-1)
