@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_mask_matches, check_out_dtype, check_qkv, check_scale
-from .mask import SparseMask
+from .mask import SparseMask, _known_full_heads
 from .reference import reference_attention
 
 log = logging.getLogger("dbsp")
@@ -76,25 +76,34 @@ def _auto_backend(q: torch.Tensor) -> str:
 
 
 def _schedule(mask: SparseMask) -> _Schedule:
-    """The mask's launch schedule, computed once per mask object."""
+    """The mask's launch schedule, computed once per mask object; it reads the device once (which
+    heads are full), or not at all where the mask's producer recorded them."""
     cached = _schedules.get(mask)
     if cached is None:
         counts = mask.row_counts()  # (B, H, Mq)
         B, H, mq = counts.shape
         within = torch.argsort(counts, dim=-1, descending=True, stable=True)
         order = (within + torch.arange(B * H, device=counts.device).reshape(B, H, 1) * mq).reshape(-1)
-        dense_heads = (counts == mask.num_kv_tiles).all(dim=2).all(dim=0)  # (H,)
-        cached = _Schedule(order.to(torch.int32), int(dense_heads.sum()))
+        full = _known_full_heads(mask)
+        if full is None:
+            flags = (counts == mask.num_kv_tiles).all(dim=2).all(dim=0).tolist()  # (H,)
+            full = tuple(h for h in range(H) if flags[h])
+        cached = _Schedule(order.to(torch.int32), len(full))
         if 0 < cached.n_dense < H:
-            cached.dense = torch.nonzero(dense_heads).reshape(-1)
-            ids = cached.dense.tolist()
-            if ids == list(range(ids[0], ids[-1] + 1)):
-                cached.dense_range = (ids[0], ids[-1] + 1)
-            rows_dense = dense_heads.repeat(B)[order // mq]  # (B * H * Mq,): the row's head is dense
-            cached.sparse_order = cached.order[~rows_dense]
-            cached.sparse_nnz = int(counts.sum()) - B * cached.n_dense * mq * mask.num_kv_tiles
+            cached.dense = _on_device(full, counts.device)
+            if full == tuple(range(full[0], full[-1] + 1)):
+                cached.dense_range = (full[0], full[-1] + 1)
+            # Head (b, h)'s rows fill positions [(b * H + h) * Mq, ... + Mq) of ``order``.
+            sparse = _on_device([h for h in range(H) if h not in set(full)], counts.device)
+            cached.sparse_order = cached.order.view(B, H, mq).index_select(1, sparse).reshape(-1)
+            cached.sparse_nnz = mask.nnz - B * cached.n_dense * mq * mask.num_kv_tiles
         _schedules[mask] = cached
     return cached
+
+
+def _on_device(ids, device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 tensor on ``device``, copied without waiting for the device's queue."""
+    return torch.tensor(list(ids), dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _triton(q, k, v, mask: SparseMask, scale: float, out_dtype: torch.dtype, order: torch.Tensor | None = None,

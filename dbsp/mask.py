@@ -21,6 +21,7 @@ row ``(b, h, i)`` selects ``indices[offsets[b, h, i] : offsets[b, h, i + 1]]`` a
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -166,9 +167,10 @@ class SparseMask:
         counts = torch.full((batch * heads * mq,), nt, dtype=torch.int64, device=device)
         offsets = _offsets_from_counts(counts, batch, heads, mq)
         indices = torch.arange(nt, dtype=torch.int32, device=device).repeat(batch * heads * mq)
-        return cls._unchecked(
+        mask = cls._unchecked(
             offsets, indices, q_block=q_block, kv_tile=kv_tile, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv
         )
+        return _note_full_heads(mask, range(heads))
 
     # ------------------------------------------------------------------ shape facts
 
@@ -441,6 +443,23 @@ class SparseMask:
             f"kv_tiles={self.num_kv_tiles}, nnz={self.nnz}, density={self.density():.4f}, "
             f"device={self.device})"
         )
+
+
+# Heads known to select every key tile in every query block of every batch, recorded by the
+# producers that know it without reading the device (SparseMask.full, the fused predictor), so
+# that sparse_attention can split off dense heads without waiting for the GPU.
+_full_heads: "weakref.WeakKeyDictionary[SparseMask, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+
+
+def _note_full_heads(mask: SparseMask, heads) -> SparseMask:
+    """Record ``heads`` (ascending ids) as ``mask``'s full heads (exactly those); returns ``mask``."""
+    _full_heads[mask] = tuple(heads)
+    return mask
+
+
+def _known_full_heads(mask: SparseMask) -> tuple[int, ...] | None:
+    """The full heads recorded for ``mask``, or None if its producer recorded none."""
+    return _full_heads.get(mask)
 
 
 def _offsets_from_counts(counts: torch.Tensor, B: int, H: int, mq: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ from typing import Hashable
 import torch
 
 from ._checks import check_block_sizes, check_nonnegative_int, check_positive_int, check_qkv, check_scale, check_tensor
-from .mask import SparseMask
+from .mask import SparseMask, _note_full_heads
 
 log = logging.getLogger("dbsp")
 
@@ -247,8 +247,9 @@ def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig, pooled: tuple
         pooled = _pool_pair(q, k, M, N if cfg.uses_pooled_keys else None, fused)
     qbar, kbar = pooled
     if cfg.uses_pooled_keys and fused:
-        offsets, indices = _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg)
-        return SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
+        offsets, indices, full_heads = _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg)
+        mask = SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
+        return _note_full_heads(mask, full_heads)
     qbar = qbar.reshape(B * H, -1, D)  # (B, H, Mq, D) -> (BH, Mq, D)
     if cfg.uses_pooled_keys:
         counts, indices = _predict_pooled(qbar, kbar.reshape(B * H, -1, D), Sq, Skv, scale, cfg)
@@ -463,9 +464,11 @@ def _predict_pooled(qbar, kbar, Sq, Skv, scale, cfg):
 def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     """The pooled-key rule with the Triton select, offsets and emit kernels (same masks as
     :func:`_predict_pooled` + :func:`_round_up_dense_heads`, up to float rounding at the top_p cut),
-    with one host synchronisation (the total tile count, to size the indices).
+    with one host synchronisation (the total tile count, to size the indices, and which heads are
+    full, for :func:`dbsp.attention.sparse_attention`'s dense-head split).
 
-    Args: ``qbar (B, H, Mq, D)``, ``kbar (B, H, Nt, D)`` float32. Returns ``(offsets, indices)``.
+    Args: ``qbar (B, H, Mq, D)``, ``kbar (B, H, Nt, D)`` float32. Returns ``(offsets, indices,
+    full_heads)``: the heads (ids) that keep every tile in every row of every batch.
     """
     from .kernels import predict_pooled
 
@@ -489,8 +492,10 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     # density > dense_above  <=>  entries > floor(dense_above * Sq * Skv), in exact integers.
     limit = None if cfg.dense_above is None else math.floor(cfg.dense_above * Sq * Skv)
     offsets, full = predict_pooled.offsets(counts, totals, mq=mq, nt=nt, limit=limit)
-    indices = predict_pooled.emit(keep, offsets, full, int(offsets[-1, -1]), mq=mq)
-    return offsets.reshape(B, H, mq + 1), indices
+    host = torch.cat([offsets[-1, -1:], full.to(torch.int64)]).tolist()  # the one device read
+    indices = predict_pooled.emit(keep, offsets, full, host[0], mq=mq)
+    full_heads = [h for h in range(H) if all(host[1 + b * H + h] for b in range(B))]
+    return offsets.reshape(B, H, mq + 1), indices, full_heads
 
 
 # ------------------------------------------------------------------------------ per-key scoring

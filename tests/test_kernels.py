@@ -185,6 +185,17 @@ def test_off32_is_pruned_when_offsets_do_not_fit():
     assert kept and not any(c.kwargs["OFF32"] for c in kept)
 
 
+def test_full_masks_record_their_full_heads_so_the_schedule_reads_nothing():
+    from dbsp.attention import _schedule
+    from dbsp.mask import _known_full_heads
+
+    mask = SparseMask.full(2, 3, 150, 130, q_block=32, kv_tile=8)
+    assert _known_full_heads(mask) == (0, 1, 2)
+    assert bool((mask.row_counts() == mask.num_kv_tiles).all())  # what the record claims
+    plan = _schedule(mask)
+    assert plan.n_dense == 3 and plan.sparse_order is None
+
+
 @pytest.mark.parametrize("dense_heads", [(0,), (1, 2), (0, 2)], ids=["first", "consecutive", "apart"])
 def test_mixed_dense_and_sparse_heads_run_in_place(dense_heads):
     """The dense/sparse head split (``backend="auto"`` on GPU): the kernel computes only the sparse

@@ -305,6 +305,36 @@ def test_fused_pooled_predictor_matches_the_torch_path(q_block, kv_tile, top_p, 
 
 
 @triton_only
+@pytest.mark.parametrize("top_p,dense_above", [(0.99, None), (0.7, 0.5)], ids=["selected-full", "rounded-up"])
+def test_fused_predictor_records_its_full_heads_for_the_attention_schedule(top_p, dense_above):
+    """Heads 1 and 3 score every key alike, so they come out full (every tile selected, or rounded
+    up); the fused predictor records exactly the full heads, and sparse_attention's schedule
+    built from that record equals the one built by reading the mask (launch order, the dense and
+    sparse heads' split, the sparse heads' tile count)."""
+    from dbsp.attention import _schedule
+    from dbsp.mask import SparseMask, _known_full_heads
+
+    dev = _fused_or_skip()
+    q, k = structured_qk(b=2, sq=203, skv=203, h=4, d=32, seed=3)
+    k[:, :, [1, 3]] = 0.0
+    m = predict_mask(q.to(dev), k.to(dev), q_block=32, kv_tile=32, top_p=top_p, dense_above=dense_above, backend="triton")
+    counts = m.row_counts()
+    truth = tuple(h for h in range(4) if bool((counts[:, h] == m.num_kv_tiles).all()))
+    assert truth == (1, 3) and _known_full_heads(m) == truth
+    read = SparseMask._unchecked(m.offsets, m.indices, q_block=32, kv_tile=32, seq_len_q=203, seq_len_kv=203)
+    assert _known_full_heads(read) is None
+    a, b = _schedule(m), _schedule(read)
+    assert torch.equal(a.order, b.order) and a.n_dense == b.n_dense == 2
+    assert torch.equal(a.dense.cpu(), torch.tensor([1, 3])) and torch.equal(b.dense.cpu(), torch.tensor([1, 3]))
+    assert a.dense_range is None and b.dense_range is None
+    # The sparse rows in launch order, as a boolean selection of ``order`` gives them.
+    rows_dense = torch.tensor([False, True, False, True], device=counts.device).repeat(2)[a.order.long() // counts.shape[-1]]
+    want = a.order[~rows_dense]
+    assert torch.equal(a.sparse_order, want) and torch.equal(b.sparse_order, want)
+    assert a.sparse_nnz == b.sparse_nnz == int(counts[:, [0, 2]].sum())
+
+
+@triton_only
 def test_fused_pooled_predictor_gives_the_same_mask_one_head_per_launch(monkeypatch):
     """Scoring one head per bmm + select launch (large shapes) chains the heads' offsets exactly as
     one launch for all of them does, with heads rounded up to full among them."""

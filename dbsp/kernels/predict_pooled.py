@@ -13,8 +13,9 @@ shapes their launches cost more than the arithmetic. Here one call is::
                   lower tile ids, the forced tiles -> a keep byte per tile, the tile count of the
                   row, and its tiles and kept score entries added to its head's totals
     offsets       per head: rounded up to full from every head's totals, then its rows' offsets
-                  (starting after all earlier heads' tiles); one host read of the last offset
-                  sizes the indices
+                  (starting after all earlier heads' tiles) and whether it is full; one host read
+                  of the last offset and the full flags sizes the indices (and tells
+                  sparse_attention which heads are dense, so it need not read them)
     emit          keep bytes (or a full row for a rounded-up head) -> sorted int32 tile ids
 
 The selection is the same rule as ``predict._exact_top_p`` (softmax, stable descending order,
@@ -159,16 +160,19 @@ def _offsets_kernel(COUNT, TOTALS, OFFS, DENSE, BH, mq, nt, limit, ROUND: tl.con
         mine = tl.sum(tl.where(h == bh, full.to(tl.int32), 0), axis=0) != 0
     else:
         mine = bh < 0
-    tl.store(DENSE + bh, mine.to(tl.int8))
     start = tl.sum(tl.where(h < bh, tiles, 0), axis=0).to(tl.int64)
     base = OFFS + bh.to(tl.int64) * (mq + 1)
     tl.store(base, start)
+    full_rows = 0
     for i0 in range(0, mq, RB):
         i = i0 + tl.arange(0, RB)
         c = tl.load(COUNT + bh.to(tl.int64) * mq + i, mask=i < mq, other=0).to(tl.int64)
         c = tl.where(mine & (i < mq), nt, c)
         tl.store(base + 1 + i, start + tl.cumsum(c, 0), mask=i < mq)
         start += tl.sum(c, axis=0)
+        full_rows += tl.sum((c == nt).to(tl.int32), axis=0)
+    # Full: rounded up, or every row keeps every tile anyway (emit writes the same ids for both).
+    tl.store(DENSE + bh, (full_rows == mq).to(tl.int8))
 
 
 @triton.jit
@@ -228,7 +232,8 @@ def offsets(counts: torch.Tensor, totals: torch.Tensor, *, mq: int, nt: int, lim
 
     Heads whose kept score entries (``totals[1]``) exceed ``limit`` are rounded up to full
     (``limit=None``: none are). Returns ``offsets`` (int64 ``(heads, mq + 1)``, each head starting
-    where the one before it ends) and ``full`` (int8 ``(heads,)``, 1 for a rounded-up head).
+    where the one before it ends) and ``full`` (int8 ``(heads,)``, 1 for a head that keeps every
+    tile of every row: rounded up, or so selected).
     """
     heads = totals.shape[1]
     out = torch.empty(heads, mq + 1, dtype=torch.int64, device=counts.device)
