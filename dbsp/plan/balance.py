@@ -38,8 +38,8 @@ import torch
 from .._checks import check_positive_int
 from ..mask import SparseMask
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _check_aligned, _check_degrees, _check_ring, _full_heads,
-                   _group_sum, _group_tuples, _head_counts, _home, _reduce_cols, _reduce_rows, _ring_time, _stats,
-                   _step_work, _summary_group_sum, _summary_home_tiles)
+                   _group_sum, _group_tuples, _head_counts, _home, _home_tuples, _reduce_cols, _reduce_rows, _ring_time,
+                   _stats, _steps, _summary_group_sum, _summary_home_tiles)
 from .cost import CostModel, _Rates, _predictor, _rates_of
 
 
@@ -842,11 +842,14 @@ def _summary_layouts(
 def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_owner, kv_owner, tile_work) -> Plan:
     """A Plan from the planner's arrays, skipping re-validation (the planner builds valid layouts)."""
     memo: dict[bytes, tuple[tuple[int, ...], ...]] = {}
+    q_owner, kv_owner = np.array(q_owner, dtype=np.int64), np.array(kv_owner, dtype=np.int64)  # (U, NB) each, owned here
+    nb = q_owner.shape[1]
+    home = _home(nb, ring)
 
     def tuples(owner: np.ndarray) -> tuple[tuple[int, ...], ...]:  # groups often share a layout
-        key = np.ascontiguousarray(owner, dtype=np.int64).tobytes()
+        key = owner.tobytes()
         if key not in memo:
-            memo[key] = _group_tuples(owner, ring)
+            memo[key] = _home_tuples(nb, ring) if np.array_equal(owner, home) else _group_tuples(owner, ring)
         return memo[key]
 
     plan = Plan(
@@ -863,7 +866,7 @@ def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_own
         _checked=False,
     )
     # Seed the cached owner arrays that Plan would otherwise rebuild from the tuples.
-    plan.__dict__["_owners"] = (np.array(q_owner, dtype=np.int64), np.array(kv_owner, dtype=np.int64))
+    plan.__dict__["_owners"] = (q_owner, kv_owner)
     return plan
 
 
@@ -872,9 +875,14 @@ class _Pruned(Exception):
 
 
 def _moved(plan: Plan) -> int:
-    return plan.moved_blocks("q") + plan.moved_blocks("kv")
+    """Moved query and key blocks of ``plan`` (counted once per plan: candidates are compared repeatedly)."""
+    memo = plan.__dict__
+    if "_moved_memo" not in memo:
+        home = _home(plan.num_blocks, plan.ring)
+        memo["_moved_memo"] = sum(int(np.count_nonzero(owner != home)) for owner in plan._owners)
+    return memo["_moved_memo"]
 
 
 def _ring_key(plan: Plan) -> tuple[int, int]:
     """Order plans by their slowest group's ring time, then by moved blocks."""
-    return int(_step_work(plan.tile_work).sum(1).max()), _moved(plan)
+    return int(_steps(plan.tile_work.numpy()).max(-2).sum(1).max()), _moved(plan)
