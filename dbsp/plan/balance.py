@@ -39,7 +39,7 @@ from .._checks import check_positive_int
 from ..mask import SparseMask
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _check_aligned, _check_degrees, _check_ring, _full_heads,
                    _group_sum, _group_tuples, _head_counts, _home, _home_tuples, _reduce_cols, _reduce_rows, _ring_time,
-                   _stats, _steps, _summary_group_sum, _summary_home_tiles)
+                   _stats, _step_index, _steps, _summary_group_sum, _summary_home_tiles)
 from .cost import CostModel, _Rates, _predictor, _rates_of
 
 
@@ -297,18 +297,17 @@ and longer rings hold only a few blocks per rank."""
 _REFINE_MAX_SWAPS = 32
 """At most this many refinement swaps per head group (each costs ~1 ms at NB = 1182, R = 8)."""
 
+_BIG = np.iinfo(np.int64).max
+
 
 def _rest_max(D: np.ndarray, top: np.ndarray, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
     """Per candidate and step, the largest ``D[i, t]`` over ranks ``i`` other than ``e1[t]`` and
     ``e2[c, t]``: ``(C, R)``, ``-1`` where no rank is left. ``top`` holds each step's three
     heaviest ranks, heaviest first, which is enough to skip two."""
-    R = D.shape[1]
-    t = np.arange(R)
-    rest = np.full(e2.shape, -1, dtype=np.int64)
-    for s in range(top.shape[0] - 1, -1, -1):
-        r = top[s]
-        rest = np.where((r != e1)[None, :] & (r[None, :] != e2), D[r, t][None, :], rest)
-    return rest
+    t = np.arange(D.shape[1])
+    ok = (top != e1)[:, None, :] & (top[:, None, :] != e2[None])  # (3, C, R): top[s] may serve candidate c
+    first = ok.argmax(0)  # the heaviest rank left
+    return np.where(ok.any(0), D[top[first, t], t], -1)
 
 
 def _among(owner: np.ndarray, ranks: np.ndarray, R: int) -> np.ndarray:
@@ -359,20 +358,21 @@ def _refine(
     meet = (ii[:, None] - ii[None, :]) % R  # meet[j, t] = the rank that meets key rank j at step t
     goal = target * int(W.sum()) / R
     mov = np.ones(qo.shape[0], dtype=bool) if movable is None else movable
+    flat = _step_index(R)
     for _ in range(max_swaps):
-        D = W[ii[:, None], cols]  # (R, R): D[i, t] = rank i's work at ring step t
+        D = W.reshape(-1)[flat].reshape(R, R)  # (R, R): D[i, t] = rank i's work at ring step t
         peak = D.max(0)
         T = int(peak.sum())
         if T <= goal:
             break
         arg = D.argmax(0)
-        excess = peak - D.mean(0)
+        excess = peak - np.add.reduce(D, 0, dtype=np.float64) / R  # (D.mean(0), without its checks)
         top = np.argsort(-D, axis=0, kind="stable")[:3]
         best = []  # (new T, -homes, kind, x, o)
 
         # Query side: swap one of rank a's heavy query blocks with any other rank's block.
         a = int(np.bincount(arg, weights=excess, minlength=R).argmax())
-        light = np.argsort(np.where(ii == a, np.iinfo(np.int64).max, W.sum(1)), kind="stable")[:partners]
+        light = np.argsort(np.where(ii == a, _BIG, W.sum(1)), kind="stable")[:partners]
         mine, others = np.nonzero((qo == a) & mov)[0], np.nonzero(_among(qo, light, R) & mov)[0]
         weight = Y[mine][:, cols[a, arg == a]].sum(1)
         xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
@@ -389,7 +389,7 @@ def _refine(
 
         # Key side: swap one of key rank j's heavy key blocks with any other key rank's block.
         j = int(np.bincount((arg + ii) % R, weights=excess, minlength=R).argmax())
-        light = np.argsort(np.where(ii == j, np.iinfo(np.int64).max, W.sum(0)), kind="stable")[:partners]
+        light = np.argsort(np.where(ii == j, _BIG, W.sum(0)), kind="stable")[:partners]
         mine, others = np.nonzero((ko == j) & mov)[0], np.nonzero(_among(ko, light, R) & mov)[0]
         steps = np.nonzero((arg + ii) % R == j)[0]
         weight = Z[meet[j, steps]][:, mine].sum(0)
