@@ -114,33 +114,56 @@ def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[
     U = len(counts)
     groups: list[list[int]] = [[] for _ in range(U)]
     load = [0] * U
+    open_ = [j for j in range(U) if counts[j] > 0]  # groups with room, in index order
     for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
-        k = -1  # the least loaded group with room, lowest index on ties
-        for j in range(U):
-            if len(groups[j]) < counts[j] and (k < 0 or load[j] < load[k]):
-                k = j
+        k = min(open_, key=load.__getitem__)  # the least loaded group with room, lowest index on ties
         groups[k].append(h)
         load[k] += totals[h]
+        if len(groups[k]) == counts[k]:
+            open_.remove(k)
     if refine and U > 1:
-        tot = np.asarray(totals, dtype=np.int64)
-        for _ in range(4 * len(totals) * U):
-            a = max(range(U), key=lambda k: (load[k], -k))
-            # Every swap of x in group a with y in another group b at once, in the order
-            # (b, position of x, position of y); the first strictly smallest pair maximum wins.
-            xs, ys, bs = _swap_pairs(groups, a)
-            d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
-            lb = np.asarray(load, dtype=np.int64)[bs][:, None]
-            new = np.maximum(load[a] - d, lb + d)
-            swap = _best_swap(new, (d > 0) & (new < load[a]), xs, ys, bs)
-            if swap is None:
-                break
-            b, x, y = swap
-            d = totals[x] - totals[y]
-            groups[a][groups[a].index(x)] = y
-            groups[b][groups[b].index(y)] = x
-            load[a] -= d
-            load[b] += d
+        groups = _swap_refine(np.asarray(totals, dtype=np.int64), groups, load, 4 * len(totals) * U)
     return [sorted(g) for g in groups]
+
+
+def _swap_refine(tot: np.ndarray, groups: list[list[int]], load: list[int], rounds: int) -> list[list[int]]:
+    """:func:`_lpt_heads`' swaps on ``(U, n)`` arrays (every group's heads in their list order,
+    padded), at most ``rounds`` of them.
+
+    Each round takes the heaviest group ``a`` (lowest index on ties) and scores every swap of a
+    head ``x`` of ``a`` with a head ``y`` of another group ``b`` at once: the pair's new maximum
+    ``max(load[a] - d, load[b] + d)``, ``d = tot[x] - tot[y] > 0``, allowed below ``load[a]``. The
+    strictly smallest wins, ties to (``b``, position of ``x``, position of ``y``) -- the first
+    minimum of the scores laid out as ``(b, x, y)``. The swapped heads take each other's places.
+    """
+    U = len(groups)
+    n = max(len(g) for g in groups)
+    sizes = np.array([len(g) for g in groups])
+    G = np.zeros((U, n), dtype=np.int64)
+    room = np.arange(n)[None, :] < sizes[:, None]  # (U, n): real entries
+    for k, g in enumerate(groups):
+        G[k, : len(g)] = g
+    lv = np.asarray(load, dtype=np.int64)
+    for _ in range(rounds):
+        a = int(np.argmax(lv))  # heaviest group, lowest index on ties
+        la = lv[a]
+        na = int(sizes[a])
+        tx = tot[G[a, :na]]  # (X,)
+        d = tx[None, :, None] - tot[G][:, None, :]  # (U, X, n): d[b, x, y] = tot[x] - tot[y]
+        new = np.maximum(la - d, lv[:, None, None] + d)
+        ok = (d > 0) & (new < la) & room[:, None, :]
+        ok[a] = False
+        if not ok.any():
+            break
+        best = int(np.argmin(np.where(ok, new, _BIG)))
+        b, rest = divmod(best, na * n)
+        xi, yi = divmod(rest, n)
+        x, y = int(G[a, xi]), int(G[b, yi])
+        G[a, xi], G[b, yi] = y, x
+        shift = int(tot[x]) - int(tot[y])
+        lv[a] -= shift
+        lv[b] += shift
+    return [G[k, : sizes[k]].tolist() for k in range(U)]
 
 
 def _block_tokens(num_blocks: int, q_block: int, seq_len: int) -> np.ndarray:
