@@ -16,7 +16,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..mask import SparseMask
-from .balance import DEFAULT_REWARD, _build_plan, _check_reward, _dense_first, _plan_from
+from .balance import _BIG, DEFAULT_REWARD, _build_plan, _check_reward, _dense_first, _plan_from
 from .core import Plan, WorkSummary, _Work, _as_work, _full_heads, _home, _onehot, _rho, _tile_work, _unit_owners
 from .cost import CostModel
 from .degrees import _candidates, choose_degrees
@@ -110,31 +110,34 @@ def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
     H, U = len(totals), len(groups)
     if U == 1:
         return [sorted(groups[0])]
-    gid = np.empty(H, dtype=np.int64)
+    # Every group's heads as a row of ascending ids, padded: one round scores all (b, y, x) at once.
+    sizes = np.array([len(g) for g in groups])
+    n = int(sizes.max())
+    G = np.zeros((U, n), dtype=np.int64)
     for k, g in enumerate(groups):
-        gid[g] = k
+        G[k, : len(g)] = sorted(g)
+    room = np.arange(n)[None, :] < sizes[:, None]  # (U, n): real entries
     tot = np.asarray(totals, dtype=np.int64)
-    load = np.zeros(U, dtype=np.int64)
-    np.add.at(load, gid, tot)
-    big = np.iinfo(np.int64).max
+    load = np.array([tot[G[k, : sizes[k]]].sum() for k in range(U)], dtype=np.int64)
     for _ in range(4 * H * U):
         a = int(np.argmax(load))
-        xs = np.nonzero(gid == a)[0]
-        ys = np.nonzero(gid != a)[0]
-        ys = ys[np.argsort(gid[ys], kind="stable")]  # by group, then head id
-        d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
-        new = np.maximum(load[a] - d, load[gid[ys]][:, None] + d)
-        score = np.where((d > 0) & (new < load[a]), new, big)
-        best = int(np.argmin(score))
-        yi, xi = divmod(best, len(xs))
-        if score[yi, xi] == big:
+        na = int(sizes[a])
+        d = tot[G[a, :na]][None, None, :] - tot[G][:, :, None]  # (U, n, X): d[b, y, x] = tot[x] - tot[y]
+        new = np.maximum(load[a] - d, load[:, None, None] + d)
+        ok = (d > 0) & (new < load[a]) & room[:, :, None]
+        ok[a] = False
+        if not ok.any():
             break
-        x, y, b = int(xs[xi]), int(ys[yi]), int(gid[ys[yi]])
-        shift = int(d[yi, xi])
-        gid[x], gid[y] = b, a
+        b, rest = divmod(int(np.argmin(np.where(ok, new, _BIG))), n * na)  # first in the order (b, y, x)
+        yi, xi = divmod(rest, na)
+        x, y = int(G[a, xi]), int(G[b, yi])
+        shift = int(d[b, yi, xi])
+        G[a, xi], G[b, yi] = y, x
+        G[a, :na].sort()
+        G[b, : sizes[b]].sort()
         load[a] -= shift
         load[b] += shift
-    return [np.nonzero(gid == k)[0].tolist() for k in range(U)]
+    return [G[k, : sizes[k]].tolist() for k in range(U)]
 
 
 def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
