@@ -162,7 +162,7 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
     owner = np.zeros((U, plan.num_blocks), dtype=np.int64)
     new = _build_plan(ulysses=U, ring=1, heads=plan.heads, q_block=plan.q_block, seq_len=plan.seq_len, groups=groups,
                       counts=list(plan.heads_per_rank), q_owner=owner, kv_owner=owner, tile_work=W)
-    return new if _rho(new.tile_work) <= target else None
+    return new if new.imbalance() <= target else None
 
 
 class PlanCache:

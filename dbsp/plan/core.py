@@ -348,7 +348,10 @@ class Plan:
 
     def imbalance(self) -> float:
         """rho_s of the mask this plan was built for (see the module docstring)."""
-        return _rho(self._need_tile_work())
+        memo = self.__dict__
+        if "_imbalance_memo" not in memo:  # tile_work is read-only: computed once per plan
+            memo["_imbalance_memo"] = _rho(self._need_tile_work())
+        return memo["_imbalance_memo"]
 
     def fingerprint(self) -> str:
         """Stable 16-hex-digit hash of the layout fields (not ``tile_work``): equal on every process

@@ -297,7 +297,7 @@ class CostModel:
             all_to_all_ms=all_to_all_ms,
             exchange_ms=exchange_ms,
             ring_ms=ring_ms,
-            rank_compute_ms=tuple(tuple(float(x) for x in row) for row in 1e3 * compute.sum(2)),
+            rank_compute_ms=tuple(tuple(row) for row in (1e3 * compute.sum(2)).tolist()),
             imbalance=_rho(plan.tile_work),
             compute_imbalance=_time_rho(compute),
         )
