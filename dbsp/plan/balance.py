@@ -137,29 +137,30 @@ def _swap_refine(tot: np.ndarray, groups: list[list[int]], load: list[int], roun
     minimum of the scores laid out as ``(b, x, y)``. The swapped heads take each other's places.
     """
     U = len(groups)
-    n = max(len(g) for g in groups)
-    sizes = np.array([len(g) for g in groups])
+    sizes = [len(g) for g in groups]
+    n = max(sizes)
     G = np.zeros((U, n), dtype=np.int64)
-    room = np.arange(n)[None, :] < sizes[:, None]  # (U, n): real entries
+    TG = np.full((U, n), tot.max(), dtype=np.int64)  # tot[G], padded with a total no head exceeds
     for k, g in enumerate(groups):
-        G[k, : len(g)] = g
+        G[k, : sizes[k]] = g
+        TG[k, : sizes[k]] = tot[g]
     lv = np.asarray(load, dtype=np.int64)
     for _ in range(rounds):
-        a = int(np.argmax(lv))  # heaviest group, lowest index on ties
+        a = int(lv.argmax())  # heaviest group, lowest index on ties
         la = lv[a]
-        na = int(sizes[a])
-        tx = tot[G[a, :na]]  # (X,)
-        d = tx[None, :, None] - tot[G][:, None, :]  # (U, X, n): d[b, x, y] = tot[x] - tot[y]
+        na = sizes[a]
+        d = TG[a, :na][None, :, None] - TG[:, None, :]  # (U, X, n): d[b, x, y] = tot[x] - tot[y]
+        # Allowed: la - d < la (so d > 0) and lv[b] + d < la; group a (lv[b] = la) and padding
+        # (d <= 0) never pass.
         new = np.maximum(la - d, lv[:, None, None] + d)
-        ok = (d > 0) & (new < la) & room[:, None, :]
-        ok[a] = False
-        if not ok.any():
+        best = int(new.argmin())
+        if new.flat[best] >= la:
             break
-        best = int(np.argmin(np.where(ok, new, _BIG)))
         b, rest = divmod(best, na * n)
         xi, yi = divmod(rest, n)
         x, y = int(G[a, xi]), int(G[b, yi])
         G[a, xi], G[b, yi] = y, x
+        TG[a, xi], TG[b, yi] = tot[y], tot[x]
         shift = int(tot[x]) - int(tot[y])
         lv[a] -= shift
         lv[b] += shift

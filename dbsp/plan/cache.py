@@ -16,7 +16,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..mask import SparseMask
-from .balance import _BIG, DEFAULT_REWARD, _build_plan, _check_reward, _dense_first, _plan_from
+from .balance import DEFAULT_REWARD, _build_plan, _check_reward, _dense_first, _plan_from
 from .core import Plan, WorkSummary, _Work, _as_work, _full_heads, _home, _onehot, _rho, _tile_work, _unit_owners
 from .cost import CostModel
 from .degrees import _candidates, choose_degrees
@@ -110,31 +110,35 @@ def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
     H, U = len(totals), len(groups)
     if U == 1:
         return [sorted(groups[0])]
-    # Every group's heads as a row of ascending ids, padded: one round scores all (b, y, x) at once.
-    sizes = np.array([len(g) for g in groups])
-    n = int(sizes.max())
-    G = np.zeros((U, n), dtype=np.int64)
-    for k, g in enumerate(groups):
-        G[k, : len(g)] = sorted(g)
-    room = np.arange(n)[None, :] < sizes[:, None]  # (U, n): real entries
+    # Every group's heads as a row of ascending ids with their totals, padded with a total no head
+    # exceeds (a swap with padding never helps): one round scores every (b, y, x) at once.
+    sizes = [len(g) for g in groups]
+    n = max(sizes)
     tot = np.asarray(totals, dtype=np.int64)
+    G = np.zeros((U, n), dtype=np.int64)
+    TG = np.full((U, n), tot.max(), dtype=np.int64)  # tot[G], padded
+    for k, g in enumerate(groups):
+        G[k, : sizes[k]] = sorted(g)
+        TG[k, : sizes[k]] = tot[G[k, : sizes[k]]]
     load = np.array([tot[G[k, : sizes[k]]].sum() for k in range(U)], dtype=np.int64)
     for _ in range(4 * H * U):
-        a = int(np.argmax(load))
-        na = int(sizes[a])
-        d = tot[G[a, :na]][None, None, :] - tot[G][:, :, None]  # (U, n, X): d[b, y, x] = tot[x] - tot[y]
-        new = np.maximum(load[a] - d, load[:, None, None] + d)
-        ok = (d > 0) & (new < load[a]) & room[:, :, None]
-        ok[a] = False
-        if not ok.any():
+        a = int(load.argmax())
+        la = load[a]
+        d = TG[a, : sizes[a]][None, None, :] - TG[:, :, None]  # (U, n, X): d[b, y, x] = tot[x] - tot[y]
+        # Both groups must end below la: la - d < la (so d > 0) and load[b] + d < la; group a itself
+        # (load[b] = la) and padding (d <= 0) never pass.
+        new = np.maximum(la - d, load[:, None, None] + d)
+        best = int(new.argmin())  # the first strict minimum in the order (b, y, x)
+        if new.flat[best] >= la:
             break
-        b, rest = divmod(int(np.argmin(np.where(ok, new, _BIG))), n * na)  # first in the order (b, y, x)
-        yi, xi = divmod(rest, na)
+        b, rest = divmod(best, n * sizes[a])
+        yi, xi = divmod(rest, sizes[a])
         x, y = int(G[a, xi]), int(G[b, yi])
         shift = int(d[b, yi, xi])
         G[a, xi], G[b, yi] = y, x
-        G[a, :na].sort()
-        G[b, : sizes[b]].sort()
+        for k in (a, b):  # rows stay in ascending id order
+            G[k, : sizes[k]].sort()
+            TG[k, : sizes[k]] = tot[G[k, : sizes[k]]]
         load[a] -= shift
         load[b] += shift
     return [G[k, : sizes[k]].tolist() for k in range(U)]
