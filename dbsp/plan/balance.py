@@ -281,15 +281,20 @@ def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], rewar
     if R <= _GREEDY_SCAN_MAX_RING:
         # Few ranks: a scan of the open ranks beats a heap with its outdated entries.
         open_ = [g for g in range(R) if caps[g] > 0]
+        room = list(caps)  # blocks each rank still takes
         by_load = load.__getitem__
+        append = out.append
         for w, h in zip(weights[order].tolist(), home[order].tolist()):
-            g = min(open_, key=by_load)  # least loaded rank with room, lowest index on ties
-            if cnt[h] < caps[h] and (w == 0 or load[h] - reward * w <= load[g]):
+            if room[h] and w == 0:  # zero-weight blocks stay home
                 g = h
-            out.append(g)
-            cnt[g] += 1
+            else:
+                g = min(open_, key=by_load)  # least loaded rank with room, lowest index on ties
+                if room[h] and load[h] - reward * w <= load[g]:
+                    g = h
+            append(g)
+            room[g] -= 1
             load[g] += w
-            if cnt[g] == caps[g]:
+            if not room[g]:
                 open_.remove(g)
     else:
         heap = [(load[g], g) for g in range(R)]  # (load, rank) of ranks with room; outdated entries are skipped
@@ -876,6 +881,11 @@ def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_own
             memo[key] = _home_tuples(nb, ring) if np.array_equal(owner, home) else _group_tuples(owner, ring)
         return memo[key]
 
+    def layout(owners: np.ndarray) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        if ring == 1 or bool((owners == owners[:1]).all()):  # one layout for every group (always at R = 1)
+            return (tuples(owners[0]),) * ulysses
+        return tuple(tuples(owners[k]) for k in range(ulysses))
+
     plan = Plan(
         ulysses=ulysses,
         ring=ring,
@@ -884,8 +894,8 @@ def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_own
         seq_len=seq_len,
         head_perm=tuple(int(h) for g in groups for h in g),
         head_offsets=tuple(int(x) for x in np.cumsum([0] + list(counts))),
-        q_blocks=tuple(tuples(q_owner[k]) for k in range(ulysses)),
-        kv_blocks=tuple(tuples(kv_owner[k]) for k in range(ulysses)),
+        q_blocks=layout(q_owner),
+        kv_blocks=layout(kv_owner),
         tile_work=None if tile_work is None else torch.from_numpy(np.ascontiguousarray(tile_work, dtype=np.int64)),
         _checked=False,
     )
