@@ -38,8 +38,8 @@ import torch
 from .._checks import check_positive_int
 from ..mask import SparseMask
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _check_aligned, _check_degrees, _check_ring, _full_heads,
-                   _group_sum, _group_tuples, _head_counts, _home, _reduce_cols, _reduce_rows, _ring_time, _stats,
-                   _step_work, _summary_group_sum, _summary_home_tiles)
+                   _group_sum, _group_tuples, _head_counts, _home, _home_tuples, _reduce_cols, _reduce_rows, _ring_time,
+                   _stats, _step_index, _steps, _summary_group_sum, _summary_home_tiles)
 from .cost import CostModel, _Rates, _predictor, _rates_of
 
 
@@ -114,33 +114,57 @@ def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[
     U = len(counts)
     groups: list[list[int]] = [[] for _ in range(U)]
     load = [0] * U
+    open_ = [j for j in range(U) if counts[j] > 0]  # groups with room, in index order
     for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
-        k = -1  # the least loaded group with room, lowest index on ties
-        for j in range(U):
-            if len(groups[j]) < counts[j] and (k < 0 or load[j] < load[k]):
-                k = j
+        k = min(open_, key=load.__getitem__)  # the least loaded group with room, lowest index on ties
         groups[k].append(h)
         load[k] += totals[h]
+        if len(groups[k]) == counts[k]:
+            open_.remove(k)
     if refine and U > 1:
-        tot = np.asarray(totals, dtype=np.int64)
-        for _ in range(4 * len(totals) * U):
-            a = max(range(U), key=lambda k: (load[k], -k))
-            # Every swap of x in group a with y in another group b at once, in the order
-            # (b, position of x, position of y); the first strictly smallest pair maximum wins.
-            xs, ys, bs = _swap_pairs(groups, a)
-            d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
-            lb = np.asarray(load, dtype=np.int64)[bs][:, None]
-            new = np.maximum(load[a] - d, lb + d)
-            swap = _best_swap(new, (d > 0) & (new < load[a]), xs, ys, bs)
-            if swap is None:
-                break
-            b, x, y = swap
-            d = totals[x] - totals[y]
-            groups[a][groups[a].index(x)] = y
-            groups[b][groups[b].index(y)] = x
-            load[a] -= d
-            load[b] += d
+        groups = _swap_refine(np.asarray(totals, dtype=np.int64), groups, load, 4 * len(totals) * U)
     return [sorted(g) for g in groups]
+
+
+def _swap_refine(tot: np.ndarray, groups: list[list[int]], load: list[int], rounds: int) -> list[list[int]]:
+    """:func:`_lpt_heads`' swaps on ``(U, n)`` arrays (every group's heads in their list order,
+    padded), at most ``rounds`` of them.
+
+    Each round takes the heaviest group ``a`` (lowest index on ties) and scores every swap of a
+    head ``x`` of ``a`` with a head ``y`` of another group ``b`` at once: the pair's new maximum
+    ``max(load[a] - d, load[b] + d)``, ``d = tot[x] - tot[y] > 0``, allowed below ``load[a]``. The
+    strictly smallest wins, ties to (``b``, position of ``x``, position of ``y``) -- the first
+    minimum of the scores laid out as ``(b, x, y)``. The swapped heads take each other's places.
+    """
+    U = len(groups)
+    sizes = [len(g) for g in groups]
+    n = max(sizes)
+    G = np.zeros((U, n), dtype=np.int64)
+    TG = np.full((U, n), tot.max(), dtype=np.int64)  # tot[G], padded with a total no head exceeds
+    for k, g in enumerate(groups):
+        G[k, : sizes[k]] = g
+        TG[k, : sizes[k]] = tot[g]
+    lv = np.asarray(load, dtype=np.int64)
+    for _ in range(rounds):
+        a = int(lv.argmax())  # heaviest group, lowest index on ties
+        la = lv[a]
+        na = sizes[a]
+        d = TG[a, :na][None, :, None] - TG[:, None, :]  # (U, X, n): d[b, x, y] = tot[x] - tot[y]
+        # Allowed: la - d < la (so d > 0) and lv[b] + d < la; group a (lv[b] = la) and padding
+        # (d <= 0) never pass.
+        new = np.maximum(la - d, lv[:, None, None] + d)
+        best = int(new.argmin())
+        if new.flat[best] >= la:
+            break
+        b, rest = divmod(best, na * n)
+        xi, yi = divmod(rest, n)
+        x, y = int(G[a, xi]), int(G[b, yi])
+        G[a, xi], G[b, yi] = y, x
+        TG[a, xi], TG[b, yi] = tot[y], tot[x]
+        shift = int(tot[x]) - int(tot[y])
+        lv[a] -= shift
+        lv[b] += shift
+    return [G[k, : sizes[k]].tolist() for k in range(U)]
 
 
 def _block_tokens(num_blocks: int, q_block: int, seq_len: int) -> np.ndarray:
@@ -257,15 +281,20 @@ def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], rewar
     if R <= _GREEDY_SCAN_MAX_RING:
         # Few ranks: a scan of the open ranks beats a heap with its outdated entries.
         open_ = [g for g in range(R) if caps[g] > 0]
+        room = list(caps)  # blocks each rank still takes
         by_load = load.__getitem__
+        append = out.append
         for w, h in zip(weights[order].tolist(), home[order].tolist()):
-            g = min(open_, key=by_load)  # least loaded rank with room, lowest index on ties
-            if cnt[h] < caps[h] and (w == 0 or load[h] - reward * w <= load[g]):
+            if room[h] and w == 0:  # zero-weight blocks stay home
                 g = h
-            out.append(g)
-            cnt[g] += 1
+            else:
+                g = min(open_, key=by_load)  # least loaded rank with room, lowest index on ties
+                if room[h] and load[h] - reward * w <= load[g]:
+                    g = h
+            append(g)
+            room[g] -= 1
             load[g] += w
-            if cnt[g] == caps[g]:
+            if not room[g]:
                 open_.remove(g)
     else:
         heap = [(load[g], g) for g in range(R)]  # (load, rank) of ranks with room; outdated entries are skipped
@@ -297,18 +326,17 @@ and longer rings hold only a few blocks per rank."""
 _REFINE_MAX_SWAPS = 32
 """At most this many refinement swaps per head group (each costs ~1 ms at NB = 1182, R = 8)."""
 
+_BIG = np.iinfo(np.int64).max
+
 
 def _rest_max(D: np.ndarray, top: np.ndarray, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
     """Per candidate and step, the largest ``D[i, t]`` over ranks ``i`` other than ``e1[t]`` and
     ``e2[c, t]``: ``(C, R)``, ``-1`` where no rank is left. ``top`` holds each step's three
     heaviest ranks, heaviest first, which is enough to skip two."""
-    R = D.shape[1]
-    t = np.arange(R)
-    rest = np.full(e2.shape, -1, dtype=np.int64)
-    for s in range(top.shape[0] - 1, -1, -1):
-        r = top[s]
-        rest = np.where((r != e1)[None, :] & (r[None, :] != e2), D[r, t][None, :], rest)
-    return rest
+    t = np.arange(D.shape[1])
+    ok = (top != e1)[:, None, :] & (top[:, None, :] != e2[None])  # (3, C, R): top[s] may serve candidate c
+    first = ok.argmax(0)  # the heaviest rank left
+    return np.where(ok.any(0), D[top[first, t], t], -1)
 
 
 def _among(owner: np.ndarray, ranks: np.ndarray, R: int) -> np.ndarray:
@@ -359,20 +387,21 @@ def _refine(
     meet = (ii[:, None] - ii[None, :]) % R  # meet[j, t] = the rank that meets key rank j at step t
     goal = target * int(W.sum()) / R
     mov = np.ones(qo.shape[0], dtype=bool) if movable is None else movable
+    flat = _step_index(R)
     for _ in range(max_swaps):
-        D = W[ii[:, None], cols]  # (R, R): D[i, t] = rank i's work at ring step t
+        D = W.reshape(-1)[flat].reshape(R, R)  # (R, R): D[i, t] = rank i's work at ring step t
         peak = D.max(0)
         T = int(peak.sum())
         if T <= goal:
             break
         arg = D.argmax(0)
-        excess = peak - D.mean(0)
+        excess = peak - np.add.reduce(D, 0, dtype=np.float64) / R  # (D.mean(0), without its checks)
         top = np.argsort(-D, axis=0, kind="stable")[:3]
         best = []  # (new T, -homes, kind, x, o)
 
         # Query side: swap one of rank a's heavy query blocks with any other rank's block.
         a = int(np.bincount(arg, weights=excess, minlength=R).argmax())
-        light = np.argsort(np.where(ii == a, np.iinfo(np.int64).max, W.sum(1)), kind="stable")[:partners]
+        light = np.argsort(np.where(ii == a, _BIG, W.sum(1)), kind="stable")[:partners]
         mine, others = np.nonzero((qo == a) & mov)[0], np.nonzero(_among(qo, light, R) & mov)[0]
         weight = Y[mine][:, cols[a, arg == a]].sum(1)
         xs = mine[np.argsort(-weight, kind="stable")[:candidates]]
@@ -389,7 +418,7 @@ def _refine(
 
         # Key side: swap one of key rank j's heavy key blocks with any other key rank's block.
         j = int(np.bincount((arg + ii) % R, weights=excess, minlength=R).argmax())
-        light = np.argsort(np.where(ii == j, np.iinfo(np.int64).max, W.sum(0)), kind="stable")[:partners]
+        light = np.argsort(np.where(ii == j, _BIG, W.sum(0)), kind="stable")[:partners]
         mine, others = np.nonzero((ko == j) & mov)[0], np.nonzero(_among(ko, light, R) & mov)[0]
         steps = np.nonzero((arg + ii) % R == j)[0]
         weight = Z[meet[j, steps]][:, mine].sum(0)
@@ -842,12 +871,20 @@ def _summary_layouts(
 def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_owner, kv_owner, tile_work) -> Plan:
     """A Plan from the planner's arrays, skipping re-validation (the planner builds valid layouts)."""
     memo: dict[bytes, tuple[tuple[int, ...], ...]] = {}
+    q_owner, kv_owner = np.array(q_owner, dtype=np.int64), np.array(kv_owner, dtype=np.int64)  # (U, NB) each, owned here
+    nb = q_owner.shape[1]
+    home = _home(nb, ring)
 
     def tuples(owner: np.ndarray) -> tuple[tuple[int, ...], ...]:  # groups often share a layout
-        key = np.ascontiguousarray(owner, dtype=np.int64).tobytes()
+        key = owner.tobytes()
         if key not in memo:
-            memo[key] = _group_tuples(owner, ring)
+            memo[key] = _home_tuples(nb, ring) if np.array_equal(owner, home) else _group_tuples(owner, ring)
         return memo[key]
+
+    def layout(owners: np.ndarray) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        if ring == 1 or bool((owners == owners[:1]).all()):  # one layout for every group (always at R = 1)
+            return (tuples(owners[0]),) * ulysses
+        return tuple(tuples(owners[k]) for k in range(ulysses))
 
     plan = Plan(
         ulysses=ulysses,
@@ -857,13 +894,13 @@ def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_own
         seq_len=seq_len,
         head_perm=tuple(int(h) for g in groups for h in g),
         head_offsets=tuple(int(x) for x in np.cumsum([0] + list(counts))),
-        q_blocks=tuple(tuples(q_owner[k]) for k in range(ulysses)),
-        kv_blocks=tuple(tuples(kv_owner[k]) for k in range(ulysses)),
+        q_blocks=layout(q_owner),
+        kv_blocks=layout(kv_owner),
         tile_work=None if tile_work is None else torch.from_numpy(np.ascontiguousarray(tile_work, dtype=np.int64)),
         _checked=False,
     )
     # Seed the cached owner arrays that Plan would otherwise rebuild from the tuples.
-    plan.__dict__["_owners"] = (np.array(q_owner, dtype=np.int64), np.array(kv_owner, dtype=np.int64))
+    plan.__dict__["_owners"] = (q_owner, kv_owner)
     return plan
 
 
@@ -872,9 +909,14 @@ class _Pruned(Exception):
 
 
 def _moved(plan: Plan) -> int:
-    return plan.moved_blocks("q") + plan.moved_blocks("kv")
+    """Moved query and key blocks of ``plan`` (counted once per plan: candidates are compared repeatedly)."""
+    memo = plan.__dict__
+    if "_moved_memo" not in memo:
+        home = _home(plan.num_blocks, plan.ring)
+        memo["_moved_memo"] = sum(int(np.count_nonzero(owner != home)) for owner in plan._owners)
+    return memo["_moved_memo"]
 
 
 def _ring_key(plan: Plan) -> tuple[int, int]:
     """Order plans by their slowest group's ring time, then by moved blocks."""
-    return int(_step_work(plan.tile_work).sum(1).max()), _moved(plan)
+    return int(_steps(plan.tile_work.numpy()).max(-2).sum(1).max()), _moved(plan)

@@ -110,31 +110,38 @@ def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
     H, U = len(totals), len(groups)
     if U == 1:
         return [sorted(groups[0])]
-    gid = np.empty(H, dtype=np.int64)
-    for k, g in enumerate(groups):
-        gid[g] = k
+    # Every group's heads as a row of ascending ids with their totals, padded with a total no head
+    # exceeds (a swap with padding never helps): one round scores every (b, y, x) at once.
+    sizes = [len(g) for g in groups]
+    n = max(sizes)
     tot = np.asarray(totals, dtype=np.int64)
-    load = np.zeros(U, dtype=np.int64)
-    np.add.at(load, gid, tot)
-    big = np.iinfo(np.int64).max
+    G = np.zeros((U, n), dtype=np.int64)
+    TG = np.full((U, n), tot.max(), dtype=np.int64)  # tot[G], padded
+    for k, g in enumerate(groups):
+        G[k, : sizes[k]] = sorted(g)
+        TG[k, : sizes[k]] = tot[G[k, : sizes[k]]]
+    load = np.array([tot[G[k, : sizes[k]]].sum() for k in range(U)], dtype=np.int64)
     for _ in range(4 * H * U):
-        a = int(np.argmax(load))
-        xs = np.nonzero(gid == a)[0]
-        ys = np.nonzero(gid != a)[0]
-        ys = ys[np.argsort(gid[ys], kind="stable")]  # by group, then head id
-        d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
-        new = np.maximum(load[a] - d, load[gid[ys]][:, None] + d)
-        score = np.where((d > 0) & (new < load[a]), new, big)
-        best = int(np.argmin(score))
-        yi, xi = divmod(best, len(xs))
-        if score[yi, xi] == big:
+        a = int(load.argmax())
+        la = load[a]
+        d = TG[a, : sizes[a]][None, None, :] - TG[:, :, None]  # (U, n, X): d[b, y, x] = tot[x] - tot[y]
+        # Both groups must end below la: la - d < la (so d > 0) and load[b] + d < la; group a itself
+        # (load[b] = la) and padding (d <= 0) never pass.
+        new = np.maximum(la - d, load[:, None, None] + d)
+        best = int(new.argmin())  # the first strict minimum in the order (b, y, x)
+        if new.flat[best] >= la:
             break
-        x, y, b = int(xs[xi]), int(ys[yi]), int(gid[ys[yi]])
-        shift = int(d[yi, xi])
-        gid[x], gid[y] = b, a
+        b, rest = divmod(best, n * sizes[a])
+        yi, xi = divmod(rest, sizes[a])
+        x, y = int(G[a, xi]), int(G[b, yi])
+        shift = int(d[b, yi, xi])
+        G[a, xi], G[b, yi] = y, x
+        for k in (a, b):  # rows stay in ascending id order
+            G[k, : sizes[k]].sort()
+            TG[k, : sizes[k]] = tot[G[k, : sizes[k]]]
         load[a] -= shift
         load[b] += shift
-    return [np.nonzero(gid == k)[0].tolist() for k in range(U)]
+    return [G[k, : sizes[k]].tolist() for k in range(U)]
 
 
 def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
@@ -159,7 +166,7 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
     owner = np.zeros((U, plan.num_blocks), dtype=np.int64)
     new = _build_plan(ulysses=U, ring=1, heads=plan.heads, q_block=plan.q_block, seq_len=plan.seq_len, groups=groups,
                       counts=list(plan.heads_per_rank), q_owner=owner, kv_owner=owner, tile_work=W)
-    return new if _rho(new.tile_work) <= target else None
+    return new if new.imbalance() <= target else None
 
 
 class PlanCache:

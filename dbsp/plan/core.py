@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -52,9 +52,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@lru_cache(maxsize=64)
 def _home(num_blocks: int, ring: int) -> np.ndarray:
-    """``(NB,)`` int64: home ring rank of every block, ``b * R // NB``."""
-    return np.arange(num_blocks, dtype=np.int64) * ring // num_blocks
+    """``(NB,)`` int64: home ring rank of every block, ``b * R // NB``. Read-only: one array per
+    ``(NB, R)``, shared by every plan and candidate (copy it to change it)."""
+    out = np.arange(num_blocks, dtype=np.int64) * ring // num_blocks
+    out.flags.writeable = False
+    return out
 
 
 def _head_counts(heads: int, ulysses: int, uneven_heads: bool) -> list[int]:
@@ -88,11 +92,18 @@ def _check_ring(ring: int, num_blocks: int) -> None:
 
 
 def _group_tuples(owner: np.ndarray, ring: int) -> tuple[tuple[int, ...], ...]:
-    """Block ids grouped by owning ring rank, ascending within each rank."""
-    order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(ring + 1))
-    ids = order.tolist()
+    """Block ids grouped by owning ring rank (in ``[0, ring)``), ascending within each rank."""
+    bounds = [0] + np.cumsum(np.bincount(owner, minlength=ring)).tolist()
+    if bool((owner[1:] >= owner[:-1]).all()):  # contiguous owners (e.g. every block at home): no sort
+        return tuple(tuple(range(bounds[i], bounds[i + 1])) for i in range(ring))
+    ids = np.argsort(owner, kind="stable").tolist()
     return tuple(tuple(ids[bounds[i] : bounds[i + 1]]) for i in range(ring))
+
+
+@lru_cache(maxsize=64)
+def _home_tuples(num_blocks: int, ring: int) -> tuple[tuple[int, ...], ...]:
+    """:func:`_group_tuples` of the home layout, built once per ``(NB, R)``."""
+    return _group_tuples(_home(num_blocks, ring), ring)
 
 
 @dataclass(frozen=True, repr=False)
@@ -304,11 +315,10 @@ class Plan:
         """:meth:`exchange_counts` of both kinds, ``(U, R, R)`` int64 each, built once per plan
         (the degree choice reads them for every candidate it predicts)."""
         home = _home(self.num_blocks, self.ring)
-        R = self.ring
-        out = []
-        for owner in self._owners:
-            flat = (home[None, :] * R + owner).reshape(self.ulysses, -1)
-            out.append(np.stack([np.bincount(f, minlength=R * R) for f in flat]).reshape(self.ulysses, R, R))
+        U, R = self.ulysses, self.ring
+        group = np.arange(U, dtype=np.int64)[:, None] * (R * R)  # one bincount for every group at once
+        out = [np.bincount((group + home[None, :] * R + owner).reshape(-1), minlength=U * R * R).reshape(U, R, R)
+               for owner in self._owners]
         return out[0], out[1]
 
     def moved_blocks(self, kind: str) -> int:
@@ -338,7 +348,10 @@ class Plan:
 
     def imbalance(self) -> float:
         """rho_s of the mask this plan was built for (see the module docstring)."""
-        return _rho(self._need_tile_work())
+        memo = self.__dict__
+        if "_imbalance_memo" not in memo:  # tile_work is read-only: computed once per plan
+            memo["_imbalance_memo"] = _rho(self._need_tile_work())
+        return memo["_imbalance_memo"]
 
     def fingerprint(self) -> str:
         """Stable 16-hex-digit hash of the layout fields (not ``tile_work``): equal on every process
@@ -896,12 +909,19 @@ def _reduce_rows(A: np.ndarray, owner: np.ndarray, ring: int) -> np.ndarray:
     return np.add.reduceat(A, starts, axis=0, dtype=A.dtype if A.dtype == np.float64 else np.int64).astype(np.int64)
 
 
+@lru_cache(maxsize=64)
+def _step_index(R: int) -> np.ndarray:
+    """``(R * R,)`` read-only: the flat index ``i * R + (i + t) % R`` of rank ``i``'s tile at ring step ``t``."""
+    i = np.arange(R)
+    flat = (i[:, None] * R + (i[:, None] + i[None, :]) % R).reshape(-1)
+    flat.flags.writeable = False
+    return flat
+
+
 def _steps(W: np.ndarray) -> np.ndarray:
     """``(..., R, R)`` -> ``D[..., i, t] = W[..., i, (i + t) % R]``: rank ``i``'s work at ring step ``t``."""
     R = W.shape[-1]
-    i = np.arange(R)
-    flat = (i[:, None] * R + (i[:, None] + i[None, :]) % R).reshape(-1)
-    return np.take(W.reshape(W.shape[:-2] + (R * R,)), flat, axis=-1).reshape(W.shape)
+    return np.take(W.reshape(W.shape[:-2] + (R * R,)), _step_index(R), axis=-1).reshape(W.shape)
 
 
 def _step_work(W: torch.Tensor) -> torch.Tensor:
@@ -914,12 +934,14 @@ def _ring_time(W: np.ndarray) -> int:
     return int(_steps(W).max(0).sum())
 
 
-def _rho(W: torch.Tensor) -> float:
-    total = int(W.sum())
+def _rho(W: "torch.Tensor | np.ndarray") -> float:
+    """rho_s of ``(U, R, R)`` int64 tiles (module docstring), in integers but for the last division."""
+    a = W.numpy() if isinstance(W, torch.Tensor) else W
+    total = int(a.sum())
     if total == 0:
         return 1.0  # nothing to compute is perfectly balanced
-    U, R, _ = W.shape
-    return int(_step_work(W).sum(1).max()) * U * R / total
+    U, R, _ = a.shape
+    return int(_steps(a).max(-2).sum(1).max()) * U * R / total
 
 
 def _time_rho(C: np.ndarray) -> float:

@@ -280,9 +280,9 @@ class CostModel:
             p2p = lat + 2 * kv_tokens * heads_k * token_bytes / ring_bw  # (U,) K and V of one chunk
             steps = compute.max(1)  # (U, R): slowest rank per step
             ring_ms = 1e3 * float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max())
-            q_moved, kv_moved = plan._exchange
-            out = [(q_moved[k].sum(1) - np.diag(q_moved[k]), kv_moved[k].sum(1) - np.diag(kv_moved[k])) for k in range(U)]
-            blocks = max(float(2 * (q.max() + kv.max()) * heads_k[k]) for k, (q, kv) in enumerate(out))
+            # Blocks each ring rank sends away (its row of the exchange counts off the diagonal), per group.
+            sent = [(c.sum(2) - np.diagonal(c, axis1=1, axis2=2)).max(1) for c in plan._exchange]  # (U,) q, kv
+            blocks = float((2 * (sent[0] + sent[1]) * heads_k).max())
             if blocks > 0:
                 exchange_ms = 1e3 * (2 * lat + blocks * plan.q_block * token_bytes / ring_bw)
         else:
@@ -297,7 +297,7 @@ class CostModel:
             all_to_all_ms=all_to_all_ms,
             exchange_ms=exchange_ms,
             ring_ms=ring_ms,
-            rank_compute_ms=tuple(tuple(float(x) for x in row) for row in 1e3 * compute.sum(2)),
+            rank_compute_ms=tuple(tuple(row) for row in (1e3 * compute.sum(2)).tolist()),
             imbalance=_rho(plan.tile_work),
             compute_imbalance=_time_rho(compute),
         )
