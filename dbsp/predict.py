@@ -251,16 +251,20 @@ def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig, pooled: tuple
         mask = SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
         return _note_full_heads(mask, full_heads)
     qbar = qbar.reshape(B * H, -1, D)  # (B, H, Mq, D) -> (BH, Mq, D)
+    full = None  # per (batch, head): keeps every tile, where the passes read it with the tile count
     if cfg.uses_pooled_keys:
         counts, indices = _predict_pooled(qbar, kbar.reshape(B * H, -1, D), Sq, Skv, scale, cfg)
         rounded = False
     else:
-        counts, indices, rounded = _predict_per_key(qbar, k, Sq, Skv, scale, cfg)
+        counts, indices, rounded, full = _predict_per_key(qbar, k, Sq, Skv, scale, cfg)
     counts = counts.reshape(B, H, -1)
     if cfg.dense_above is not None and not rounded:
         counts, indices = _round_up_dense_heads(counts, indices, Sq, Skv, cfg)
     offsets = _offsets(counts)
-    return SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
+    mask = SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
+    if full is not None:
+        _note_full_heads(mask, [h for h in range(H) if all(full[b * H + h] for b in range(B))])
+    return mask
 
 
 def _fused(cfg: PredictConfig, device: torch.device, pooled_tiles: int) -> bool:
@@ -691,8 +695,9 @@ def _resolve_backend(cfg: PredictConfig, device: torch.device, M: int, N: int, D
 
 
 def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
-    """Pooled query x every key, threshold search. Returns ``(counts (BH*Mq,), indices, rounded)``,
-    ``rounded`` telling whether heads above ``cfg.dense_above`` were already rounded up to full.
+    """Pooled query x every key, threshold search. Returns ``(counts (BH*Mq,), indices, rounded,
+    full)``, ``rounded`` telling whether heads above ``cfg.dense_above`` were already rounded up to
+    full, ``full`` (the Triton passes; else None) whether each (batch, head) keeps every tile.
 
     ``qbar (B*H, Mq, D)`` float32; ``k (B, Skv, H, D)``.
     """
@@ -735,9 +740,10 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
         nxt = torch.where(kk >= nt, torch.full_like(nxt, -math.inf), nxt)
         theta_row[fix] = torch.where(torch.isinf(nxt), kth - 1.0, 0.5 * (kth + nxt))
 
-    if cfg.dense_above is not None and not isinstance(passes, _TorchPasses):
-        return (*passes.emit(theta_row, _forced(cfg, Sq, Skv), dense_above=cfg.dense_above), True)
-    return (*passes.emit(theta_row, _forced(cfg, Sq, Skv)), False)
+    if isinstance(passes, _TorchPasses):
+        return (*passes.emit(theta_row, _forced(cfg, Sq, Skv)), False, None)
+    counts, indices, full = passes.emit(theta_row, _forced(cfg, Sq, Skv), dense_above=cfg.dense_above)
+    return counts, indices, cfg.dense_above is not None, full
 
 
 # ------------------------------------------------------------------------------ oracle

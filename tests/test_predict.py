@@ -261,6 +261,11 @@ def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
         tiles = b.offsets[..., -1] - b.offsets[..., 0]
         full = tiles == (b.offsets.shape[-1] - 1) * -(-S // kv_tile)
         assert 0 < int(full.sum()) < full.numel()
+    # The Triton passes record the full heads (for sparse_attention's schedule); exactly those.
+    from dbsp.mask import _known_full_heads
+
+    counts = b.row_counts()
+    assert _known_full_heads(b) == tuple(h for h in range(2) if bool((counts[:, h] == b.num_kv_tiles).all()))
 
 
 def _fused_or_skip():

@@ -333,8 +333,10 @@ class TritonPasses:
         return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64) if count else None
 
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
-        """Kept tiles per row and their sorted ids; with ``dense_above``, heads whose density
-        exceeds it come back full (as ``predict._round_up_dense_heads`` does, on the device)."""
+        """Kept tiles per row, their sorted ids, and per head whether it is full (every tile of
+        every row: a list of ``B * H`` bools, read with the tile count in one device read); with
+        ``dense_above``, heads whose density exceeds it come back full (as
+        ``predict._round_up_dense_heads`` does, on the device)."""
         R = self.BH * self.mq
         words = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int64)
         counts = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int32)
@@ -346,11 +348,13 @@ class TritonPasses:
         if dense_above is not None:
             words, counts = self._round_up(words, counts, forced, dense_above)
         starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
-        nnz = int(counts.sum())
-        out = torch.empty(nnz, device=theta_row.device, dtype=torch.int32)
+        rows = counts.view(R, self.ng).sum(dim=1, dtype=torch.int64)
+        full = (rows.view(self.BH, self.mq) == self.nt).all(dim=1)
+        host = torch.cat([rows.sum().view(1), full.to(torch.int64)]).tolist()  # the one device read
+        out = torch.empty(host[0], device=theta_row.device, dtype=torch.int32)
         BW = max(1, EXPAND_BITS // self.gs)
         _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, starts, out, R * self.ng, self.ng, BW=BW, GT=self.gs)
-        return counts.view(R, self.ng).sum(dim=1, dtype=torch.int64), out
+        return rows, out, [bool(x) for x in host[1:]]
 
     def _round_up(self, words, counts, forced, dense_above: float):
         """Bit words and counts with every row of a head denser than ``dense_above`` set full."""
