@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/machine.txt
 PYTHONPATH=$PWD timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_predict.py tests/test_kernels.py tests/test_kernels_gpu.py -k "fused or triton or thresholds or dense or full" > $OUT/tests.log 2>&1; tail -1 $OUT/tests.log
-E2E="--models wan2.1-1.3b --fixed 128x128@0.2,64x64@0.2 --predictor 128x128@0.2,64x64@0.2 --repeats 3"
+E2E="--models wan2.1-1.3b --fixed 128x128@0.2,64x64@0.2,64x1@0.2 --predictor 128x128@0.2,64x64@0.2,64x1@0.2 --repeats 3"
 PYTHONPATH=$PWD:/tmp/site timeout 200 python3 benchmarks/bench_e2e.py $E2E --out $OUT/e2e_new > $OUT/e2e_new.log 2>&1; grep -E "^wan2.1-1.3b " $OUT/e2e_new.log
 if [ -n "${OLD:-}" ]; then
   PYTHONPATH=$OLD:/tmp/site timeout 200 python3 $OLD/benchmarks/bench_e2e.py $E2E --out $OUT/e2e_old > $OUT/e2e_old.log 2>&1; grep -E "^wan2.1-1.3b " $OUT/e2e_old.log
