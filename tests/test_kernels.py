@@ -205,10 +205,10 @@ def test_mixed_dense_and_sparse_heads_run_in_place(dense_heads):
 
     B, S, H, D = 2, 150, 3, 32
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(B, S, H, D, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE) for _ in range(3))
     tiles = torch.rand(B, H, -(-S // 32), -(-S // 8), generator=g) < 0.4
     tiles[:, list(dense_heads)] = True
-    mask = SparseMask.from_dense(tiles, q_block=32, kv_tile=8, seq_len_q=S, seq_len_kv=S)
+    mask = SparseMask.from_dense(tiles, q_block=32, kv_tile=8, seq_len_q=S, seq_len_kv=S).to(DEVICE)
     plan = _schedule(mask)
     assert plan.n_dense == len(dense_heads) and plan.sparse_order.numel() == B * (H - len(dense_heads)) * 5
     out = _split_dense_heads(q, k, v, mask, 1.0 / math.sqrt(D), plan, False, torch.float32)
