@@ -94,7 +94,7 @@ def _schedule(mask: SparseMask) -> _Schedule:
             if full == tuple(range(full[0], full[-1] + 1)):
                 cached.dense_range = (full[0], full[-1] + 1)
             # Head (b, h)'s rows fill positions [(b * H + h) * Mq, ... + Mq) of ``order``.
-            sparse = _on_device([h for h in range(H) if h not in set(full)], counts.device)
+            sparse = _on_device(sorted(set(range(H)) - set(full)), counts.device)
             cached.sparse_order = cached.order.view(B, H, mq).index_select(1, sparse).reshape(-1)
             cached.sparse_nnz = mask.nnz - B * cached.n_dense * mq * mask.num_kv_tiles
         _schedules[mask] = cached

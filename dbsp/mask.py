@@ -446,8 +446,8 @@ class SparseMask:
 
 
 # Heads known to select every key tile in every query block of every batch, recorded by the
-# producers that know it without reading the device (SparseMask.full, the fused predictor), so
-# that sparse_attention can split off dense heads without waiting for the GPU.
+# producers that know it without reading the device (SparseMask.full, the predictor's Triton
+# paths), so that sparse_attention can split off dense heads without waiting for the GPU.
 _full_heads: "weakref.WeakKeyDictionary[SparseMask, tuple[int, ...]]" = weakref.WeakKeyDictionary()
 
 

@@ -246,12 +246,12 @@ def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig, pooled: tuple
     if pooled is None or (cfg.uses_pooled_keys and N != M):
         pooled = _pool_pair(q, k, M, N if cfg.uses_pooled_keys else None, fused)
     qbar, kbar = pooled
+    full = None  # per (batch, head): keeps every tile, where the kernels read it with the tile count
     if cfg.uses_pooled_keys and fused:
-        offsets, indices, full_heads = _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg)
-        mask = SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
-        return _note_full_heads(mask, full_heads)
+        offsets, indices, full = _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg)
+        return _with_full_heads(SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq,
+                                                      seq_len_kv=Skv), full)
     qbar = qbar.reshape(B * H, -1, D)  # (B, H, Mq, D) -> (BH, Mq, D)
-    full = None  # per (batch, head): keeps every tile, where the passes read it with the tile count
     if cfg.uses_pooled_keys:
         counts, indices = _predict_pooled(qbar, kbar.reshape(B * H, -1, D), Sq, Skv, scale, cfg)
         rounded = False
@@ -261,10 +261,18 @@ def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig, pooled: tuple
     if cfg.dense_above is not None and not rounded:
         counts, indices = _round_up_dense_heads(counts, indices, Sq, Skv, cfg)
     offsets = _offsets(counts)
-    mask = SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq, seq_len_kv=Skv)
-    if full is not None:
-        _note_full_heads(mask, [h for h in range(H) if all(full[b * H + h] for b in range(B))])
-    return mask
+    return _with_full_heads(SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq,
+                                                  seq_len_kv=Skv), full)
+
+
+def _with_full_heads(mask: SparseMask, full: list | None) -> SparseMask:
+    """``mask``, with its full heads recorded for sparse_attention's schedule where ``full`` (per
+    (batch, head), batch-major) says which (batch, head) keep every tile; a head is full when it is
+    in every batch."""
+    if full is None:
+        return mask
+    B, H = mask.batch, mask.heads
+    return _note_full_heads(mask, [h for h in range(H) if all(full[b * H + h] for b in range(B))])
 
 
 def _fused(cfg: PredictConfig, device: torch.device, pooled_tiles: int) -> bool:
@@ -472,7 +480,7 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     full, for :func:`dbsp.attention.sparse_attention`'s dense-head split).
 
     Args: ``qbar (B, H, Mq, D)``, ``kbar (B, H, Nt, D)`` float32. Returns ``(offsets, indices,
-    full_heads)``: the heads (ids) that keep every tile in every row of every batch.
+    full)``, ``full`` telling per (batch, head) whether it keeps every tile of every row.
     """
     from .kernels import predict_pooled
 
@@ -498,8 +506,7 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     offsets, full = predict_pooled.offsets(counts, totals, mq=mq, nt=nt, limit=limit)
     host = torch.cat([offsets[-1, -1:], full.to(torch.int64)]).tolist()  # the one device read
     indices = predict_pooled.emit(keep, offsets, full, host[0], mq=mq)
-    full_heads = [h for h in range(H) if all(host[1 + b * H + h] for b in range(B))]
-    return offsets.reshape(B, H, mq + 1), indices, full_heads
+    return offsets.reshape(B, H, mq + 1), indices, [bool(x) for x in host[1:]]
 
 
 # ------------------------------------------------------------------------------ per-key scoring
