@@ -288,8 +288,8 @@ class SparseMask:
         return dense.reshape(B, H, mq, nt)
 
     def to(self, device: torch.device | str) -> "SparseMask":
-        """The same mask on ``device``."""
-        return SparseMask._unchecked(
+        """The same mask on ``device`` (with the same record of full heads, if any)."""
+        moved = SparseMask._unchecked(
             self.offsets.to(device),
             self.indices.to(device),
             q_block=self.q_block,
@@ -297,6 +297,8 @@ class SparseMask:
             seq_len_q=self.seq_len_q,
             seq_len_kv=self.seq_len_kv,
         )
+        full = _known_full_heads(self)
+        return moved if full is None else _note_full_heads(moved, full)
 
     def select_heads(self, heads: torch.Tensor | list[int]) -> "SparseMask":
         """The mask restricted to (and reordered by) ``heads``, a list of head ids.
@@ -304,18 +306,19 @@ class SparseMask:
         ``mask.select_heads(perm)`` permutes heads the way ``x.index_select(2, perm)`` permutes
         the head axis of a ``(B, S, H, D)`` tensor.
         """
-        heads = torch.as_tensor(heads, dtype=torch.int64, device=self.device).reshape(-1)
-        if heads.numel() == 0:
+        ids = torch.as_tensor(heads, dtype=torch.int64).reshape(-1).tolist()  # one read if on a device
+        if not ids:
             raise ValueError("heads must select at least one head")
-        if int(heads.min()) < 0 or int(heads.max()) >= self.heads:
-            raise ValueError(f"heads must lie in [0, {self.heads}), got {heads.tolist()}")
+        if min(ids) < 0 or max(ids) >= self.heads:
+            raise ValueError(f"heads must lie in [0, {self.heads}), got {ids}")
+        heads = torch.as_tensor(heads, dtype=torch.int64).reshape(-1).to(self.device, non_blocking=True)
         B, mq = self.batch, self.num_q_blocks
         start = self.offsets[:, heads, 0].reshape(-1)  # (B * len(heads),)
         stop = self.offsets[:, heads, mq].reshape(-1)
         indices = self.indices[_segments(start, stop)]
         counts = (self.offsets[:, heads, 1:] - self.offsets[:, heads, :-1]).reshape(-1)
         offsets = _offsets_from_counts(counts, B, heads.numel(), mq)
-        return SparseMask._unchecked(
+        picked = SparseMask._unchecked(
             offsets,
             indices,
             q_block=self.q_block,
@@ -323,6 +326,10 @@ class SparseMask:
             seq_len_q=self.seq_len_q,
             seq_len_kv=self.seq_len_kv,
         )
+        full = _known_full_heads(self)
+        if full is None:
+            return picked
+        return _note_full_heads(picked, [i for i, h in enumerate(ids) if h in full])
 
     # ------------------------------------------------------------------ statistics
 

@@ -196,6 +196,33 @@ def test_full_masks_record_their_full_heads_so_the_schedule_reads_nothing():
     assert plan.n_dense == 3 and plan.sparse_order is None
 
 
+def test_moved_and_selected_masks_keep_a_true_full_head_record():
+    """``.to()`` keeps the record, and ``select_heads`` maps it through the selection (reordered,
+    repeated heads); the records must equal what the row counts say, and a mask without a
+    record gives derived masks without one."""
+    from dbsp.mask import _known_full_heads, _note_full_heads
+
+    full = SparseMask.full(2, 3, 150, 130, q_block=32, kv_tile=8)
+    sparse = SparseMask.from_dense(torch.rand(2, 1, 5, 17) < 0.4, q_block=32, kv_tile=8, seq_len_q=150, seq_len_kv=130)
+    # Heads 0 and 2 full, head 1 sparse; the record is set as the predictor would set it.
+    parts = [full.select_heads([0]), sparse, full.select_heads([2])]
+    dense = torch.cat([p.to_dense() for p in parts], dim=1)
+    mixed = _note_full_heads(SparseMask.from_dense(dense, q_block=32, kv_tile=8, seq_len_q=150, seq_len_kv=130), (0, 2))
+
+    def truth(m):
+        c = m.row_counts()
+        return tuple(h for h in range(m.heads) if bool((c[:, h] == m.num_kv_tiles).all()))
+
+    assert _known_full_heads(mixed) == truth(mixed) == (0, 2)
+    for sel in ([2, 1, 0], [1], [2, 2, 1], torch.tensor([1, 0])):
+        picked = mixed.select_heads(sel)
+        assert _known_full_heads(picked) == truth(picked), sel
+    moved = mixed.to(DEVICE).select_heads(torch.tensor([1, 2], device=DEVICE))
+    assert moved.device.type == torch.device(DEVICE).type and _known_full_heads(moved) == truth(moved) == (1,)
+    plain = SparseMask.from_dense(dense, q_block=32, kv_tile=8, seq_len_q=150, seq_len_kv=130)
+    assert _known_full_heads(plain.to(DEVICE)) is None and _known_full_heads(plain.select_heads([0])) is None
+
+
 @pytest.mark.parametrize("dense_heads", [(0,), (1, 2), (0, 2)], ids=["first", "consecutive", "apart"])
 def test_mixed_dense_and_sparse_heads_run_in_place(dense_heads):
     """The dense/sparse head split (``backend="auto"`` on GPU): the kernel computes only the sparse
