@@ -1,7 +1,7 @@
 """Predictor time vs dense cuDNN SDPA at Wan2.1-1.3B 480p (GPU), in three rounds of alternating
 order, to tell run-to-run spread from real differences (bench_predict.py times each variant once).
 
-    python benchmarks/predict_rounds.py
+    python benchmarks/predict_rounds.py [--budget] [--search 16x3,32x2]
 
 Two figures per predictor:
 
@@ -11,21 +11,46 @@ Two figures per predictor:
   the host runs ahead of the GPU: the GPU time from the attention's end to the call's end (CUDA
   events; median of 20). The predictors read one host value (to size the indices), so the host
   time after that read still counts here.
+
+``--budget`` adds the per-key masks with ``max_keep = ceil(0.2 * tiles)`` (as bench_e2e.py's
+``64x1@0.2``): on random-weight-like diffuse rows nearly every row is over the cap, so these time
+the budget search. ``--search 16x3,32x2`` repeats those rows for each (thresholds per round x
+rounds) of the search (``dbsp.predict._BUDGET_CANDIDATES`` / ``_BUDGET_ROUNDS``; default: the
+module's). Each budget row also reports the mean and largest rule-chosen tiles per query block
+(forced diagonal tiles excluded) against max_keep.
 """
+import argparse
+import math
 import statistics
 
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import dbsp.predict
 from dbsp.predict import predict_mask
 from dbsp.video import make_workload
 
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--budget", action="store_true", help="also time 64x16 and 64x1 per-key with max_keep = 20%% of tiles")
+parser.add_argument("--search", default="", help="budget search settings TxR, comma-separated (implies --budget)")
+args = parser.parse_args()
+
 w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
 q, k, v = w.q, w.k, w.v
+S = k.shape[1]
 V = {"128x128 pooled": dict(q_block=128, kv_tile=128), "64x64 pooled": dict(q_block=64, kv_tile=64),
      "64x32 pooled": dict(q_block=64, kv_tile=32, pool_keys=True), "64x16 pooled": dict(q_block=64, kv_tile=16, pool_keys=True),
      "64x16 per-key": dict(q_block=64, kv_tile=16), "64x1 per-key": dict(q_block=64, kv_tile=1)}
+searches = [tuple(int(x) for x in t.split("x")) for t in args.search.split(",") if t] or [None]
+BUDGET = {}  # name -> (predict_mask kwargs, (T, rounds) or None)
+if args.budget or args.search:
+    for tr in searches:
+        tag = "" if tr is None else f" search {tr[0]}x{tr[1]}"
+        for N in (16, 1):
+            kw = dict(q_block=64, kv_tile=N, max_keep=math.ceil(0.2 * -(-S // N)))
+            BUDGET[f"64x{N} per-key max_keep 20%{tag}"] = (kw, tr)
+            V[f"64x{N} per-key max_keep 20%{tag}"] = kw
 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 
 
@@ -47,13 +72,27 @@ def in_pipeline(fn, n=20):
     return statistics.median(times)
 
 
+def search_setting(name):
+    """Set the budget search's module settings for variant ``name`` (the module's own otherwise)."""
+    tr = BUDGET.get(name, (None, None))[1] or DEFAULT_SEARCH
+    if tr[0] is not None:  # an older dbsp has no budget search
+        dbsp.predict._BUDGET_CANDIDATES, dbsp.predict._BUDGET_ROUNDS = tr
+
+
+DEFAULT_SEARCH = (getattr(dbsp.predict, "_BUDGET_CANDIDATES", None), getattr(dbsp.predict, "_BUDGET_ROUNDS", None))
 print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-for kw in V.values():
-    predict_mask(q, k, **kw)
+for name, kw in V.items():
+    search_setting(name)
+    m = predict_mask(q, k, **kw)
+    if name in BUDGET:  # the rule's own tiles (no forced diagonal), untimed
+        counts = predict_mask(q, k, **kw, keep_diagonal=False, dense_above=None).row_counts().float()
+        print(f"{name}: max_keep {kw['max_keep']}, rule tiles per query block: mean {counts.mean():.1f}, "
+              f"min {counts.min():.0f}, max {counts.max():.0f}; density with the diagonal {m.density():.4f}")
 for r in range(3):
     td = triton.testing.do_bench(dense, warmup=25, rep=100, return_mode="median")
     out = [f"dense {td:.3f}"]
     for name, kw in (V.items() if r % 2 == 0 else reversed(V.items())):
+        search_setting(name)
         call = lambda: predict_mask(q, k, **kw)  # noqa: E731
         t = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
         tp = in_pipeline(call)

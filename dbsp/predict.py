@@ -35,9 +35,35 @@ tile, the bracket is exact, and the set is the exact smallest one. Sets for diff
 nested exactly with pooled keys and for block masks; for fine per-key masks, up to that
 resolution.
 
-After the rule: ``min_keep`` / ``max_keep`` clamp the number of rule-chosen tiles per query block
-(the k-th largest tile mass becomes the threshold, so ties may add a few); then forced tiles are
-added: the diagonal (the key tiles at the query block's own positions) and, with ``text_tokens``,
+Budgets. After the rule, ``min_keep`` / ``max_keep`` bound the number of rule-chosen tiles per
+query block. With pooled keys (and in :func:`oracle_mask`) the bound is exact: a row outside it
+keeps its ``k`` heaviest tiles (ties towards lower tile ids). With per-key scoring a row outside
+it gets a new threshold found by counting, in the same passes over the keys (no sort, no host
+read)::
+
+    over the cap  (rule count > max_keep): bracket [rule threshold, heaviest tile]
+    under the floor (rule count < min_keep): bracket [a threshold keeping >= min_keep, rule threshold]
+                  (the min_keep-th largest pass-1 group max, else 100 below the rule threshold)
+    round r       count the tiles >= each of T = _BUDGET_CANDIDATES thresholds in the bracket
+                  (evenly spaced; a min_keep row's first round halves the distance to the rule
+                  threshold at each step) and keep the gap where the count crosses the budget;
+                  _BUDGET_ROUNDS = 3 rounds
+    answer        the gap's safe end
+
+so a row over the cap keeps **at most max_keep** tiles, and one under the floor **at least
+min_keep**, also under ties (a tie across the bound is dropped whole, or kept whole). The result is
+a threshold set within the search's resolution ``w`` (log-mass) of the budget: over the cap it
+keeps every tile heavier than the (max_keep+1)-th heaviest by more than ``w = (heaviest - rule
+threshold) / T**3`` (the rule threshold is at most 87.5 below the row's log-sum-exp, so ``w <
+0.022`` always: every tile more than 2.2% heavier); under the floor no tile lighter than the
+min_keep-th heaviest by more than ``w = max(rule threshold - that tile, (initial width) / 2**15)
+/ T**2``. With distinct tile masses that is the budget up to the few tiles in a gap of width
+``w`` (on random data, ``max_keep`` or a tile or two less). Rows inside the budget keep the rule's
+threshold and cost the search nothing on Triton (their thresholds are ``+inf``, and a program of
+such rows skips every group). Should ties make both bounds impossible at once (more than
+``max_keep - min_keep + 1`` tiles tie at the cap), min_keep wins.
+
+Then forced tiles are added: the diagonal (the key tiles at the query block's own positions) and, with ``text_tokens``,
 every text key tile and every tile of query blocks holding text queries. Finally a head whose
 density exceeds ``dense_above`` is rounded up to full, because the dispatcher runs full heads on
 dense SDPA, which is faster than any sparse kernel above the crossover density.
@@ -73,6 +99,13 @@ _GROUP_KEYS = 64
 
 # Thresholds sit this far (in log-mass) below the tile masses they are derived from.
 _NUDGE = 1e-4
+
+# Budget search (min_keep / max_keep, per-key scoring): thresholds counted per round, rounds, and
+# the min_keep bracket's width below the rule threshold when pass 1 has fewer groups than
+# min_keep (in log-mass). Read at call time, so benchmarks can sweep them.
+_BUDGET_CANDIDATES = 16
+_BUDGET_ROUNDS = 3
+_BUDGET_SPAN = 100.0
 
 # Score elements held at once per chunk by the torch passes (32 MB of fp32).
 _CHUNK_ELEMENTS = 1 << 23
@@ -195,7 +228,11 @@ def predict_mask(
             returns the full mask. Default: 0.9.
         min_keep: at least this many rule-chosen tiles per query block. Default: 1.
         max_keep: at most this many rule-chosen tiles per query block (forced tiles come on top).
-            Default: None (no cap).
+            Default: None (no cap). Both bounds are strict, also under ties. Pooled keys keep
+            exactly the budget's heaviest tiles; per-key scoring keeps a threshold set found by
+            counting, the budget up to the tiles within the search's resolution (module docstring,
+            "Budgets"): at most max_keep and every tile more than ~2% heavier than the
+            (max_keep+1)-th.
         keep_diagonal: always keep the key tiles at the query block's own token positions.
             Default: True.
         dense_above: round a head up to full when its predicted density exceeds this; None
@@ -557,15 +594,6 @@ class _TorchPasses:
                 i1 = min(self.mq, i0 + self.rows_per_chunk)
                 yield bh * self.mq + i0, bh * self.mq + i1, self._score(bh, self.qbar[bh, i0:i1])
 
-    def logmass_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """``(len(rows), Nt)`` tile log-masses (unnormalised) of selected rows."""
-        out = torch.empty(rows.numel(), self.nt, device=self.qbar.device)
-        bh = rows // self.mq
-        for h in torch.unique(bh).tolist():
-            sel = torch.nonzero(bh == h).reshape(-1)
-            out[sel] = self._score(h, self.qbar[h, rows[sel] % self.mq])
-        return out
-
     def stats(self, gs: int, ng: int):
         """Pass 1: per group ``gmax (R, ng)`` (max tile log-mass) and ``gsum (R, ng)`` (sum of
         exp(tile log-mass - gmax))."""
@@ -597,6 +625,15 @@ class _TorchPasses:
                 if count:
                     cnt[r0:r1, t] = sel.sum(dim=1)
         return mass, cnt
+
+    def counts(self, theta: torch.Tensor) -> torch.Tensor:
+        """Budget search passes: ``(R, T)`` int64 count of tiles with log-mass >= ``theta (R, T)``."""
+        R, T = theta.shape
+        cnt = torch.empty(R, T, dtype=torch.int64, device=theta.device)
+        for r0, r1, logm in self._chunks():
+            for t in range(T):
+                cnt[r0:r1, t] = (logm >= theta[r0:r1, t : t + 1]).sum(dim=1)
+        return cnt
 
     def emit(self, theta_row: torch.Tensor, forced: _Forced):
         """Pass 3: per-row counts and sorted tile ids of tiles with log-mass >= theta_row, or forced."""
@@ -701,6 +738,61 @@ def _resolve_backend(cfg: PredictConfig, device: torch.device, M: int, N: int, D
     return "torch"
 
 
+def _budget_thresholds(passes, gmax, theta_rule, n_rule, nt, cfg):
+    """Per-row thresholds that bring the rule's tile counts ``n_rule (R,)`` (at ``theta_rule (R,)``)
+    into ``[min_keep, max_keep]`` by counting (the module docstring's "Budgets"); rows inside the
+    budget keep ``theta_rule``. All on the device: no host read, a fixed number of passes.
+
+    Each row searches a bracket ``[lo, hi]`` with ``count(lo) >= need > count(hi)``, where ``need``
+    is ``max_keep + 1`` for rows over the cap and ``min_keep`` for rows under the floor: a round
+    counts the tiles at ``_BUDGET_CANDIDATES`` thresholds ``lo + (hi - lo) * i / T`` and keeps the
+    gap where the count crosses ``need``. The answer is the safe end: ``hi`` (at most max_keep) or
+    ``lo`` (at least min_keep). Rows needing no search get ``+inf`` thresholds, which the Triton
+    counts kernel skips.
+    """
+    T, rounds = _BUDGET_CANDIDATES, _BUDGET_ROUNDS
+    k_min = min(cfg.min_keep, nt)
+    too_few = n_rule < k_min
+    if cfg.max_keep is None:
+        too_many = torch.zeros_like(too_few)
+    else:
+        too_many = n_rule > cfg.max_keep
+    need = torch.where(too_many, (cfg.max_keep or 0) + 1, k_min)
+    # Over the cap: from the rule threshold (too many tiles) to just above the heaviest tile (none).
+    # Under the floor: from a threshold that keeps at least min_keep tiles to the rule threshold. The
+    # min_keep-th largest group max is one (that many groups hold a tile at least as heavy), else a
+    # wide guess, checked by the first round (failing it, the row keeps every tile).
+    if k_min >= 1 and gmax.shape[1] >= k_min:
+        floor = gmax.topk(k_min, dim=1).values[:, -1] - _NUDGE
+    else:
+        floor = theta_rule - _BUDGET_SPAN
+    lo = torch.where(too_many, theta_rule, floor)
+    hi = torch.where(too_many, gmax.amax(dim=1) + _NUDGE, theta_rule)
+    c_hi = torch.where(too_many, 0, n_rule)
+    active = too_many | too_few
+    i = torch.arange(T, device=theta_rule.device, dtype=torch.float32)
+    even = i / T
+    # A min_keep row's first round halves the distance to the rule threshold at each step, as its
+    # floor may be far below, while the min_keep-th tile is usually close to the rule threshold.
+    halving = torch.where(too_few[:, None], 1 - 0.5**i, even)
+    for r in range(rounds):
+        frac = halving if r == 0 else even
+        grid = torch.where(active[:, None], lo[:, None] + (hi - lo)[:, None] * frac, math.inf)  # (R, T) ascending
+        c = passes.counts(grid)
+        n = (c >= need[:, None]).sum(dim=1)  # counts fall along the grid: a prefix holds
+        below, above = (n - 1).clamp(min=0)[:, None], n.clamp(max=T - 1)[:, None]
+        # No candidate holds f: a rule row's lo still does (its rule pass counted it); a min_keep
+        # row's guessed floor failed, and -inf keeps every tile.
+        new_lo = torch.where(n > 0, grid.gather(1, below).squeeze(1), torch.where(too_many, lo, -math.inf))
+        new_hi = torch.where(n < T, grid.gather(1, above).squeeze(1), hi)
+        new_c = torch.where(n < T, c.gather(1, above).squeeze(1), c_hi)
+        lo, hi, c_hi = (torch.where(active, a, b) for a, b in ((new_lo, lo), (new_hi, hi), (new_c, c_hi)))
+        active = active & (lo > -math.inf)
+    # At most max_keep (hi) unless ties leave fewer than min_keep there; at least min_keep (lo).
+    over = too_many & (c_hi >= k_min)
+    return torch.where(over, hi, torch.where(too_many | too_few, lo, theta_rule))
+
+
 def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
     """Pooled query x every key, threshold search. Returns ``(counts (BH*Mq,), indices, rounded,
     full)``, ``rounded`` telling whether heads above ``cfg.dense_above`` were already rounded up to
@@ -727,25 +819,8 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
         mass, cnt = passes.candidates(lse, theta, count=budgets and r == cfg.refine - 1)
         pick = _select(mass, theta, cfg.top_p)
     theta_row = theta.gather(1, pick[:, None]).squeeze(1)
-
-    # Budgets: rows outside [min_keep, max_keep] get a threshold midway between their k-th and
-    # (k+1)-th largest tile log-mass, so it keeps exactly k tiles (unless those two are equal)
-    # and rounding differences between passes cannot move a tile across it.
-    # The chosen threshold always keeps the row's heaviest tile, so without budgets there is
-    # nothing to fix (and no need to synchronise with the device to find out).
-    fix = None
     if budgets:
-        n_rule = cnt.gather(1, pick[:, None]).squeeze(1)
-        target = _budget_counts(n_rule, nt, cfg)
-        fix = torch.nonzero(target != n_rule).reshape(-1)
-    if fix is not None and fix.numel():
-        logm = passes.logmass_rows(fix)
-        kk = target[fix]
-        top = torch.topk(logm, min(nt, int(kk.max()) + 1), dim=1).values
-        kth = top.gather(1, (kk - 1)[:, None]).squeeze(1)
-        nxt = top.gather(1, kk.clamp(max=top.shape[1] - 1)[:, None]).squeeze(1)
-        nxt = torch.where(kk >= nt, torch.full_like(nxt, -math.inf), nxt)
-        theta_row[fix] = torch.where(torch.isinf(nxt), kth - 1.0, 0.5 * (kth + nxt))
+        theta_row = _budget_thresholds(passes, gmax, theta_row, cnt.gather(1, pick[:, None]).squeeze(1), nt, cfg)
 
     if isinstance(passes, _TorchPasses):
         return (*passes.emit(theta_row, _forced(cfg, Sq, Skv)), False, None)

@@ -166,7 +166,9 @@ def test_budgets_bound_the_rule_chosen_tiles(q_block, kv_tile, extra):
     lo = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=0.05, min_keep=3, keep_diagonal=False, dense_above=None, **extra)
     assert int(lo.row_counts().min()) >= 3
     hi = predict_mask(q, k, q_block=q_block, kv_tile=kv_tile, top_p=0.99, max_keep=4, keep_diagonal=False, dense_above=None, **extra)
-    assert int(hi.row_counts().max()) == 4
+    assert int(hi.row_counts().max()) <= 4
+    if extra.get("pool_keys", kv_tile == q_block):  # pooled keys clamp to exactly max_keep
+        assert int(hi.row_counts().min()) == 4
     # The kept tiles are the heaviest ones: their mass beats every dropped tile of the row.
     if extra.get("pool_keys", kv_tile == q_block):
         return
@@ -175,6 +177,111 @@ def test_budgets_bound_the_rule_chosen_tiles(q_block, kv_tile, extra):
     worst_kept = torch.where(kept, logm, torch.full_like(logm, math.inf)).amin(-1)
     best_dropped = torch.where(kept, torch.full_like(logm, -math.inf), logm).amax(-1)
     assert bool((worst_kept >= best_dropped - 1e-6).all())
+
+
+def _backend_or_skip(backend):
+    """The test device for ``backend``; skips the Triton passes where they cannot run."""
+    if backend == "triton":
+        from dbsp.kernels import predict_select
+
+        if not (torch.cuda.is_available() or predict_select.is_interpreted()):
+            pytest.skip("the Triton passes need CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _budget_resolution(desc, n_rule, K, over):
+    """Per row ``(rows, 1)`` an upper bound of the budget search's final bracket width in log-mass
+    (predict.py's module docstring, "Budgets"), from the row's tile log-masses sorted descending
+    and its rule count: over the cap, (heaviest - rule threshold) / T^R, where the rule threshold
+    lies above the (n_rule+1)-th tile (or 88 below the heaviest); under the floor, max(rule threshold - K-th tile, initial
+    width * 2^(1-T)) / T^(R-1), where the rule threshold lies at or below the n_rule-th tile."""
+    T, R, nudge = dbsp.predict._BUDGET_CANDIDATES, dbsp.predict._BUDGET_ROUNDS, dbsp.predict._NUDGE
+    rows = torch.arange(desc.shape[0])
+    if over:  # a rule keeping every tile has its threshold at most 87.5 below the row's lse
+        below_rule = torch.where(n_rule < desc.shape[1], desc[rows, n_rule.clamp(max=desc.shape[1] - 1)], desc[:, 0] - 88)
+        return ((desc[:, 0] - below_rule + 2 * nudge) / T**R)[:, None]
+    at_rule = desc[rows, (n_rule - 1).clamp(min=0)]
+    start = torch.clamp(desc[:, 0] - desc[:, -1] + nudge, min=dbsp.predict._BUDGET_SPAN)
+    return (torch.maximum(at_rule - desc[:, K - 1], start * 2.0 ** (1 - T)) / T ** (R - 1))[:, None]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
+@pytest.mark.parametrize("q_block,kv_tile", [(32, 1), (16, 4), (64, 16)])
+def test_per_key_budgets_clamp_only_the_rows_outside_them(q_block, kv_tile, backend):
+    """Per-key budgets against brute-force tile log-masses: rows whose rule count lies inside
+    [min_keep, max_keep] are untouched; a row over max_keep keeps at most max_keep tiles, the
+    heaviest ones, and every tile heavier than its (max_keep+1)-th by more than the search's
+    resolution; a row under min_keep keeps at least min_keep, the heaviest, and none lighter than
+    its min_keep-th by more than the resolution. With distinct masses that is max_keep or min_keep
+    up to a few tiles."""
+    dev = _backend_or_skip(backend)
+    q, k = structured_qk(b=1, sq=200, skv=257, h=2, d=16, seed=3)
+    logm = brute_logmass(q, k, q_block, kv_tile, pooled=False).flatten(0, 2)  # (rows, Nt)
+    desc = logm.sort(dim=-1, descending=True).values
+    q, k = q.to(dev), k.to(dev)
+    kw = dict(q_block=q_block, kv_tile=kv_tile, keep_diagonal=False, dense_above=None, min_keep=0, backend=backend)
+    base = predict_mask(q, k, top_p=0.9, **kw).to_dense().flatten(0, 2).cpu()
+    n_base = base.sum(-1)
+    mid = int(n_base.median())  # budgets at the median rule count move some rows, not all
+    for budget in ({"max_keep": mid}, {"min_keep": mid + 1}):
+        got = predict_mask(q, k, top_p=0.9, **{**kw, **budget}).to_dense().flatten(0, 2).cpu()
+        n = got.sum(-1)
+        K = budget.get("max_keep", budget.get("min_keep"))
+        w = _budget_resolution(desc, n_base, K, over="max_keep" in budget) + 1e-4  # plus float32 vs float64 slack
+        if "max_keep" in budget:
+            clamped = n_base > K
+            assert bool((n <= K).all())
+            t_next = desc[:, K : K + 1]  # the (K+1)-th heaviest tile
+            must = logm >= t_next + w
+            assert bool((got | ~must)[clamped].all()), "a tile well above the (max_keep+1)-th is missing"
+        else:
+            clamped = n_base < K
+            assert bool((n >= K).all())
+            t_k = desc[:, K - 1 : K]  # the K-th heaviest tile
+            may = logm >= t_k - w
+            assert bool((may | ~got)[clamped].all()), "a tile well below the min_keep-th is kept"
+        assert 0 < int(clamped.sum()) < clamped.numel()
+        assert torch.equal(got[~clamped], base[~clamped])
+        # A threshold set: every kept tile at least as heavy as every dropped one.
+        worst_kept = torch.where(got, logm, torch.full_like(logm, math.inf)).amin(-1)
+        best_dropped = torch.where(got, torch.full_like(logm, -math.inf), logm).amax(-1)
+        assert bool((worst_kept >= best_dropped - 1e-5).all())
+        # These masses are distinct: the count is the budget up to a few tiles.
+        assert bool(((n[clamped] - K).abs() <= max(2, K // 20)).all()), (n[clamped] - K).tolist()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
+def test_per_key_budgets_are_strict_under_ties(backend):
+    """Integer scores with many exact ties: a row over max_keep keeps exactly the tiles strictly
+    heavier than its (max_keep+1)-th (so a tie across the cap is dropped whole: fewer than max_keep,
+    never more), and a row under min_keep keeps exactly the tiles at least as heavy as its
+    min_keep-th (a tie across the floor is kept whole)."""
+    dev = _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(8)
+    B, S, H, D, M = 1, 256, 2, 16, 16
+    # Equal queries within a block (exact pooled means) and small integer entries: exact scores.
+    q = torch.randint(-2, 3, (B, S // M, 1, H, D), generator=g).float().expand(B, S // M, M, H, D).reshape(B, S, H, D)
+    k = torch.randint(-1, 2, (B, S, H, D), generator=g).float()
+    logm = brute_logmass(q, k, M, 1, pooled=False).flatten(0, 2) * math.sqrt(D)  # scale = 1 below
+    desc = logm.sort(dim=-1, descending=True).values
+    q, k = q.to(dev), k.to(dev)
+    kw = dict(q_block=M, kv_tile=1, keep_diagonal=False, dense_above=None, scale=1.0, backend=backend)
+    for top_p, budget in ((0.9999, {"max_keep": 40}), (0.3, {"min_keep": 30})):
+        base = predict_mask(q, k, top_p=top_p, min_keep=0, **kw).to_dense().flatten(0, 2).cpu()
+        got = predict_mask(q, k, top_p=top_p, **{"min_keep": 0, **kw, **budget}).to_dense().flatten(0, 2).cpu()
+        if "max_keep" in budget:
+            K = budget["max_keep"]
+            clamped = base.sum(-1) > K
+            want = logm > desc[:, K : K + 1]
+            assert bool((desc[:, K] == desc[:, K - 1])[clamped].any()), "no tie straddles the cap"
+        else:
+            K = budget["min_keep"]
+            clamped = base.sum(-1) < K
+            want = logm >= desc[:, K - 1 : K]
+            assert bool((desc[:, K] == desc[:, K - 1])[clamped].any()), "no tie straddles the floor"
+        assert 0 < int(clamped.sum())
+        assert torch.equal(got[clamped], want[clamped])
+        assert torch.equal(got[~clamped], base[~clamped])
 
 
 @pytest.mark.parametrize("q_block,kv_tile,extra", CONFIGS)
@@ -241,6 +348,8 @@ def test_workload_masks_are_sparse_where_the_heads_are_sharp():
 @pytest.mark.parametrize("B,S,kv_tile,top_p,extra", [
     (1, 200, 1, 0.9, {"text_tokens": 20}),
     (1, 257, 4, 0.95, {"min_keep": 3, "max_keep": 9}),
+    (2, 190, 1, 0.95, {"max_keep": 30}),  # budget search, one threshold at a time per group
+    (2, 190, 16, 0.3, {"min_keep": 6}),  # budget search, all pairs at once; fewer groups than min_keep
     (2, 190, 64, 0.8, {"pool_keys": False}),
     (2, 190, 1, 0.8, {"dense_above": 0.675}),  # heads rounded up to full on the device
     (2, 190, 16, 0.8, {"dense_above": 0.73}),
@@ -617,6 +726,11 @@ cases = [
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, COUNT=count))
     for n in (1, 16) for count in (False, True)
+] + [
+    (S._counts_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA": "*fp32", "CNT": "*i32",
+                        "scale": "fp32", "margin": "fp32"},
+     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WIDE=64 // n * 16 > S.COUNT_3D_PAIRS))
+    for n in (1, 16)
 ]
 for kernel, types, const in cases:
     try:
@@ -629,5 +743,6 @@ print(len(cases))
 
 @triton_only
 def test_fused_kernels_compile_for_hopper():
-    """The compiler front end accepts the fused kernels and the per-key thresholds and candidates kernels for sm_90 (the interpreter checks no types)."""
-    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "16"
+    """The compiler front end accepts the fused kernels and the per-key thresholds, candidates and counts kernels
+    for sm_90 (the interpreter checks no types)."""
+    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "18"

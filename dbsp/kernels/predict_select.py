@@ -9,6 +9,7 @@ writes a score to memory::
     thresholds  per query block, from the stats in registers: lse, the bracket (two sorts) and the
                 candidate thresholds
     candidates  per (query block, program chunk): mass (and, for budgets, count) of tiles >= each threshold
+    counts      the same counts alone, no exp and no mass (the min_keep / max_keep search)
     emit        per (query block, group): a bit word of kept tiles and its popcount
     expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices)
 
@@ -34,6 +35,9 @@ BRACKET_MAX_GROUPS = 4096
 # Bits per expand program: on an H100 (64x1, 3.1M words of 64 tiles) 8 words per program took
 # 0.34 ms, 64 words 1.54 ms; for 64x16 (4 tiles a word) 64 words 0.034 ms, 8 words 0.24 ms.
 EXPAND_BITS = 512
+# Tiles x thresholds per row up to which the counts kernel compares all pairs at once (a
+# (BLOCK_M, tiles, thresholds) block in registers); above it, one threshold at a time.
+COUNT_3D_PAIRS = 128
 # Skip margin in log-mass: a group is skipped only if its pass-1 max is below the threshold by
 # more than this, so float differences between passes can never drop a kept tile.
 SKIP_MARGIN = 1e-3
@@ -134,6 +138,46 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
     tl.store(MASS + out, acc_m, mask=ok)
     if COUNT:
         tl.store(CNT + out, acc_c, mask=ok)
+
+
+@triton.jit
+def _counts_kernel(QBAR, K, GMAX, THETA, CNT, mq, H, Skv, ng, nchunk, scale, s_kb, s_ks, s_kh, margin,
+                   BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
+                   IEEE: tl.constexpr, WIDE: tl.constexpr):
+    """The candidates kernel's counts alone (no exp, no mass): the budget search's passes."""
+    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    rows = pid_m * BM + tl.arange(0, BM)
+    rvalid = rows < mq
+    grow = (bh * mq + rows).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_k = tl.arange(0, GK)
+    cols = tl.arange(0, T_P)
+    q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
+    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    # Rows that need no search have thresholds of +inf: a program of such rows skips every group.
+    lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
+    th = tl.load(THETA + grow[:, None] * T + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < T),
+                 other=float("inf"))
+    acc = tl.zeros((BM, T_P), dtype=tl.int32)
+    for gi in range(GPP):
+        g = pid_g * GPP + gi
+        gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
+        if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
+            t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
+            if WIDE:
+                # Many tiles per group: one threshold at a time keeps the compare in registers.
+                for i in tl.static_range(T):
+                    th_i = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
+                    c_i = tl.sum((t >= th_i[:, None]).to(tl.int32), axis=1)
+                    acc += tl.where(cols[None, :] == i, c_i[:, None], 0)
+            else:
+                # Few tiles per group (wide kv tiles): every (tile, threshold) pair at once.
+                acc += tl.sum((t[:, :, None] >= th[:, None, :]).to(tl.int32), axis=1)
+    out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
+    tl.store(CNT + out, acc, mask=rvalid[:, None] & (cols[None, :] < T))
 
 
 @triton.jit
@@ -332,6 +376,19 @@ class TritonPasses:
             T=T, T_P=triton.next_power_of_2(T), COUNT=count, **meta)
         return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64) if count else None
 
+    def counts(self, theta: torch.Tensor) -> torch.Tensor:
+        """``(R, T)`` int64 count of tiles with log-mass >= each threshold of ``theta (R, T)``
+        (``+inf`` rows cost nothing where their whole program has them)."""
+        R, T = theta.shape
+        cnt = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.int32)
+        meta, (sb, ss, sh) = self._common()
+        T_P = triton.next_power_of_2(T)
+        _counts_kernel[self._grid()](
+            self.qbar, self.k, self._gmax, theta.float().contiguous(), cnt, self.mq, self.H, self.Skv, self.ng,
+            self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN, T=T, T_P=T_P, WIDE=self.gs * T_P > COUNT_3D_PAIRS,
+            **meta)
+        return cnt.sum(dim=1, dtype=torch.int64)
+
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
         """Kept tiles per row, their sorted ids, and per head whether it is full (every tile of
         every row: a list of ``B * H`` bools, read with the tile count in one device read); with
@@ -372,16 +429,3 @@ class TritonPasses:
         full = torch.where(n_g >= 64, -1, (1 << n_g.clamp(max=63)) - 1)  # all tiles of the group
         return (torch.where(dense, full, w2).reshape(-1),
                 torch.where(dense, n_g.to(torch.int32), c2).reshape(-1))
-
-    def logmass_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Tile log-masses of a few rows, in torch (budget fix-ups)."""
-        from ..predict import _tile_logmass
-
-        out = torch.empty(rows.numel(), self.nt, device=self.qbar.device)
-        bh = rows // self.mq
-        for i in torch.unique(bh).tolist():
-            sel = torch.nonzero(bh == i).reshape(-1)
-            kh = self.k[i // self.H, :, i % self.H]  # (Skv, D)
-            qb = self.qbar[i, rows[sel] % self.mq].to(kh.dtype).float()
-            out[sel] = _tile_logmass((qb @ kh.float().t()) * self.scale, self.N, self.nt)
-        return out
