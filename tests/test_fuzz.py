@@ -480,18 +480,23 @@ def test_synthetic_work_equals_the_mask_work(heads, seq_len, q_block, frames, se
 
 @fuzz_settings(30)
 @given(case=attention_cases(q_blocks=(4, 8, 16), max_s=90, max_h=2, head_dims=(8, 16), dtypes=("float32",)),
-       top_p=st.floats(0.05, 1.0), keep_diagonal=st.booleans())
-def test_predicted_masks_are_valid(case, top_p, keep_diagonal):
+       top_p=st.floats(0.05, 1.0), keep_diagonal=st.booleans(),
+       budget=st.sampled_from([{}, {"max_keep": 2}, {"min_keep": 3}, {"min_keep": 2, "max_keep": 4}]))
+def test_predicted_masks_are_valid(case, top_p, keep_diagonal, budget):
     """dbsp.predict.predict_mask (through its public function) always returns a valid mask of the right
-    sizes; top_p = 1 keeps everything; keep_diagonal keeps the tiles at each block's own positions."""
+    sizes; top_p = 1 keeps everything; keep_diagonal keeps the tiles at each block's own positions;
+    without forced tiles every query block keeps between min_keep and max_keep tiles."""
     from dbsp.predict import predict_mask
 
     q, k, _, _ = build(case)
     M, N = case["q_block"], case["kv_tile"]
-    mask = predict_mask(q, k, q_block=M, kv_tile=N, top_p=top_p, keep_diagonal=keep_diagonal, dense_above=None)
+    mask = predict_mask(q, k, q_block=M, kv_tile=N, top_p=top_p, keep_diagonal=keep_diagonal, dense_above=None, **budget)
     SparseMask(mask.offsets, mask.indices, M, N, case["Sq"], case["Skv"])  # every CSR invariant
     assert (mask.batch, mask.heads, mask.seq_len_q, mask.seq_len_kv) == (case["B"], case["H"], case["Sq"], case["Skv"])
-    assert int(mask.row_counts().min()) >= 1  # min_keep = 1
+    counts = mask.row_counts()
+    assert int(counts.min()) >= min(max(1, budget.get("min_keep", 1)), mask.num_kv_tiles)
+    if not keep_diagonal and top_p < 1.0:  # top_p = 1 returns the full mask whatever the budget
+        assert int(counts.max()) <= budget.get("max_keep", mask.num_kv_tiles)
     if top_p >= 1.0:
         assert mask.density() == 1.0
     if keep_diagonal:

@@ -284,6 +284,44 @@ def test_per_key_budgets_are_strict_under_ties(backend):
         assert torch.equal(got[~clamped], base[~clamped])
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
+def test_per_key_budget_search_reads_nothing_back(monkeypatch, backend):
+    """The budget search runs a fixed number of count passes and never reads a device value
+    (no .item, .tolist, bool or nonzero), so on the Triton backend the GPU never waits for it."""
+    import dbsp.predict as P
+
+    dev = _backend_or_skip(backend)
+    q, k = (t.to(dev) for t in structured_qk(b=1, sq=128, skv=160, h=2, d=16, seed=9))
+    search, passes_made, rounds = P._budget_thresholds, [], []
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the budget search read a device value")
+
+    def spy(passes, *args):
+        counts = passes.counts
+
+        def counting(theta):
+            rounds.append(theta.shape)
+            return counts(theta)
+
+        passes.counts = counting
+        passes_made.append(type(passes).__name__)
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+                m.setattr(torch.Tensor, name, forbidden)
+            m.setattr(torch, "nonzero", forbidden)
+            return search(passes, *args)
+
+    monkeypatch.setattr(P, "_budget_thresholds", spy)
+    for budget in ({"max_keep": 5}, {"min_keep": 12}, {"min_keep": 3, "max_keep": 9}):
+        rounds.clear()
+        m = predict_mask(q, k, q_block=16, kv_tile=1, top_p=0.8, keep_diagonal=False, backend=backend, **budget)
+        assert rounds == [(m.offsets[..., 1:].numel(), P._BUDGET_CANDIDATES)] * P._BUDGET_ROUNDS  # (rows, T) per round
+        counts = m.row_counts()
+        assert int(counts.max()) <= budget.get("max_keep", 160) and int(counts.min()) >= budget.get("min_keep", 1)
+    assert passes_made == [{"torch": "_TorchPasses", "triton": "TritonPasses"}[backend]] * 3
+
+
 @pytest.mark.parametrize("q_block,kv_tile,extra", CONFIGS)
 def test_forced_tiles_diagonal_and_text(q_block, kv_tile, extra):
     S, text = 200, 23
