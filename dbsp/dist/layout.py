@@ -339,7 +339,7 @@ class RankLayout(MeshPosition):
         global_mask = mask
         heads = list(self.heads)
         if heads != list(range(mask.heads)):
-            mask = mask.select_heads(torch.as_tensor(heads, dtype=torch.int64, device=mask.device))
+            mask = mask.select_heads(heads)  # host ids: checked without a device read
         subs = sub_masks(mask, self.q_blocks[self.ring_rank], self.step_kv_blocks())
         # The cache must not hold the mask itself, or the weak key would never be released.
         _local_cache[global_mask] = (self, tuple(_WHOLE if sub is global_mask else sub for sub in subs))
