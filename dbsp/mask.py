@@ -306,12 +306,13 @@ class SparseMask:
         ``mask.select_heads(perm)`` permutes heads the way ``x.index_select(2, perm)`` permutes
         the head axis of a ``(B, S, H, D)`` tensor.
         """
-        ids = torch.as_tensor(heads, dtype=torch.int64).reshape(-1).tolist()  # one read if on a device
+        given = torch.as_tensor(heads, dtype=torch.int64).reshape(-1)
+        ids = given.tolist()  # one read if the ids are on a device
         if not ids:
             raise ValueError("heads must select at least one head")
         if min(ids) < 0 or max(ids) >= self.heads:
             raise ValueError(f"heads must lie in [0, {self.heads}), got {ids}")
-        heads = torch.as_tensor(heads, dtype=torch.int64).reshape(-1).to(self.device, non_blocking=True)
+        heads = given.to(self.device, non_blocking=True)
         B, mq = self.batch, self.num_q_blocks
         start = self.offsets[:, heads, 0].reshape(-1)  # (B * len(heads),)
         stop = self.offsets[:, heads, mq].reshape(-1)
