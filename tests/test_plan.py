@@ -785,6 +785,50 @@ def test_degree_choice_stops_losing_block_balancing_and_keeps_the_winner(monkeyp
     assert any(tests), "no candidate's balancing was stopped: the early stop is not exercised"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fewest_sent_bounds_what_refinement_leaves(seed):
+    """Oracle: the real block refinement. From a moved start (round-robin or biased greedy) of a
+    summary's head group, ``_refine`` with at most ``s`` swaps never leaves fewer sent blocks
+    (largest per side, summed) than ``_fewest_sent`` allows for ``s`` swaps; with no swaps the
+    bound is the start's exact count; it is often above ``count - s x unit`` (one unit a swap);
+    and the hand example of its docstring holds."""
+    from dbsp.plan.balance import _fewest_sent, _refine, _round_robin
+    from dbsp.plan.core import _summary_group_sum
+
+    assert _fewest_sent(np.array([8, 8]), np.array([0, 0]), 1, 1) == 7
+    assert _fewest_sent(np.array([8, 8]), np.array([5, 0]), 1, 1) == 12  # the docstring's example
+    assert _fewest_sent(np.array([9, 3]), np.array([8, 8]), 2, 1) == 15  # a rank loses at most one unit a swap
+    rng = np.random.default_rng(seed)
+    work = synthetic_work(heads=8, seq_len=9000, frames=7, seed=seed)
+    s = summarize_work(work, q_block=64, seq_len=9000, ring=8, coarse=1 + seed % 3)
+    sizes = np.diff(s._starts)
+    movable = sizes == s.coarse
+    tight = 0
+    for R in (4, 8):
+        home = _home(s.num_blocks, R)[s._starts[:-1]]
+        caps = np.bincount(home[movable], minlength=R).tolist()
+        g = sorted(rng.choice(8, 3, replace=False).tolist())
+        A = _summary_group_sum(s, g)
+        starts = [np.where(movable, 0, home), None]
+        starts[0][movable] = _round_robin(caps)
+        starts[1] = _biased_greedy(A.sum(1), home, caps, 0.0, movable)
+
+        def sent(owner):
+            return np.bincount(home[owner != home], weights=sizes[owner != home], minlength=R)
+
+        for qo in starts:
+            ko = starts[0] if qo is starts[1] else _biased_greedy(A.sum(0), home, caps, 0.0, movable)
+            exact = int(sent(qo).max() + sent(ko).max())
+            assert _fewest_sent(sent(qo), sent(ko), 0, s.coarse) == exact
+            for swaps in (1, 3, 8, 32):
+                q2, k2, _ = _refine(A, A.astype(np.float64), qo, ko, home, R, target=1.0, max_swaps=swaps, movable=movable)
+                left = int(sent(q2).max() + sent(k2).max())
+                bound = _fewest_sent(sent(qo), sent(ko), swaps, s.coarse)
+                assert bound <= left, (R, swaps, bound, left)
+                tight += bound > exact - swaps * s.coarse  # above the one-unit-per-swap bound it replaced
+    assert tight > 0, "the bound is never above the simpler one: it is not exercised"
+
+
 def test_early_stop_bound_is_below_every_moved_plan():
     """What the early stop relies on: a plan of a group set that moves blocks is predicted no
     faster than the all-to-all + the set's ring-time bound + the exchange of the blocks it moves

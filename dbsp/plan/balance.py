@@ -834,10 +834,11 @@ def _summary_layouts(
 
             def exchanged(g: list[int], owners, swaps: int = 0) -> int:
                 """Group ``g``'s ``2 (q + kv) x heads``, or a bound on it after ``swaps`` swaps of
-                :func:`_refine` (a swap changes two ranks' sent counts by one unit each, so the
-                largest by at most one unit)."""
-                out = sum(int(np.bincount(home[o != home], weights=sizes[o != home], minlength=R).max()) for o in owners)
-                return 2 * len(g) * max(0, out - swaps * s.coarse)
+                :func:`_refine` (:func:`_fewest_sent`)."""
+                sent = [np.bincount(home[o != home], weights=sizes[o != home], minlength=R) for o in owners]
+                if not swaps:
+                    return 2 * len(g) * int(sum(x.max() for x in sent))
+                return 2 * len(g) * _fewest_sent(sent[0], sent[1], swaps, s.coarse)
 
             def check(g: list[int], qo: np.ndarray, ko: np.ndarray, swaps: int) -> None:
                 """Stop before refining when even the fewest blocks it could leave moved lose."""
@@ -902,6 +903,28 @@ def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_own
     # Seed the cached owner arrays that Plan would otherwise rebuild from the tuples.
     plan.__dict__["_owners"] = (q_owner, kv_owner)
     return plan
+
+
+def _fewest_sent(q_sent: np.ndarray, kv_sent: np.ndarray, swaps: int, unit: int) -> int:
+    """A lower bound on ``max(q_sent) + max(kv_sent)`` (blocks each ring rank sends away, per
+    side) after at most ``swaps`` swaps of :func:`_refine`, each on one side.
+
+    A swap trades two units of ``unit`` blocks, so it changes the sent counts of at most two
+    ranks (the units' homes) by at most one unit each. After ``s`` swaps on a side, a rank has
+    lost at most ``s`` units and all ranks together at most ``2 s``, so the side's largest count
+    is at least ``max(c) - s unit`` and at least the level ``M`` with ``sum(max(0, c_i - M)) =
+    2 s unit``, which is ``max_k (sum of the k largest c_i - 2 s unit) / k``. The bound is the
+    least sum of both sides' bounds over the splits of ``swaps``. Example: sides ``(8, 8)`` and
+    ``(5, 0)``, units of 1, one swap: ``7 + 5`` or ``8 + 4``, so 12.
+    """
+    levels = []
+    lost = unit * np.arange(swaps + 1, dtype=np.float64)  # (S,) units of blocks one rank can lose
+    for c in (q_sent, kv_sent):
+        c = np.sort(np.asarray(c, dtype=np.float64))[::-1]  # (R,)
+        k = np.arange(1, len(c) + 1)
+        water = ((np.cumsum(c)[None, :] - 2 * lost[:, None]) / k).max(1)  # (S,)
+        levels.append(np.maximum(np.maximum(water, c[0] - lost), 0.0))
+    return int(math.ceil((levels[0] + levels[1][::-1]).min() - 1e-9))
 
 
 class _Pruned(Exception):

@@ -108,9 +108,10 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
     """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned in order
     of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
     are skipped (they cannot win), so the result holds the best candidate but not every one. On a
-    summary, once a time is found, each later candidate is first held to the tighter
+    summary, once a time is found, each later candidate with ``R > 1`` is first held to the tighter
     :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops its block
-    balancing as soon as the blocks it moves make it slower than the best."""
+    balancing as soon as the blocks it moves make it slower than the best. (``R = 1`` candidates
+    are planned without it: their plan is only a head balancing, hardly dearer than the bound.)"""
     outer = getattr(_MEMO, "memo", None)
     _MEMO.memo = {} if outer is None else outer
     try:
@@ -131,22 +132,24 @@ def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, b
     if prune:
         totals = _work_per_head(w)
         bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
-        if summary:  # the order: with the head groups and home tiles, one moved unit for plans that move
-            parts = {p: {} for p in pairs}
-            bounds = {p: max(b, _summary_bound_ms(cost_model, w, *p, moves=False, parts=parts[p], **tight)) for p, b in bounds.items()}
         pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
     out: list[DegreeChoice] = []
     best = math.inf
     for u, r in pairs:
-        if prune and bounds[u, r] > best * (1 + 1e-9):
+        limit = best * (1 + 1e-9)
+        if prune and bounds[u, r] > limit:
             continue
         prune_for = None
-        if summary and best < math.inf and "tighten" in parts[u, r]:
-            # Sorting every rank's units costs about a head balancing: only where there is a time to beat.
-            limit = best * (1 + 1e-9)
-            if parts[u, r]["tighten"]() > limit:
+        if summary and best < math.inf and r > 1:
+            # The summary bounds cost about a head balancing each, so they are computed only where
+            # there is a time to beat, and not for R = 1, whose plan is hardly dearer than its bound.
+            parts: dict = {}
+            if _summary_bound_ms(cost_model, w, u, r, moves=False, parts=parts, **tight) > limit:
                 continue
-            prune_for = lambda n, p=parts[u, r], limit=limit: _prune_moves(p, n, limit)  # noqa: E731
+            if "tighten" in parts:  # sorting every rank's units: only for candidates still in the race
+                if parts["tighten"]() > limit:
+                    continue
+                prune_for = lambda n, p=parts, limit=limit: _prune_moves(p, n, limit)  # noqa: E731
         try:
             plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
                                           cost=(cost_model, head_dim), prune_for=prune_for)
