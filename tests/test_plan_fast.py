@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dbsp.plan import Plan
-from dbsp.plan.balance import _lpt_heads, _rest_max
+from dbsp.plan.balance import _lpt_heads, _rest_of
 from dbsp.plan.cache import _swap_heads
 from dbsp.plan.core import _group_tuples, _home
 
@@ -107,19 +107,23 @@ def test_swap_heads_equals_the_one_swap_at_a_time_rule(seed):
 
 
 @pytest.mark.parametrize("R", [1, 2, 3, 5, 8])
-def test_rest_max_skips_the_two_excluded_ranks(R):
+def test_rest_of_skips_the_two_excluded_ranks(R):
+    """Oracle: a loop over ranks. Per candidate ``c`` and step ``t``, the largest ``D[i, t]`` over
+    ranks other than ``e1[t]`` and ``rank_at[of[c], t]`` (-1 where none is left), with ties,
+    repeated partners and excluded ranks that coincide."""
     rng = np.random.default_rng(R)
     for _ in range(30):
         D = rng.integers(0, 4, (R, R)).astype(np.int64)  # ties
-        top = np.argsort(-D, axis=0, kind="stable")[:3]
         e1 = rng.integers(0, R, R)
-        e2 = rng.integers(0, R, (int(rng.integers(1, 6)), R))
-        out = _rest_max(D, top, e1, e2)
-        for c in range(e2.shape[0]):
+        rank_at = rng.integers(0, R, (R, R))
+        partners = np.unique(rng.integers(0, R, int(rng.integers(1, 3))))
+        of = rng.choice(partners, int(rng.integers(1, 6)))
+        out = _rest_of(D, e1, rank_at, partners, of)
+        assert out.shape == (len(of), R)
+        for c in range(len(of)):
             for t in range(R):
-                # Among the step's three heaviest ranks, the first that is neither excluded one.
-                left = [int(D[i, t]) for i in top[:, t] if i != e1[t] and i != e2[c, t]]
-                assert out[c, t] == (left[0] if left else -1)
+                left = [int(D[i, t]) for i in range(R) if i != e1[t] and i != rank_at[of[c], t]]
+                assert out[c, t] == (max(left) if left else -1)
 
 
 @pytest.mark.parametrize("R", [1, 2, 4, 7])

@@ -39,7 +39,7 @@ from .._checks import check_positive_int
 from ..mask import SparseMask
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _check_aligned, _check_degrees, _check_ring, _full_heads,
                    _group_sum, _group_tuples, _head_counts, _home, _home_tuples, _reduce_cols, _reduce_rows, _ring_time,
-                   _stats, _step_index, _steps, _summary_group_sum, _summary_home_tiles)
+                   _stats, _step_index, _steps, _sum_groups, _summary_group_sum, _summary_home_tiles)
 from .cost import CostModel, _Rates, _predictor, _rates_of
 
 
@@ -279,23 +279,24 @@ def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], rewar
         order = order[movable[order]]
     out = []
     if R <= _GREEDY_SCAN_MAX_RING:
-        # Few ranks: a scan of the open ranks beats a heap with its outdated entries.
-        open_ = [g for g in range(R) if caps[g] > 0]
+        # Few ranks: a scan beats a heap with its outdated entries. ``open_load`` is the load of
+        # ranks with room and +inf for full ones, so its first minimum is the least loaded rank
+        # with room, lowest index on ties.
+        open_load = [load[g] if caps[g] > 0 else math.inf for g in range(R)]
         room = list(caps)  # blocks each rank still takes
-        by_load = load.__getitem__
         append = out.append
         for w, h in zip(weights[order].tolist(), home[order].tolist()):
             if room[h] and w == 0:  # zero-weight blocks stay home
                 g = h
             else:
-                g = min(open_, key=by_load)  # least loaded rank with room, lowest index on ties
-                if room[h] and load[h] - reward * w <= load[g]:
+                low = min(open_load)
+                g = open_load.index(low)
+                if room[h] and load[h] - reward * w <= low:
                     g = h
             append(g)
             room[g] -= 1
             load[g] += w
-            if not room[g]:
-                open_.remove(g)
+            open_load[g] = load[g] if room[g] else math.inf
     else:
         heap = [(load[g], g) for g in range(R)]  # (load, rank) of ranks with room; outdated entries are skipped
         heapq.heapify(heap)
@@ -329,14 +330,23 @@ _REFINE_MAX_SWAPS = 32
 _BIG = np.iinfo(np.int64).max
 
 
-def _rest_max(D: np.ndarray, top: np.ndarray, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
+def _rest_of(D: np.ndarray, e1: np.ndarray, rank_at: np.ndarray, partners: np.ndarray, of: np.ndarray) -> np.ndarray:
     """Per candidate and step, the largest ``D[i, t]`` over ranks ``i`` other than ``e1[t]`` and
-    ``e2[c, t]``: ``(C, R)``, ``-1`` where no rank is left. ``top`` holds each step's three
-    heaviest ranks, heaviest first, which is enough to skip two."""
-    t = np.arange(D.shape[1])
-    ok = (top != e1)[:, None, :] & (top[:, None, :] != e2[None])  # (3, C, R): top[s] may serve candidate c
-    first = ok.argmax(0)  # the heaviest rank left
-    return np.where(ok.any(0), D[top[first, t], t], -1)
+    ``rank_at[of[c], t]``: ``(C, R)``, ``-1`` where no rank is left. Every ``of[c]`` is one of the
+    few ``partners``, so the maxima are taken once per partner, not per candidate."""
+    R = D.shape[1]
+    t = np.arange(R)
+    masked = D.copy()
+    masked[e1, t] = -1
+    rest = np.empty((len(partners), R), dtype=D.dtype)
+    for n, b in enumerate(partners.tolist()):
+        keep = masked[rank_at[b], t]
+        masked[rank_at[b], t] = -1
+        rest[n] = masked.max(0)
+        masked[rank_at[b], t] = keep
+    slot = np.zeros(R, dtype=np.int64)
+    slot[partners] = np.arange(len(partners))
+    return rest[slot[of]]
 
 
 def _among(owner: np.ndarray, ranks: np.ndarray, R: int) -> np.ndarray:
@@ -385,6 +395,7 @@ def _refine(
     ii = np.arange(R)
     cols = (ii[:, None] + ii[None, :]) % R  # cols[i, t] = (i + t) % R: the key rank rank i meets at step t
     meet = (ii[:, None] - ii[None, :]) % R  # meet[j, t] = the rank that meets key rank j at step t
+    rows = np.repeat(ii[:, None], R, 1)  # rows[b, t] = b: query rank b is itself at every step
     goal = target * int(W.sum()) / R
     mov = np.ones(qo.shape[0], dtype=bool) if movable is None else movable
     flat = _step_index(R)
@@ -396,7 +407,6 @@ def _refine(
             break
         arg = D.argmax(0)
         excess = peak - np.add.reduce(D, 0, dtype=np.float64) / R  # (D.mean(0), without its checks)
-        top = np.argsort(-D, axis=0, kind="stable")[:3]
         best = []  # (new T, -homes, kind, x, o)
 
         # Query side: swap one of rank a's heavy query blocks with any other rank's block.
@@ -409,7 +419,7 @@ def _refine(
         cb = cols[bs]  # (O, R): the key rank that rank b meets at step t
         new_a = D[a] - Y[xs][:, None, cols[a]] + Y[others][None, :, cols[a]]  # (X, O, R)
         new_b = D[bs][None] + Y[xs][:, cb] - Y[others[:, None], cb][None]
-        rest = _rest_max(D, top, np.full(R, a), np.broadcast_to(bs[:, None], cb.shape))
+        rest = _rest_of(D, np.full(R, a), rows, light, bs)
         new_T = np.maximum(np.maximum(new_a, new_b), rest[None]).sum(-1)
         homes = (home[xs][:, None] == bs[None, :]).astype(np.int64) + (home[others] == a)[None, :]
         if new_T.size:
@@ -428,7 +438,7 @@ def _refine(
         q = meet[js]  # (O, R): rank meeting key rank j' at step t
         new_p = D[p, ii] - Z[p][:, xs].T[:, None, :] + Z[p][:, others].T[None]  # (X, O, R)
         new_q = (D[q, ii[None, :]] - Z[q, others[:, None]])[None] + Z[q[None], xs[:, None, None]]
-        rest = _rest_max(D, top, p, q)
+        rest = _rest_of(D, p, meet, light, js)
         new_T = np.maximum(np.maximum(new_p, new_q), rest[None]).sum(-1)
         homes = (home[xs][:, None] == js[None, :]).astype(np.int64) + (home[others] == j)[None, :]
         if new_T.size:
@@ -664,7 +674,7 @@ def _home_tiles(w: _Work, st: _Stats, groups: list[list[int]], ring: int, sums: 
     """``(U, R, R)``: the groups' tile matrices with every block at home. From pass 1 for short
     rings; else one pass over the groups' heads (``sums`` caches group sums by head tuple)."""
     if st.home_tiles is not None:
-        return np.stack([st.home_tiles[g].sum(0) for g in groups])
+        return _sum_groups(st.home_tiles, groups)
     home = _home(w.num_blocks, ring)
     out = []
     for g in groups:
@@ -816,8 +826,8 @@ def _summary_layouts(
 
     def true(W: np.ndarray, groups: list[list[int]], q_owner: np.ndarray, kv_owner: np.ndarray) -> np.ndarray:
         return W if rates is None else rates.unweigh(W, groups, q_owner, kv_owner, tokens)
-    heads_only = np.stack([head_tiles[g].sum(0) for g in groups])
-    unplanned = heads_only if groups is contiguous else np.stack([head_tiles[g].sum(0) for g in contiguous])
+    heads_only = _sum_groups(head_tiles, groups)
+    unplanned = heads_only if groups is contiguous else _sum_groups(head_tiles, contiguous)
     homes = np.tile(_home(nb, R), (U, 1))
     unit_homes = np.tile(home, (U, 1))
     common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)

@@ -898,6 +898,15 @@ def _reduce_cols(A: np.ndarray, owner: np.ndarray, ring: int) -> np.ndarray:
     return np.add.reduceat(A, starts, axis=1, dtype=A.dtype if A.dtype == np.float64 else np.int64).astype(np.int64)
 
 
+def _sum_groups(x: np.ndarray, groups: "list[list[int]]") -> np.ndarray:
+    """``(len(groups), ...)``: ``x[g].sum(0)`` for every group ``g`` of ids (one gather and one
+    ``reduceat``: a few times faster than a sum per group at 40 heads)."""
+    if not all(groups):  # reduceat would return a row for an empty group
+        return np.stack([x[g].sum(0) for g in groups])
+    starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+    return np.add.reduceat(x[[h for g in groups for h in g]], starts, axis=0)
+
+
 def _reduce_rows(A: np.ndarray, owner: np.ndarray, ring: int) -> np.ndarray:
     """``(R, ...)`` int64: the rows of ``A`` summed by owning ring rank (exact, as above)."""
     if ring <= _MATMUL_MAX_RING:

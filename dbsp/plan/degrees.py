@@ -20,7 +20,7 @@ from ..mask import SparseMask
 from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
                       _layouts, _moved, _ring_key)
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _home, _stats, _steps,
-                   _summary_home_tiles, _work_per_head)
+                   _sum_groups, _summary_home_tiles, _work_per_head)
 from .cost import CostModel, Prediction, _predictor, _rates_of
 
 
@@ -285,7 +285,7 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     for n, (gs, may_move) in enumerate(sets):
         heads_k = np.array([len(g) for g in gs], dtype=np.float64)
         mix = mixes[n] = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
-        C = np.stack([tiles[g].sum(0) for g in gs]) + mix[:, None, None]  # (U, R, R)
+        C = _sum_groups(tiles, gs) + mix[:, None, None]  # (U, R, R)
         if R == 1:
             home = min(home, a2a + float(C.max()))
             continue
