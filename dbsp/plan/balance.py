@@ -831,12 +831,8 @@ def _summary_layouts(
     homes = np.tile(_home(nb, R), (U, 1))
     unit_homes = np.tile(home, (U, 1))
     common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)
-    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
-                       **common)]
     ordered = _dense_first(groups, _full_heads(s, s._head_totals))
-    if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
-        out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
-                               **common))
+    moved = None  # the balanced block layout's plan; balanced first, so that a pruned candidate builds no plan
     if balance_blocks and R > 1:
         q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
         if per_group_blocks:
@@ -874,9 +870,14 @@ def _summary_layouts(
                 W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
         if (q_owner != home).any() or (kv_owner != home).any():
             q_blocks, kv_blocks = np.repeat(q_owner, sizes, axis=1), np.repeat(kv_owner, sizes, axis=1)
-            out.append(_build_plan(groups=ordered, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
-                                   **common))
-    return out
+            moved = _build_plan(groups=ordered, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
+                                **common)
+    out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
+                       **common)]
+    if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
+        out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
+                               **common))
+    return out if moved is None else out + [moved]
 
 
 def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_owner, kv_owner, tile_work) -> Plan:
