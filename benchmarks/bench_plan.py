@@ -17,9 +17,11 @@
    full re-plan on every miss) and the new way (``PlanCache(incremental=True)`` with ``world=8``:
    the degree choice is the first miss, checks precomputed per plan, misses at ring degree 1
    repaired by head swaps). Wall time and CPU time (``time.thread_time``) of the planning calls;
-   the degree choice at step 0 is shown apart. Then the new way for several thresholds P_s
-   (re-plans against the rho_s reached), and ``PlanCache(defer=True)`` over 4 layers both ways:
-   the step thread's time in ``get`` and the background thread's CPU time.
+   the degree choice at step 0 is shown apart. Every path plans each step from a new summary
+   object (as a real run does), so nothing one path remembers on a summary speeds up another.
+   Then the new way for several thresholds P_s (re-plans against the rho_s reached), and
+   ``PlanCache(defer=True)`` over 4 layers both ways: the step thread's time in ``get`` and the
+   background thread's CPU time.
 
 Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv`` and ``plan_balance.png`` to
 ``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
@@ -31,13 +33,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from dbsp.plan import CostModel, PlanCache, choose_degrees, imbalance_ratio, make_plan, summarize_work, tile_work
+from dbsp.plan import CostModel, PlanCache, WorkSummary, choose_degrees, imbalance_ratio, make_plan, summarize_work, tile_work
 from dbsp.simulate import KINDS, WORKLOADS, synthetic_work
 
 FACTORISATIONS = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -111,9 +114,19 @@ def timing(geom: dict, device: torch.device, repeat: int) -> list[dict]:
     return rows
 
 
+def fresh(s: WorkSummary) -> WorkSummary:
+    """A new summary object equal to ``s`` as :func:`summarize_work` returned it: its preset
+    statistics kept, nothing the planner remembers on it (the studies share one set of summaries,
+    and a real run plans every step from a new one)."""
+    out = dataclasses.replace(s)
+    out.__dict__.update({k: s.__dict__[k] for k in s._presets})
+    out.__dict__["_presets"] = s._presets
+    return out
+
+
 def summaries(geom: dict, device: torch.device, steps: int, layers: int) -> dict:
     """``(layer, step) -> (WorkSummary, ms to build it)`` of the drifting synthetic masks (layer
-    ``l`` is seed ``l``), built once and shared by the summary studies."""
+    ``l`` is seed ``l``), built once; the studies plan from :func:`fresh` copies."""
     kw = dict(q_block=geom["q_block"], seq_len=geom["seq_len"])
     out = {}
     for layer in range(layers):
@@ -124,6 +137,7 @@ def summaries(geom: dict, device: torch.device, steps: int, layers: int) -> dict
             s = summarize_work(work, **kw)
             _sync(device)
             out[layer, step] = (s, 1e3 * (time.perf_counter() - t0))
+            s.__dict__["_presets"] = tuple(k for k in s.__dict__ if k not in {f.name for f in dataclasses.fields(s)})
     return out
 
 
@@ -148,6 +162,7 @@ def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, h
             work = synthetic_work(**geom, seed=0, step=step).to(device)
             return work, work, kw, 0.0
         s, ms = pooled[0, step]
+        s = fresh(s)
         return s, s, {}, ms
 
     work, src, extra, _ = source(0)
@@ -196,7 +211,7 @@ def reuse_deferred(geom: dict, steps: int, cost_model: CostModel, head_dim: int,
     rows = []
     for step in range(steps):
         for layer in range(layers):
-            summary = pooled[layer, step][0]
+            summary = fresh(pooled[layer, step][0])
             decided, decided_cpu = cache.decide_ms, cache.decide_cpu_ms
             t0, c0 = time.perf_counter(), time.thread_time()
             plan = cache.get(layer, summary, world=8)
