@@ -333,20 +333,13 @@ _BIG = np.iinfo(np.int64).max
 def _rest_of(D: np.ndarray, e1: np.ndarray, rank_at: np.ndarray, partners: np.ndarray, of: np.ndarray) -> np.ndarray:
     """Per candidate and step, the largest ``D[i, t]`` over ranks ``i`` other than ``e1[t]`` and
     ``rank_at[of[c], t]``: ``(C, R)``, ``-1`` where no rank is left. Every ``of[c]`` is one of the
-    few ``partners``, so the maxima are taken once per partner, not per candidate."""
-    R = D.shape[1]
+    few (distinct) ``partners``, so the maxima are taken once per partner, not per candidate."""
+    R, P = D.shape[1], len(partners)
     t = np.arange(R)
-    masked = D.copy()
-    masked[e1, t] = -1
-    rest = np.empty((len(partners), R), dtype=D.dtype)
-    for n, b in enumerate(partners.tolist()):
-        keep = masked[rank_at[b], t]
-        masked[rank_at[b], t] = -1
-        rest[n] = masked.max(0)
-        masked[rank_at[b], t] = keep
-    slot = np.zeros(R, dtype=np.int64)
-    slot[partners] = np.arange(len(partners))
-    return rest[slot[of]]
+    masked = np.repeat(D[None], P, 0)  # (P, R, R)
+    masked[:, e1, t] = -1
+    masked[np.arange(P)[:, None], rank_at[partners], t] = -1
+    return masked.max(1)[(of[:, None] == partners[None, :]).argmax(1)]
 
 
 def _among(owner: np.ndarray, ranks: np.ndarray, R: int) -> np.ndarray:
