@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .._checks import check_positive_int
-from .core import Plan, WorkSummary, _Stats, _Work, _cdiv, _dense_heads_of, _full_heads, _rho, _steps, _time_rho
+from .core import Plan, WorkSummary, _Stats, _Work, _cdiv, _dense_heads_of, _full_heads, _steps, _time_rho
 
 
 # ---------------------------------------------------------------------------------------- cost model
@@ -298,7 +298,7 @@ class CostModel:
             exchange_ms=exchange_ms,
             ring_ms=ring_ms,
             rank_compute_ms=tuple(tuple(row) for row in (1e3 * compute.sum(2)).tolist()),
-            imbalance=_rho(plan.tile_work),
+            imbalance=plan.imbalance(),
             compute_imbalance=_time_rho(compute),
         )
 
