@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -50,23 +51,29 @@ class _Check:
 
     def __init__(self, plan: Plan, s: WorkSummary) -> None:
         U, R = plan.ulysses, plan.ring
-        self.U, self.R, self.key = U, R, (s.unit_bounds, s.heads)
+        self.U, self.R, self.heads, self.bounds = U, R, s.heads, s.unit_bounds
+        self.units = (s.num_blocks, s.ring, s.coarse)  # these determine the unit bounds
         perm = np.asarray(plan.head_perm, dtype=np.int64)
         off = plan.head_offsets
         self.perm, self.starts = perm, np.asarray(off[:-1], dtype=np.int64)
-        self.groups = [perm[off[k] : off[k + 1]] for k in range(U)]
-        self.largest = max(len(g) for g in self.groups)
         if R > 1:
+            self.groups = [perm[off[k] : off[k + 1]] for k in range(U)]
+            self.largest = max(len(g) for g in self.groups)
             q_owner, kv_owner = _unit_owners(s, plan)  # ValueError if the plan splits a unit
             self.oq = np.stack([_onehot(q_owner[k], R).T for k in range(U)])  # (U, R, NU)
             self.okv = np.stack([_onehot(kv_owner[k], R) for k in range(U)])  # (U, NU, R)
             i = np.arange(R)
             self.flat = (i[:, None] * R + (i[:, None] + i[None, :]) % R).reshape(-1)  # as in _steps
 
+    def _same_units(self, s: WorkSummary) -> None:
+        """Raise ``ValueError`` unless ``s`` has the unit bounds and head count of the build."""
+        # Equal (NB, ring, coarse) give equal bounds: the NU + 1 of them are compared only otherwise.
+        if s.heads != self.heads or ((s.num_blocks, s.ring, s.coarse) != self.units and s.unit_bounds != self.bounds):
+            raise ValueError("the summary's units or heads differ from those the check was built for")
+
     def tiles(self, s: WorkSummary) -> np.ndarray:
         """``(U, R, R)`` int64: the plan's tile matrix on summary ``s`` (same units as at build)."""
-        if (s.unit_bounds, s.heads) != self.key:
-            raise ValueError("the summary's units or heads differ from those the check was built for")
+        self._same_units(s)
         U, R = self.U, self.R
         if R == 1:
             return np.add.reduceat(s._head_totals[self.perm], self.starts).reshape(U, 1, 1)
@@ -88,8 +95,7 @@ class _Check:
             return self.rho_of(self.tiles(s))
         # R = 1, the per-step check of head-level plans: the groups' loads as Python ints (exact),
         # without the (U, 1, 1) tile array and its numpy reductions.
-        if (s.unit_bounds, s.heads) != self.key:
-            raise ValueError("the summary's units or heads differ from those the check was built for")
+        self._same_units(s)
         return _head_rho(np.add.reduceat(s._head_totals[self.perm], self.starts).tolist())
 
     def rho_of(self, W: np.ndarray) -> float:
@@ -118,25 +124,32 @@ def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
     another group can swap so that both groups end below ``a``'s old load, apply the swap with
     the lowest new pair maximum (ties: the first in the order (``y``'s group, ``y``, ``x``)). Each
     swap lowers the sorted load vector, so this terminates; the heaviest load never rises.
-    Deterministic (integer arithmetic, fixed tie-breaking).
-
-    Plain Python on ints: a round visits the other groups from the lightest and stops at the
-    first whose best possible pair maximum, ``la - (la - lb) // 2``, is above the best swap found
-    (a heavier group's bound is no lower), and scans ``a``'s heads by total from the first one
-    heavier than ``y`` to the last one within the gap. At the sizes it runs at (``H = 40``,
-    ``U = 8``) that is a few hundred integer steps per repair, less than numpy's per-call overhead
-    on ``(U, H / U, H / U)`` arrays every round.
+    Deterministic (integer arithmetic, fixed tie-breaking). Returns every group's heads ascending.
     """
-    H, U = len(totals), len(groups)
-    if U == 1:
+    if len(groups) == 1:
         return [sorted(groups[0])]
-    tot = np.asarray(totals, dtype=np.int64).tolist()
-    rows = [sorted(int(h) for h in g) for g in groups]  # every group's heads, ascending ids
+    rows = [sorted(int(h) for h in g) for g in groups]
+    _swap_rows(np.asarray(totals, dtype=np.int64).tolist(), rows)
+    return rows
+
+
+def _swap_rows(tot: list[int], rows: list[list[int]]) -> list[int]:
+    """:func:`_swap_heads` in place on ``rows`` (ascending head ids, kept so) with the per-head
+    totals ``tot`` as Python ints; returns the groups' final loads.
+
+    Plain Python: a round visits the other groups from the lightest and stops at the first whose
+    best possible pair maximum, ``la - (la - lb) // 2``, is above the best swap found (a heavier
+    group's bound is no lower); for each ``y`` it scans ``a``'s heads from the heaviest, skipping
+    those at least the gap heavier and stopping at the first no heavier than ``y``. At the sizes
+    it runs at (``H = 40``, ``U = 8``) a repair takes a few hundred such steps, less than numpy's
+    per-call overhead on ``(U, H / U, H / U)`` arrays every round.
+    """
+    H, U = len(tot), len(rows)
     load = [sum([tot[h] for h in g]) for g in rows]
     for _ in range(4 * H * U):
         la = max(load)
         a = load.index(la)  # the heaviest group, lowest index on ties
-        xs = sorted([(tot[x], x) for x in rows[a]])  # a's heads by total, ids ascending on ties
+        xs = sorted([(tot[x], x) for x in rows[a]], reverse=True)  # a's heads, heaviest first
         # The best swap so far as (new pair maximum, b, y, x); every real swap has a maximum below la.
         best, bb, by, bx = la, U, H, H
         for lb, b in sorted(zip(load, range(U))):
@@ -145,12 +158,13 @@ def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
                 break  # max(la - d, lb + d) >= la - gap // 2, and the remaining groups are no lighter
             for y in rows[b]:
                 ty = tot[y]
+                hi = ty + gap
                 for tx, x in xs:
-                    if tx <= ty:
+                    if tx >= hi:
                         continue
-                    d = tx - ty
-                    if d >= gap:
+                    if tx <= ty:
                         break
+                    d = tx - ty
                     new = la - d if d + d <= gap else lb + d
                     if new < best or (new == best and (b, y, x) < (bb, by, bx)):
                         best, bb, by, bx = new, b, y, x
@@ -165,7 +179,7 @@ def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
         rows[bb].sort()
         load[a] -= d
         load[bb] += d
-    return rows
+    return load
 
 
 def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
@@ -188,23 +202,24 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
     if plan.ring != 1:
         return None
     U, totals = plan.ulysses, s._head_totals
-    groups = _swap_heads(totals, [list(plan.head_group(k)) for k in range(U)])
+    perm, off = plan.head_perm, plan.head_offsets
+    groups = [sorted(perm[off[k] : off[k + 1]]) for k in range(U)]
+    loads = _swap_rows(totals.tolist(), groups)  # the groups' loads: the (U, 1, 1) tiles
+    rho = _head_rho(loads)
+    if rho > target:
+        return None
     dense = _full_heads(s, totals)
-    if dense.any():  # _dense_first reorders only groups holding a dense head; the others stay ascending
+    if dense.any():  # _dense_first reorders only the groups holding a dense head; the others stay ascending
         ids = set(np.flatnonzero(dense).tolist())
         mixed = [k for k, g in enumerate(groups) if not ids.isdisjoint(g)]
         for k, g in zip(mixed, _dense_first([groups[k] for k in mixed], dense)):
             groups[k] = g
-    perm = tuple(h for g in groups for h in g)
-    W = np.add.reduceat(totals[list(perm)], plan.head_offsets[:-1], dtype=np.int64)  # (U,) group loads
-    rho = _head_rho(W.tolist())
-    if rho > target:
-        return None
-    new = Plan(**{**plan._layout(), "head_perm": perm, "tile_work": torch.from_numpy(W.reshape(U, 1, 1)), "_checked": False})
-    # As _build_plan does: seed the owner arrays (every block at ring rank 0) that Plan would
-    # otherwise rebuild from the block tuples, and the rho_s just computed from the same tiles.
+    W = torch.from_numpy(np.array(loads, dtype=np.int64).reshape(U, 1, 1))
+    new = Plan(**{**plan._layout(), "head_perm": tuple(chain.from_iterable(groups)), "tile_work": W, "_checked": False})
+    # As _build_plan does: seed the owner arrays (every block at ring rank 0, read-only like every
+    # plan's) that Plan would otherwise rebuild from the block tuples, and the rho_s of the tiles.
     owner = np.zeros((U, plan.num_blocks), dtype=np.int64)
-    new.__dict__["_owners"] = (owner, owner.copy())
+    new.__dict__["_owners"] = (owner, owner)
     new.__dict__["_imbalance_memo"] = rho
     return new
 
