@@ -74,6 +74,9 @@ class _Check:
     def tiles(self, s: WorkSummary) -> np.ndarray:
         """``(U, R, R)`` int64: the plan's tile matrix on summary ``s`` (same units as at build)."""
         self._same_units(s)
+        return self._tiles(s)
+
+    def _tiles(self, s: WorkSummary) -> np.ndarray:
         U, R = self.U, self.R
         if R == 1:
             return np.add.reduceat(s._head_totals[self.perm], self.starts).reshape(U, 1, 1)
@@ -89,13 +92,19 @@ class _Check:
                     np.add(acc[k], a[h], out=acc[k])
         return np.matmul(self.oq, np.matmul(acc.astype(np.float64), self.okv)).astype(np.int64)
 
-    def rho(self, s: WorkSummary) -> float:
-        """Exact ``rho_s`` of summary ``s`` under the plan (the formula of :func:`_rho`)."""
+    def rho(self, s: WorkSummary, *, same_units: bool = False) -> float:
+        """Exact ``rho_s`` of summary ``s`` under the plan (the formula of :func:`_rho`).
+
+        ``same_units=True``: the caller knows that ``s`` has the units and heads of the build
+        (:class:`PlanCache` checks only summaries of the request its plan was cached for), so
+        they are not compared again.
+        """
+        if not same_units:
+            self._same_units(s)
         if self.R > 1:
-            return self.rho_of(self.tiles(s))
+            return self.rho_of(self._tiles(s))
         # R = 1, the per-step check of head-level plans: the groups' loads as Python ints (exact),
         # without the (U, 1, 1) tile array and its numpy reductions.
-        self._same_units(s)
         return _head_rho(np.add.reduceat(s._head_totals[self.perm], self.starts).tolist())
 
     def rho_of(self, W: np.ndarray) -> float:
@@ -209,17 +218,21 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
     if rho > target:
         return None
     dense = _full_heads(s, totals)
-    if dense.any():  # _dense_first reorders only the groups holding a dense head; the others stay ascending
-        ids = set(np.flatnonzero(dense).tolist())
+    ids = set(np.flatnonzero(dense).tolist())
+    if ids:  # _dense_first reorders only the groups holding a dense head; the others stay ascending
         mixed = [k for k, g in enumerate(groups) if not ids.isdisjoint(g)]
         for k, g in zip(mixed, _dense_first([groups[k] for k in mixed], dense)):
             groups[k] = g
     W = torch.from_numpy(np.array(loads, dtype=np.int64).reshape(U, 1, 1))
     new = Plan(**{**plan._layout(), "head_perm": tuple(chain.from_iterable(groups)), "tile_work": W, "_checked": False})
-    # As _build_plan does: seed the owner arrays (every block at ring rank 0, read-only like every
-    # plan's) that Plan would otherwise rebuild from the block tuples, and the rho_s of the tiles.
-    owner = np.zeros((U, plan.num_blocks), dtype=np.int64)
-    new.__dict__["_owners"] = (owner, owner)
+    # As _build_plan does: seed the owner arrays that Plan would otherwise rebuild from the block
+    # tuples (the cached plan's, where it has them: the same layout; read-only like every plan's),
+    # and the rho_s of the tiles.
+    owners = plan.__dict__.get("_owners")
+    if owners is None:
+        owner = np.zeros((U, plan.num_blocks), dtype=np.int64)  # every block at ring rank 0
+        owners = (owner, owner)
+    new.__dict__["_owners"] = owners
     new.__dict__["_imbalance_memo"] = rho
     return new
 
@@ -414,12 +427,14 @@ class PlanCache:
         return plan.ring == 1 and self.fast_check and isinstance(w, WorkSummary)
 
     def _check(self, key, plan: Plan, w: "_Work | WorkSummary") -> float:
-        """Exact rho_s of ``w`` under the cached ``plan`` of ``key``."""
+        """Exact rho_s of ``w`` under the cached ``plan`` of ``key`` (``w`` of the plan's request)."""
         if isinstance(w, WorkSummary) and self.fast_check:
             check = self._checks.get(key)
             if check is None:
                 check = self._checks[key] = _Check(plan, w)
-            return check.rho(w)
+            # Every summary checked under one cached plan has its request's heads, NB, coarse and
+            # ring, hence the units the check was built for.
+            return check.rho(w, same_units=True)
         return _rho(torch.from_numpy(_tile_work(w, plan)))
 
     def _unbalanced(self, request: tuple, w: "_Work | WorkSummary") -> "Plan | None":
