@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
 from typing import Any
 
 import numpy as np
