@@ -1161,7 +1161,7 @@ def test_deferred_plan_cache_reports_background_errors_at_the_next_call():
 
 # ---------------------------------------------------------------------------- fast reuse check, repairs
 
-from dbsp.plan.cache import _Check, _repair, _swap_heads  # noqa: E402
+from dbsp.plan.cache import _Check, _head_rho, _repair, _swap_heads, _swap_rows  # noqa: E402
 
 
 def random_unit_plan(summary, U, R, *, seed, uneven=False):
@@ -1282,6 +1282,83 @@ def test_repair_gives_valid_plans_no_worse_than_the_cached_one():
     assert repaired >= 2
     assert _repair(s, plan, target=1.0) is None or _repair(s, plan, target=1.0).imbalance() == 1.0
     assert _repair(s, make_plan(s, ulysses=4, ring=2), target=2.0) is None  # rings > 1 are not repaired
+
+
+def test_repair_equals_the_plan_built_from_its_groups_with_dense_heads_first():
+    """A repaired plan (built from the cached layout, its rho_s and owner arrays seeded) is the
+    plan _build_plan makes from the same swapped groups, ordered by _dense_first: same layout,
+    tiles, rho_s and owners; a repair that misses the target is None."""
+    from dbsp.plan.balance import _build_plan, _dense_first
+    from dbsp.plan.core import _full_heads, _rho
+
+    kw = dict(q_block=64, seq_len=4096)
+    mixed = moved = 0
+    for seed in range(4):
+        work = synthetic_work(heads=12, seq_len=4096, frames=8, seed=seed, step=0).clone()
+        work[0, seed] = 64 * 64  # one dense head: _dense_first moves it to the front of its group
+        later = synthetic_work(heads=12, seq_len=4096, frames=8, seed=seed, step=20)
+        later[0, seed] = 64 * 64
+        s0, s1 = summarize_work(work, **kw), summarize_work(later, **kw)
+        built = make_plan(s0, ulysses=4, ring=1)
+        unseeded = Plan(**built._layout())  # validated: no owner arrays to share
+        for plan in (built, unseeded):
+            new = _repair(s1, plan, target=2.0)
+            totals = s1._head_totals
+            groups = _dense_first(_swap_heads(totals, [list(plan.head_group(k)) for k in range(4)]), _full_heads(s1, totals))
+            owner = np.zeros((4, plan.num_blocks), dtype=np.int64)
+            W = np.array([totals[g].sum() for g in groups], dtype=np.int64).reshape(4, 1, 1)
+            ref = _build_plan(ulysses=4, ring=1, heads=12, q_block=64, seq_len=4096, groups=groups, counts=[3] * 4,
+                              q_owner=owner, kv_owner=owner, tile_work=W)
+            assert new == ref and new.fingerprint() == ref.fingerprint()
+            assert torch.equal(new.tile_work, ref.tile_work) and new.tile_work.dtype == torch.int64
+            assert new.imbalance() == _rho(ref.tile_work) == imbalance_ratio(later, ulysses=4, ring=1, plan=new, **kw)
+            fresh = Plan(**new._layout())  # owners rebuilt from the block tuples
+            assert all(np.array_equal(a, b) for a, b in zip(new._owners, fresh._owners))
+            dense = _full_heads(s1, totals)
+            assert dense[seed] and not dense.all()
+            for k in range(4):  # dense heads first, ids ascending within each kind
+                g = new.head_group(k)
+                assert list(g) == sorted(g, key=lambda h: (not dense[h], h))
+                mixed += 0 < dense[list(g)].sum() < len(g)
+            moved += new.head_perm != plan.head_perm
+            assert _repair(s1, plan, target=new.imbalance() - 1e-9) is None
+    assert mixed >= 4 and moved >= 4  # reordered groups and real swaps were compared
+
+
+def test_swap_rows_returns_the_loads_of_its_groups_and_the_rows_of_swap_heads():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        H = int(rng.integers(1, 30))
+        U = int(rng.integers(1, min(H, 8) + 1))
+        counts = [H // U + (k < H % U) for k in range(U)]
+        totals = rng.integers(0, int(rng.choice([4, 10**10])), H)
+        perm = rng.permutation(H).tolist()
+        groups = [sorted(perm[sum(counts[:k]) : sum(counts[: k + 1])]) for k in range(U)]
+        rows = [list(g) for g in groups]
+        loads = _swap_rows(totals.tolist(), rows)
+        assert rows == _swap_heads(totals, groups)
+        assert loads == [int(totals[g].sum()) for g in rows]
+
+
+def test_head_rho_and_the_r1_check_equal_the_tile_formula():
+    from dbsp.plan.core import _rho
+
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        U = int(rng.integers(1, 9))
+        loads = rng.integers(0, int(rng.choice([3, 10**12])), U) * (rng.random() < 0.9)
+        assert _head_rho(loads.tolist()) == _rho(loads.reshape(U, 1, 1).astype(np.int64))
+    s0 = summarize_work(random_work(6, 32, seed=1), ring=4, coarse=2, q_block=64, seq_len=2048)
+    s1 = summarize_work(random_work(6, 32, seed=2), ring=4, coarse=2, q_block=64, seq_len=2048)
+    other = summarize_work(random_work(6, 32, seed=2), ring=4, coarse=4, q_block=64, seq_len=2048)
+    for U, R in ((3, 1), (2, 4)):
+        check = _Check(make_plan(s0, ulysses=U, ring=R), s0)
+        assert check.rho(s1) == check.rho(s1, same_units=True) == imbalance_ratio(s1, ulysses=U, ring=R, plan=make_plan(s0, ulysses=U, ring=R))
+        with pytest.raises(ValueError, match="units or heads differ"):
+            check.rho(other)
+    same_bounds = summarize_work(random_work(6, 32, seed=2), ring=2, coarse=2, q_block=64, seq_len=2048)
+    assert same_bounds.unit_bounds == s0.unit_bounds  # other (ring, coarse), the same units: no error
+    assert _Check(make_plan(s0, ulysses=3, ring=1), s0).rho(same_bounds) == imbalance_ratio(same_bounds, ulysses=3, ring=1, plan=make_plan(s0, ulysses=3, ring=1))
 
 
 @pytest.mark.parametrize("degrees", [dict(ulysses=8, ring=1), dict(ulysses=2, ring=4), dict(world=8)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -50,23 +51,32 @@ class _Check:
 
     def __init__(self, plan: Plan, s: WorkSummary) -> None:
         U, R = plan.ulysses, plan.ring
-        self.U, self.R, self.key = U, R, (s.unit_bounds, s.heads)
+        self.U, self.R, self.heads, self.bounds = U, R, s.heads, s.unit_bounds
+        self.units = (s.num_blocks, s.ring, s.coarse)  # these determine the unit bounds
         perm = np.asarray(plan.head_perm, dtype=np.int64)
         off = plan.head_offsets
         self.perm, self.starts = perm, np.asarray(off[:-1], dtype=np.int64)
-        self.groups = [perm[off[k] : off[k + 1]] for k in range(U)]
-        self.largest = max(len(g) for g in self.groups)
         if R > 1:
+            self.groups = [perm[off[k] : off[k + 1]] for k in range(U)]
+            self.largest = max(len(g) for g in self.groups)
             q_owner, kv_owner = _unit_owners(s, plan)  # ValueError if the plan splits a unit
             self.oq = np.stack([_onehot(q_owner[k], R).T for k in range(U)])  # (U, R, NU)
             self.okv = np.stack([_onehot(kv_owner[k], R) for k in range(U)])  # (U, NU, R)
             i = np.arange(R)
             self.flat = (i[:, None] * R + (i[:, None] + i[None, :]) % R).reshape(-1)  # as in _steps
 
+    def _same_units(self, s: WorkSummary) -> None:
+        """Raise ``ValueError`` unless ``s`` has the unit bounds and head count of the build."""
+        # Equal (NB, ring, coarse) give equal bounds: the NU + 1 of them are compared only otherwise.
+        if s.heads != self.heads or ((s.num_blocks, s.ring, s.coarse) != self.units and s.unit_bounds != self.bounds):
+            raise ValueError("the summary's units or heads differ from those the check was built for")
+
     def tiles(self, s: WorkSummary) -> np.ndarray:
         """``(U, R, R)`` int64: the plan's tile matrix on summary ``s`` (same units as at build)."""
-        if (s.unit_bounds, s.heads) != self.key:
-            raise ValueError("the summary's units or heads differ from those the check was built for")
+        self._same_units(s)
+        return self._tiles(s)
+
+    def _tiles(self, s: WorkSummary) -> np.ndarray:
         U, R = self.U, self.R
         if R == 1:
             return np.add.reduceat(s._head_totals[self.perm], self.starts).reshape(U, 1, 1)
@@ -82,9 +92,20 @@ class _Check:
                     np.add(acc[k], a[h], out=acc[k])
         return np.matmul(self.oq, np.matmul(acc.astype(np.float64), self.okv)).astype(np.int64)
 
-    def rho(self, s: WorkSummary) -> float:
-        """Exact ``rho_s`` of summary ``s`` under the plan (the formula of :func:`_rho`)."""
-        return self.rho_of(self.tiles(s))
+    def rho(self, s: WorkSummary, *, same_units: bool = False) -> float:
+        """Exact ``rho_s`` of summary ``s`` under the plan (the formula of :func:`_rho`).
+
+        ``same_units=True``: the caller knows that ``s`` has the units and heads of the build
+        (:class:`PlanCache` checks only summaries of the request its plan was cached for), so
+        they are not compared again.
+        """
+        if not same_units:
+            self._same_units(s)
+        if self.R > 1:
+            return self.rho_of(self._tiles(s))
+        # R = 1, the per-step check of head-level plans: the groups' loads as Python ints (exact),
+        # without the (U, 1, 1) tile array and its numpy reductions.
+        return _head_rho(np.add.reduceat(s._head_totals[self.perm], self.starts).tolist())
 
     def rho_of(self, W: np.ndarray) -> float:
         """``rho_s`` of ``(U, R, R)`` tiles ``W``, computed as :func:`_rho` does."""
@@ -98,6 +119,13 @@ class _Check:
         return int(D.max(1).sum(1).max()) * U * R / total
 
 
+def _head_rho(loads: list[int]) -> float:
+    """``rho_s`` of a head-level plan (``R = 1``) from its groups' loads: the heaviest load times
+    ``U`` over the total, as :func:`_rho` computes it (``1.0`` when there is no work)."""
+    total = sum(loads)
+    return 1.0 if total == 0 else max(loads) * len(loads) / total
+
+
 def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
     """Head groups repaired from ``groups`` by pairwise swaps (every group keeps its head count).
 
@@ -105,43 +133,62 @@ def _swap_heads(totals: np.ndarray, groups: list[list[int]]) -> list[list[int]]:
     another group can swap so that both groups end below ``a``'s old load, apply the swap with
     the lowest new pair maximum (ties: the first in the order (``y``'s group, ``y``, ``x``)). Each
     swap lowers the sorted load vector, so this terminates; the heaviest load never rises.
-    Deterministic (integer arithmetic, fixed tie-breaking).
+    Deterministic (integer arithmetic, fixed tie-breaking). Returns every group's heads ascending.
     """
-    H, U = len(totals), len(groups)
-    if U == 1:
+    if len(groups) == 1:
         return [sorted(groups[0])]
-    # Every group's heads as a row of ascending ids with their totals, padded with a total no head
-    # exceeds (a swap with padding never helps): one round scores every (b, y, x) at once.
-    sizes = [len(g) for g in groups]
-    n = max(sizes)
-    tot = np.asarray(totals, dtype=np.int64)
-    G = np.zeros((U, n), dtype=np.int64)
-    TG = np.full((U, n), tot.max(), dtype=np.int64)  # tot[G], padded
-    for k, g in enumerate(groups):
-        G[k, : sizes[k]] = sorted(g)
-        TG[k, : sizes[k]] = tot[G[k, : sizes[k]]]
-    load = np.array([tot[G[k, : sizes[k]]].sum() for k in range(U)], dtype=np.int64)
+    rows = [sorted(int(h) for h in g) for g in groups]
+    _swap_rows(np.asarray(totals, dtype=np.int64).tolist(), rows)
+    return rows
+
+
+def _swap_rows(tot: list[int], rows: list[list[int]]) -> list[int]:
+    """:func:`_swap_heads` in place on ``rows`` (ascending head ids, kept so) with the per-head
+    totals ``tot`` as Python ints; returns the groups' final loads.
+
+    Plain Python: a round visits the other groups from the lightest and stops at the first whose
+    best possible pair maximum, ``la - (la - lb) // 2``, is above the best swap found (a heavier
+    group's bound is no lower); for each ``y`` it scans ``a``'s heads from the heaviest, skipping
+    those at least the gap heavier and stopping at the first no heavier than ``y``. At the sizes
+    it runs at (``H = 40``, ``U = 8``) a repair takes a few hundred such steps, less than numpy's
+    per-call overhead on ``(U, H / U, H / U)`` arrays every round.
+    """
+    H, U = len(tot), len(rows)
+    load = [sum([tot[h] for h in g]) for g in rows]
     for _ in range(4 * H * U):
-        a = int(load.argmax())
-        la = load[a]
-        d = TG[a, : sizes[a]][None, None, :] - TG[:, :, None]  # (U, n, X): d[b, y, x] = tot[x] - tot[y]
-        # Both groups must end below la: la - d < la (so d > 0) and load[b] + d < la; group a itself
-        # (load[b] = la) and padding (d <= 0) never pass.
-        new = np.maximum(la - d, load[:, None, None] + d)
-        best = int(new.argmin())  # the first strict minimum in the order (b, y, x)
-        if new.flat[best] >= la:
+        la = max(load)
+        a = load.index(la)  # the heaviest group, lowest index on ties
+        xs = sorted([(tot[x], x) for x in rows[a]], reverse=True)  # a's heads, heaviest first
+        # The best swap so far as (new pair maximum, b, y, x); every real swap has a maximum below la.
+        best, bb, by, bx = la, U, H, H
+        for lb, b in sorted(zip(load, range(U))):
+            gap = la - lb  # a swap moving d = tot[x] - tot[y] needs 0 < d < gap (both end below la)
+            if gap < 2 or la - gap // 2 > best:
+                break  # max(la - d, lb + d) >= la - gap // 2, and the remaining groups are no lighter
+            for y in rows[b]:
+                ty = tot[y]
+                hi = ty + gap
+                for tx, x in xs:
+                    if tx >= hi:
+                        continue
+                    if tx <= ty:
+                        break
+                    d = tx - ty
+                    new = la - d if d + d <= gap else lb + d
+                    if new < best or (new == best and (b, y, x) < (bb, by, bx)):
+                        best, bb, by, bx = new, b, y, x
+        if best == la:
             break
-        b, rest = divmod(best, n * sizes[a])
-        yi, xi = divmod(rest, sizes[a])
-        x, y = int(G[a, xi]), int(G[b, yi])
-        shift = int(d[b, yi, xi])
-        G[a, xi], G[b, yi] = y, x
-        for k in (a, b):  # rows stay in ascending id order
-            G[k, : sizes[k]].sort()
-            TG[k, : sizes[k]] = tot[G[k, : sizes[k]]]
-        load[a] -= shift
-        load[b] += shift
-    return [G[k, : sizes[k]].tolist() for k in range(U)]
+        d = tot[bx] - tot[by]
+        rows[a].remove(bx)
+        rows[a].append(by)
+        rows[a].sort()
+        rows[bb].remove(by)
+        rows[bb].append(bx)
+        rows[bb].sort()
+        load[a] -= d
+        load[bb] += d
+    return load
 
 
 def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
@@ -156,17 +203,38 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
     (LPT from scratch, then the same swaps); both are local optima of the same swap rule.
     Longer rings are not repaired: refining the cached block layouts after the heads move cost
     more than planning afresh on this repository's drifting workloads.
+
+    The repair keeps the cached plan's block layout (at ``R = 1`` every group's one ring rank
+    holds every block) and head counts; only ``head_perm`` and ``tile_work`` change. A repair
+    that misses ``target`` is not built.
     """
     if plan.ring != 1:
         return None
-    U = plan.ulysses
-    groups = _swap_heads(s._head_totals, [list(plan.head_group(k)) for k in range(U)])
-    groups = _dense_first(groups, _full_heads(s, s._head_totals))
-    W = np.array([s._head_totals[g].sum() for g in groups], dtype=np.int64).reshape(U, 1, 1)
-    owner = np.zeros((U, plan.num_blocks), dtype=np.int64)
-    new = _build_plan(ulysses=U, ring=1, heads=plan.heads, q_block=plan.q_block, seq_len=plan.seq_len, groups=groups,
-                      counts=list(plan.heads_per_rank), q_owner=owner, kv_owner=owner, tile_work=W)
-    return new if new.imbalance() <= target else None
+    U, totals = plan.ulysses, s._head_totals
+    perm, off = plan.head_perm, plan.head_offsets
+    groups = [sorted(perm[off[k] : off[k + 1]]) for k in range(U)]
+    loads = _swap_rows(totals.tolist(), groups)  # the groups' loads: the (U, 1, 1) tiles
+    rho = _head_rho(loads)
+    if rho > target:
+        return None
+    dense = _full_heads(s, totals)
+    ids = set(np.flatnonzero(dense).tolist())
+    if ids:  # _dense_first reorders only the groups holding a dense head; the others stay ascending
+        mixed = [k for k, g in enumerate(groups) if not ids.isdisjoint(g)]
+        for k, g in zip(mixed, _dense_first([groups[k] for k in mixed], dense)):
+            groups[k] = g
+    W = torch.from_numpy(np.array(loads, dtype=np.int64).reshape(U, 1, 1))
+    new = Plan(**{**plan._layout(), "head_perm": tuple(chain.from_iterable(groups)), "tile_work": W, "_checked": False})
+    # As _build_plan does: seed the owner arrays that Plan would otherwise rebuild from the block
+    # tuples (the cached plan's, where it has them: the same layout; read-only like every plan's),
+    # and the rho_s of the tiles.
+    owners = plan.__dict__.get("_owners")
+    if owners is None:
+        owner = np.zeros((U, plan.num_blocks), dtype=np.int64)  # every block at ring rank 0
+        owners = (owner, owner)
+    new.__dict__["_owners"] = owners
+    new.__dict__["_imbalance_memo"] = rho
+    return new
 
 
 class PlanCache:
@@ -359,12 +427,14 @@ class PlanCache:
         return plan.ring == 1 and self.fast_check and isinstance(w, WorkSummary)
 
     def _check(self, key, plan: Plan, w: "_Work | WorkSummary") -> float:
-        """Exact rho_s of ``w`` under the cached ``plan`` of ``key``."""
+        """Exact rho_s of ``w`` under the cached ``plan`` of ``key`` (``w`` of the plan's request)."""
         if isinstance(w, WorkSummary) and self.fast_check:
             check = self._checks.get(key)
             if check is None:
                 check = self._checks[key] = _Check(plan, w)
-            return check.rho(w)
+            # Every summary checked under one cached plan has its request's heads, NB, coarse and
+            # ring, hence the units the check was built for.
+            return check.rho(w, same_units=True)
         return _rho(torch.from_numpy(_tile_work(w, plan)))
 
     def _unbalanced(self, request: tuple, w: "_Work | WorkSummary") -> "Plan | None":
