@@ -184,9 +184,10 @@ def _dense_first(groups: list[list[int]], dense: np.ndarray | None) -> list[list
     The order inside a group changes no work, but the runtime reads a rank's dense heads as one
     strided view when they are consecutive and gathers them otherwise (``attention``'s mixed
     calls; :class:`CostModel` charges the two cases apart)."""
-    if dense is None or not dense.any():
+    ids = set() if dense is None else set(np.flatnonzero(dense).tolist())
+    if not ids:
         return groups
-    return [sorted(g, key=lambda h: (not dense[h], h)) for g in groups]
+    return [sorted(g, key=lambda h: (h not in ids, h)) if not ids.isdisjoint(g) else sorted(g) for g in groups]
 
 
 def _balance_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], refine: bool, penalty: int) -> list[list[int]]:
@@ -887,7 +888,9 @@ def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_own
         return memo[key]
 
     def layout(owners: np.ndarray) -> tuple[tuple[tuple[int, ...], ...], ...]:
-        if ring == 1 or bool((owners == owners[:1]).all()):  # one layout for every group (always at R = 1)
+        if ring == 1:  # one ring rank holds every block
+            return (_home_tuples(nb, 1),) * ulysses
+        if bool((owners == owners[:1]).all()):  # one layout for every group
             return (tuples(owners[0]),) * ulysses
         return tuple(tuples(owners[k]) for k in range(ulysses))
 
