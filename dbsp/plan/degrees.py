@@ -284,7 +284,9 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     block_ms = 2 * s.q_block * token_bytes / bw * 1e3
     for n, (gs, may_move) in enumerate(sets):
         heads_k = np.array([len(g) for g in gs], dtype=np.float64)
-        mix = mixes[n] = np.array([mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs])  # (U,) per call
+        mix = mixes[n] = np.zeros(len(gs))  # (U,) per call: groups holding dense and sparse heads
+        if mixed:
+            mix[:] = [mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs]
         C = _sum_groups(tiles, gs) + mix[:, None, None]  # (U, R, R)
         if R == 1:
             home = min(home, a2a + float(C.max()))
@@ -334,8 +336,8 @@ def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix
         lefts.append(start[:, :, None] - np.concatenate([np.zeros((U, R, 1)), sent], 2))  # (U, R, n + 1)
     # A plan's ring time T is at least every rank's load, so rank (k, i) sent at least
     # count(left > T) units; T ranges over the group mean and the loads where a count drops.
-    cands = np.unique(np.concatenate([[mean]] + [x.reshape(-1) for x in lefts]))
-    cands = cands[cands >= mean]
+    cands = np.concatenate([[mean]] + [x.reshape(-1) for x in lefts])
+    cands = cands[cands >= mean]  # (repeated values only repeat a total: no need to sort them out)
     need = np.zeros((len(cands), U))
     feasible = np.ones(len(cands), dtype=bool)
     for x in lefts:
