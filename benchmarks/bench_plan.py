@@ -23,8 +23,8 @@
    ``PlanCache(defer=True)`` over 4 layers both ways: the step thread's time in ``get`` and the
    background thread's CPU time.
 
-Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv`` and ``plan_balance.png`` to
-``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
+Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv``, ``plan_reuse_deferred.csv``
+and ``plan_balance.png`` to ``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
 the passes over it (and the summary's pooling) run there; the greedy, the refinement and the plan
 itself run on the CPU. Times are medians; the CPU machines are shared, so expect some noise.
 """
@@ -351,7 +351,8 @@ def main() -> None:
               f"all CPU {100 * (cpu + bg_cpu) / attn_ms:.2f}%")
     write_csv(reu, args.out / "plan_reuse.csv")
     write_csv(deferred, args.out / "plan_reuse_deferred.csv")
-    print(f"\nwrote {', '.join(p.name for p in sorted(args.out.iterdir()))} to {args.out}")
+    written = ("plan_balance.csv", "plan_balance.png", "plan_timing.csv", "plan_reuse.csv", "plan_reuse_deferred.csv")
+    print(f"\nwrote {', '.join(written)} to {args.out}")
 
 
 if __name__ == "__main__":
