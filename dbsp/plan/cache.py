@@ -217,12 +217,7 @@ def _repair(s: WorkSummary, plan: Plan, *, target: float) -> "Plan | None":
     rho = _head_rho(loads)
     if rho > target:
         return None
-    dense = _full_heads(s, totals)
-    ids = set(np.flatnonzero(dense).tolist())
-    if ids:  # _dense_first reorders only the groups holding a dense head; the others stay ascending
-        mixed = [k for k, g in enumerate(groups) if not ids.isdisjoint(g)]
-        for k, g in zip(mixed, _dense_first([groups[k] for k in mixed], dense)):
-            groups[k] = g
+    groups = _dense_first(groups, _full_heads(s, totals))
     W = torch.from_numpy(np.array(loads, dtype=np.int64).reshape(U, 1, 1))
     new = Plan(**{**plan._layout(), "head_perm": tuple(chain.from_iterable(groups)), "tile_work": W, "_checked": False})
     # As _build_plan does: seed the owner arrays that Plan would otherwise rebuild from the block
