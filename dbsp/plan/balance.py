@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import math
 import threading
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -463,7 +464,14 @@ def _refine(
 
 def _round_robin(caps: list[int]) -> np.ndarray:
     """Blocks dealt in order to ring ranks 0, 1, ..., R - 1, 0, ... (skipping full ranks): the
-    layout that balances masks whose work depends mostly on ``r - c`` (local windows, bands)."""
+    layout that balances masks whose work depends mostly on ``r - c`` (local windows, bands).
+    A new array each call; the deal is remembered per ``caps`` (every plan of a mask repeats it)."""
+    return _deal(tuple(caps)).copy()
+
+
+@lru_cache(maxsize=64)
+def _deal(caps: tuple[int, ...]) -> np.ndarray:
+    """:func:`_round_robin`'s deal, built once per ``caps``."""
     R, nb = len(caps), sum(caps)
     owner = np.empty(nb, dtype=np.int64)
     cnt, g = [0] * R, 0
