@@ -277,8 +277,8 @@ class PlanCache:
     21% to 4% of the predicted attention time (``benchmarks/bench_plan.py``). Where the check is
     cheaper than the hand-off (a plan with ``R = 1`` and a summary: ``O(H)``), ``get`` makes it on
     the caller's thread and sends only misses to the background; the decisions are the same. With
-    ``incremental=True`` as well the caller's share fell to 0.7% there (background: 2.3%, mostly
-    the first degree choice of each layer).
+    ``incremental=True`` as well the caller's share is 0.4% there (background: 1.4%, mostly the
+    first degree choice of each layer; ``results/cpu/plan.log``).
 
     Args:
         threshold: P_s >= 1. Default: ``DEFAULT_REUSE_THRESHOLD`` (1.05).
