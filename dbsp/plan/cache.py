@@ -101,11 +101,12 @@ class _Check:
         """
         if not same_units:
             self._same_units(s)
+        W = self._tiles(s)
         if self.R > 1:
-            return self.rho_of(self._tiles(s))
+            return self.rho_of(W)
         # R = 1, the per-step check of head-level plans: the groups' loads as Python ints (exact),
-        # without the (U, 1, 1) tile array and its numpy reductions.
-        return _head_rho(np.add.reduceat(s._head_totals[self.perm], self.starts).tolist())
+        # without numpy reductions over the (U, 1, 1) tiles.
+        return _head_rho(W.ravel().tolist())
 
     def rho_of(self, W: np.ndarray) -> float:
         """``rho_s`` of ``(U, R, R)`` tiles ``W``, computed as :func:`_rho` does."""
