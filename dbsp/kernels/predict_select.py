@@ -274,16 +274,20 @@ def _thresholds_kernel(GMAX, GSUM, NG_KEYS, LSE, THETA, ng, top_p, nudge, T: tl.
 
 
 @triton.jit
-def _expand_kernel(WORDS, STARTS, OUT, n_words, ng, BW: tl.constexpr, GT: tl.constexpr):
+def _expand_kernel(WORDS, COUNTS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
+    """Bit words -> sorted tile ids at ``STARTS`` (exclusive running sum of ``COUNTS``); a word of
+    a row flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
     pid = tl.program_id(0)
     w = pid * BW + tl.arange(0, BW)
     ok = w < n_words
     word = tl.load(WORDS + w, mask=ok, other=0)
     start = tl.load(STARTS + w, mask=ok, other=0)
+    full = tl.load(FULL + w // ng, mask=ok, other=0) != 0
     jl = tl.arange(0, GT)
-    bits = ((word[:, None] >> jl[None, :].to(tl.int64)) & 1).to(tl.int32)
-    pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
     tile = (w % ng)[:, None] * GT + jl[None, :]
+    bits = ((word[:, None] >> jl[None, :].to(tl.int64)) & 1).to(tl.int32)
+    bits = tl.where(full[:, None], (tile < nt).to(tl.int32), bits)
+    pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
     tl.store(OUT + pos, tile.to(tl.int32), mask=(bits > 0) & ok[:, None])
 
 
@@ -402,30 +406,31 @@ class TritonPasses:
             self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts,
             self.mq, self.H, forced.seq_len_q, self.Skv, self.ng, self.nt, self.scale, sb, ss, sh,
             SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, **meta)
-        if dense_above is not None:
-            words, counts = self._round_up(words, counts, forced, dense_above)
-        starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
         rows = counts.view(R, self.ng).sum(dim=1, dtype=torch.int64)
+        full_rows = torch.zeros(R, dtype=torch.int8, device=words.device)
+        if dense_above is not None:
+            counts, rows, full_rows = self._round_up(words, counts, rows, forced, dense_above)
+        starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
         full = (rows.view(self.BH, self.mq) == self.nt).all(dim=1)
         host = torch.cat([rows.sum().view(1), full.to(torch.int64)]).tolist()  # the one device read
         out = torch.empty(host[0], device=theta_row.device, dtype=torch.int32)
         BW = max(1, EXPAND_BITS // self.gs)
-        _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, starts, out, R * self.ng, self.ng, BW=BW, GT=self.gs)
+        _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, counts, starts, full_rows, out, R * self.ng, self.ng,
+                                                        self.nt, BW=BW, GT=self.gs)
         return rows, out, [bool(x) for x in host[1:]]
 
-    def _round_up(self, words, counts, forced, dense_above: float):
-        """Bit words and counts with every row of a head denser than ``dense_above`` set full."""
-        R, ng, gs, nt, N, dev = self.BH * self.mq, self.ng, self.gs, self.nt, self.N, words.device
-        w2, c2 = words.view(R, ng), counts.view(R, ng)
+    def _round_up(self, words, counts, rows, forced, dense_above: float):
+        """Per-group counts, per-row counts and ``(R,)`` int8 row flags with every row of a head
+        denser than ``dense_above`` counted full; the expand kernel writes all tiles of flagged
+        rows, so the bit words stay as the emit kernel wrote them (no pass over them here)."""
+        R, ng, gs, nt, N = self.BH * self.mq, self.ng, self.gs, self.nt, self.N
         last = nt - 1  # the partial last tile holds only Skv - (nt - 1) * N keys
-        short = ((w2[:, last // gs] >> (last % gs)) & 1) * (nt * N - self.Skv)
-        keys = c2.sum(dim=1, dtype=torch.int64) * N - short
+        short = ((words.view(R, ng)[:, last // gs] >> (last % gs)) & 1) * (nt * N - self.Skv)
         from ..predict import _dense_heads
 
-        dense = _dense_heads(keys, self.mq, forced.q_block, forced.seq_len_q, self.Skv, dense_above)
-        dense = dense.repeat_interleave(self.mq)[:, None]
-        n_g = torch.full((ng,), gs, dtype=torch.int64, device=dev)
+        dense = _dense_heads(rows * N - short, self.mq, forced.q_block, forced.seq_len_q, self.Skv, dense_above)
+        dense = dense.repeat_interleave(self.mq)  # (R,)
+        n_g = torch.full((ng,), gs, dtype=torch.int32, device=words.device)
         n_g[-1] = nt - (ng - 1) * gs
-        full = torch.where(n_g >= 64, -1, (1 << n_g.clamp(max=63)) - 1)  # all tiles of the group
-        return (torch.where(dense, full, w2).reshape(-1),
-                torch.where(dense, n_g.to(torch.int32), c2).reshape(-1))
+        counts = torch.where(dense[:, None], n_g, counts.view(R, ng)).reshape(-1)
+        return counts, torch.where(dense, nt, rows), dense.to(torch.int8)
