@@ -259,7 +259,7 @@ def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
     forced = P._forced(cfg, S, S)
     from dbsp.kernels import predict_pooled
 
-    counts, indices, _ = passes.emit(theta_row, forced)
+    counts, indices, _, _ = passes.emit(theta_row, forced, dense_above=None)
     counts = counts.reshape(B, H, -1)
     parts = {
         "block_pool(q)": lambda: P.block_pool(q, 64),

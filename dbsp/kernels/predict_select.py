@@ -11,7 +11,8 @@ writes a score to memory::
     candidates  per (query block, program chunk): mass (and, for budgets, count) of tiles >= each threshold
     counts      the same counts alone, no exp and no mass (the min_keep / max_keep search)
     emit        per (query block, group): a bit word of kept tiles and its popcount
-    expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices)
+    expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices); rows of heads
+                rounded up to full (dense_above) are written whole from a row flag
 
 Groups that cannot hold a tile above the smallest threshold of any query block of the program
 (their pass-1 max is below it) are skipped, which is exact: the skip test has a margin, so it
@@ -394,10 +395,10 @@ class TritonPasses:
         return cnt.sum(dim=1, dtype=torch.int64)
 
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
-        """Kept tiles per row, their sorted ids, and per head whether it is full (every tile of
-        every row: a list of ``B * H`` bools, read with the tile count in one device read); with
-        ``dense_above``, heads whose density exceeds it come back full (as
-        ``predict._round_up_dense_heads`` does, on the device)."""
+        """Kept tiles per row, their sorted ids, per head whether it is full (every tile of every
+        row: a list of ``B * H`` bools, read with the tile count in one device read), and the
+        chained row offsets ``(1, B * H, Mq + 1)``; with ``dense_above``, heads whose density
+        exceeds it come back full (as ``predict._round_up_dense_heads`` does, on the device)."""
         R = self.BH * self.mq
         words = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int64)
         counts = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int32)
@@ -412,12 +413,15 @@ class TritonPasses:
             counts, rows, full_rows = self._round_up(words, counts, rows, forced, dense_above)
         starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
         full = (rows.view(self.BH, self.mq) == self.nt).all(dim=1)
-        host = torch.cat([rows.sum().view(1), full.to(torch.int64)]).tolist()  # the one device read
+        from ..predict import _offsets
+
+        offsets = _offsets(rows.view(1, self.BH, self.mq))  # enqueued before the read, not after it
+        host = torch.cat([offsets[0, -1, -1:], full.to(torch.int64)]).tolist()  # the one device read
         out = torch.empty(host[0], device=theta_row.device, dtype=torch.int32)
         BW = max(1, EXPAND_BITS // self.gs)
         _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, counts, starts, full_rows, out, R * self.ng, self.ng,
                                                         self.nt, BW=BW, GT=self.gs)
-        return rows, out, [bool(x) for x in host[1:]]
+        return rows, out, [bool(x) for x in host[1:]], offsets
 
     def _round_up(self, words, counts, rows, forced, dense_above: float):
         """Per-group counts, per-row counts and ``(R,)`` int8 row flags with every row of a head
