@@ -765,6 +765,10 @@ cases = [
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, COUNT=count))
     for n in (1, 16) for count in (False, True)
 ] + [
+    (S._expand_kernel, {"WORDS": "*i64", "COUNTS": "*i32", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
+     dict(BW=512 // gt, GT=gt))
+    for gt in (64, 4)
+] + [
     (S._counts_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA": "*fp32", "CNT": "*i32",
                         "scale": "fp32", "margin": "fp32"},
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WIDE=64 // n * 16 > S.COUNT_3D_PAIRS))
@@ -779,8 +783,33 @@ print(len(cases))
 """
 
 
+_CUBIN_SCRIPT = """
+import triton
+from triton.compiler import ASTSource
+from dbsp.kernels import predict_select as S
+
+cases = [(S._emit_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA_ROW": "*fp32", "WORDS": "*i64",
+                           "COUNTS": "*i32", "scale": "fp32", "margin": "fp32"},
+          dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False)) for n in (1, 16)]
+cases += [(S._expand_kernel, {"WORDS": "*i64", "COUNTS": "*i32", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
+           dict(BW=512 // gt, GT=gt)) for gt in (64, 4)]
+for kernel, types, const in cases:
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in kernel.arg_names}
+    done = triton.compile(ASTSource(kernel, sig, constexprs=const), target=_target)
+    assert done.asm["cubin"], kernel.__name__
+print(len(cases))
+"""
+
+
+@triton_only
+def test_per_key_emit_and_expand_compile_to_sm90_binaries():
+    """The per-key emit and expand kernels go all the way through Triton's pipeline to an sm_90
+    binary (ptxas included) on the CPU, past the front end that the test below checks."""
+    assert build_for_hopper(_CUBIN_SCRIPT).split()[-1] == "4"
+
+
 @triton_only
 def test_fused_kernels_compile_for_hopper():
-    """The compiler front end accepts the fused kernels and the per-key thresholds, candidates and counts kernels
-    for sm_90 (the interpreter checks no types)."""
-    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "18"
+    """The compiler front end accepts the fused kernels and the per-key thresholds, candidates, expand and
+    counts kernels for sm_90 (the interpreter checks no types)."""
+    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "20"
