@@ -15,6 +15,7 @@ import triton
 from dbsp import predict as P
 from dbsp.kernels import predict_select as S
 from dbsp.video import make_workload
+
 if not torch.cuda.is_available():
     raise SystemExit("sweep_predict_warps.py needs a GPU")
 w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
@@ -48,7 +49,7 @@ class Wrap:
         return lambda *a, **kw: launch(*a, **{**kw, **self.extra})
 
 
-def variant(name, attr, fn, **extra):
+def variant(attr, fn, **extra):
     """Time ``fn`` with module kernel ``attr`` launched with ``extra``; returns (ms, output)."""
     orig = getattr(S, attr)
     setattr(S, attr, Wrap(orig, **extra))
@@ -63,29 +64,30 @@ def variant(name, attr, fn, **extra):
 base_emit = bench(lambda: passes.emit(theta_row, forced, dense_above=0.6))
 print(f"emit+expand shipped: {base_emit:.3f} ms")
 for wn in (1, 2, 4, 8):
-    t, out = variant("expand", "_expand_kernel", lambda: passes.emit(theta_row, forced, dense_above=0.6), num_warps=wn)
+    t, out = variant("_expand_kernel", lambda: passes.emit(theta_row, forced, dense_above=0.6), num_warps=wn)
     same = torch.equal(out[1], ref[1]) and torch.equal(out[0], ref[0])
     print(f"emit+expand, expand num_warps={wn}: {t:.3f} ms same={same}")
 for bits in (256, 1024, 2048):
-    old = S.EXPAND_BITS; S.EXPAND_BITS = bits
-    t = bench(lambda: passes.emit(theta_row, forced, dense_above=0.6)); out = passes.emit(theta_row, forced, dense_above=0.6)
-    S.EXPAND_BITS = old
+    shipped, S.EXPAND_BITS = S.EXPAND_BITS, bits
+    t = bench(lambda: passes.emit(theta_row, forced, dense_above=0.6))
+    out = passes.emit(theta_row, forced, dense_above=0.6)
+    S.EXPAND_BITS = shipped
     print(f"emit+expand, EXPAND_BITS={bits}: {t:.3f} ms same={torch.equal(out[1], ref[1])}")
 for wn in (2, 8):
-    t, out = variant("emit", "_emit_kernel", lambda: passes.emit(theta_row, forced, dense_above=0.6), num_warps=wn)
+    t, out = variant("_emit_kernel", lambda: passes.emit(theta_row, forced, dense_above=0.6), num_warps=wn)
     print(f"emit+expand, emit num_warps={wn}: {t:.3f} ms same={torch.equal(out[1], ref[1])}")
 t0 = bench(lambda: passes.candidates(lse, theta, count=False))
 print(f"candidates shipped: {t0:.3f} ms")
 for wn in (2, 8):
-    t, out = variant("cand", "_candidates_kernel", lambda: passes.candidates(lse, theta, count=False), num_warps=wn)
+    t, out = variant("_candidates_kernel", lambda: passes.candidates(lse, theta, count=False), num_warps=wn)
     print(f"candidates num_warps={wn}: {t:.3f} ms same={torch.equal(out[0], mass)}")
 t0 = bench(lambda: passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8))
 print(f"thresholds shipped: {t0:.3f} ms")
 for wn in (1, 2, 8):
-    t, out = variant("thr", "_thresholds_kernel", lambda: passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8), num_warps=wn)
+    t, out = variant("_thresholds_kernel", lambda: passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8), num_warps=wn)
     print(f"thresholds num_warps={wn}: {t:.3f} ms same={torch.equal(out[1], theta)}")
 t0 = bench(lambda: passes.stats(gs, ng))
 print(f"stats shipped: {t0:.3f} ms")
 for wn in (2, 8):
-    t, out = variant("stats", "_stats_kernel", lambda: passes.stats(gs, ng), num_warps=wn)
+    t, out = variant("_stats_kernel", lambda: passes.stats(gs, ng), num_warps=wn)
     print(f"stats num_warps={wn}: {t:.3f} ms same={torch.equal(out[0], gmax)}")

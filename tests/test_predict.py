@@ -765,7 +765,7 @@ cases = [
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, COUNT=count))
     for n in (1, 16) for count in (False, True)
 ] + [
-    (S._expand_kernel, {"WORDS": "*i64", "COUNTS": "*i32", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
+    (S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
      dict(BW=512 // gt, GT=gt))
     for gt in (64, 4)
 ] + [
@@ -791,7 +791,7 @@ from dbsp.kernels import predict_select as S
 cases = [(S._emit_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA_ROW": "*fp32", "WORDS": "*i64",
                            "COUNTS": "*i32", "scale": "fp32", "margin": "fp32"},
           dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False)) for n in (1, 16)]
-cases += [(S._expand_kernel, {"WORDS": "*i64", "COUNTS": "*i32", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
+cases += [(S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
            dict(BW=512 // gt, GT=gt)) for gt in (64, 4)]
 for kernel, types, const in cases:
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in kernel.arg_names}

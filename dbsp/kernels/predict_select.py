@@ -275,9 +275,9 @@ def _thresholds_kernel(GMAX, GSUM, NG_KEYS, LSE, THETA, ng, top_p, nudge, T: tl.
 
 
 @triton.jit
-def _expand_kernel(WORDS, COUNTS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
-    """Bit words -> sorted tile ids at ``STARTS`` (exclusive running sum of ``COUNTS``); a word of
-    a row flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
+def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
+    """Bit words -> sorted tile ids from each word's output offset ``STARTS``; a word of a row
+    flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
     pid = tl.program_id(0)
     w = pid * BW + tl.arange(0, BW)
     ok = w < n_words
@@ -419,7 +419,7 @@ class TritonPasses:
         host = torch.cat([offsets[0, -1, -1:], full.to(torch.int64)]).tolist()  # the one device read
         out = torch.empty(host[0], device=theta_row.device, dtype=torch.int32)
         BW = max(1, EXPAND_BITS // self.gs)
-        _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, counts, starts, full_rows, out, R * self.ng, self.ng,
+        _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, starts, full_rows, out, R * self.ng, self.ng,
                                                         self.nt, BW=BW, GT=self.gs)
         return rows, out, [bool(x) for x in host[1:]], offsets
 
