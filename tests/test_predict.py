@@ -415,6 +415,20 @@ def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
     assert _known_full_heads(b) == tuple(h for h in range(2) if bool((counts[:, h] == b.num_kv_tiles).all()))
 
 
+@triton_only
+@pytest.mark.parametrize("area", [1, 7, 190 * 190, 32760 * 32760, 118800 * 118800])
+@pytest.mark.parametrize("dense_above", [0.0, 1e-9, 0.1, 0.6, 0.675, 0.73, 1 / 3, 0.999999, 1.0])
+def test_dense_limit_decides_as_dense_heads_does(area, dense_above):
+    """The per-key kernels' integer limit puts every entry count on the side that
+    ``predict._dense_heads``' float64 density puts it (checked around the limit and at the ends)."""
+    from dbsp.kernels.predict_select import _dense_limit
+
+    e0 = _dense_limit(dense_above, area)
+    entries = torch.tensor(sorted({max(0, min(area, e)) for e in (0, area, e0 - 2, e0 - 1, e0, e0 + 1)}), dtype=torch.int64)
+    dense = entries.to(torch.float64) / area > dense_above
+    assert torch.equal(entries >= e0, dense)
+
+
 def _fused_or_skip():
     from dbsp.kernels import predict_select
 
@@ -793,6 +807,12 @@ cases = [(S._emit_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THET
           dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False)) for n in (1, 16)]
 cases += [(S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
            dict(BW=512 // gt, GT=gt)) for gt in (64, 4)]
+cases += [(S._head_rows_kernel, {"WORDS": "*i64", "COUNTS": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
+                                 "HEAD_DENSE": "*i8", "HOST": "*i64", "limit": "i64"}, dict(ROUND=rnd, RB=16, CB=512))
+          for rnd in (False, True)]
+cases += [(S._row_starts_kernel, {"COUNTS": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
+                                  "HEAD_DENSE": "*i8", "STARTS": "*i64", "FULL": "*i8", "OFFS": "*i64", "FINAL": "*i64",
+                                  "HOST": "*i64"}, dict(BHP=16, CB=512))]
 for kernel, types, const in cases:
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in kernel.arg_names}
     done = triton.compile(ASTSource(kernel, sig, constexprs=const), target=_target)
@@ -802,10 +822,10 @@ print(len(cases))
 
 
 @triton_only
-def test_per_key_emit_and_expand_compile_to_sm90_binaries():
-    """The per-key emit and expand kernels go all the way through Triton's pipeline to an sm_90
-    binary (ptxas included) on the CPU, past the front end that the test below checks."""
-    assert build_for_hopper(_CUBIN_SCRIPT).split()[-1] == "4"
+def test_per_key_emit_offsets_and_expand_compile_to_sm90_binaries():
+    """The per-key emit, row-offset and expand kernels go all the way through Triton's pipeline to
+    an sm_90 binary (ptxas included) on the CPU, past the front end that the test below checks."""
+    assert build_for_hopper(_CUBIN_SCRIPT).split()[-1] == "7"
 
 
 @triton_only

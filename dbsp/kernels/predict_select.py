@@ -23,6 +23,8 @@ group chunks)``, query-block tiles fastest so that programs reading one key chun
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -275,6 +277,78 @@ def _thresholds_kernel(GMAX, GSUM, NG_KEYS, LSE, THETA, ng, top_p, nudge, T: tl.
 
 
 @triton.jit
+def _head_rows_kernel(WORDS, COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOST, mq, ng, nt, N, short, last_word,
+                      last_bit, M, Sq, limit, ROUND: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
+    """Per head (a program each): every row's kept tiles (the sum of its group counts) and their
+    running sum within the head, the head's tile total, whether it is rounded up to full
+    (``ROUND``: its score entries, ``sum(keys x query rows)``, reach ``limit``; see
+    :func:`_dense_limit`) and whether it keeps every tile (``HOST[1 + head]``)."""
+    h = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, CB)
+    run = tl.full((), 0, dtype=tl.int64)
+    entries = tl.full((), 0, dtype=tl.int64)
+    fewest = tl.full((), nt, dtype=tl.int64)
+    for r0 in range(0, mq, RB):
+        r = r0 + tl.arange(0, RB)
+        ok = r < mq
+        row = h * mq + r
+        kept = tl.zeros((RB,), dtype=tl.int64)
+        for c0 in range(0, ng, CB):
+            c = c0 + cols
+            cnt = tl.load(COUNTS + row[:, None] * ng + c[None, :], mask=ok[:, None] & (c[None, :] < ng), other=0)
+            kept += tl.sum(cnt.to(tl.int64), axis=1)
+        tl.store(ROWS + row, kept, mask=ok)
+        tl.store(PREFIX + row, run + tl.cumsum(kept, 0) - kept, mask=ok)
+        run += tl.sum(kept, 0)
+        fewest = tl.minimum(fewest, tl.min(tl.where(ok, kept, nt), 0))
+        if ROUND:
+            tail = (tl.load(WORDS + row * ng + last_word, mask=ok, other=0) >> last_bit) & 1
+            q_rows = tl.where(r == mq - 1, Sq - (mq - 1) * M, M).to(tl.int64)
+            entries += tl.sum(tl.where(ok, (kept * N - tail * short) * q_rows, 0), 0)
+    dense = entries < 0  # False
+    if ROUND:
+        dense = entries >= limit
+    tl.store(HEAD_TILES + h, tl.where(dense, mq * nt, run))
+    tl.store(HEAD_DENSE + h, dense.to(tl.int8))
+    tl.store(HOST + 1 + h, (dense | (fewest == nt)).to(tl.int64))
+
+
+@triton.jit
+def _row_starts_kernel(COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, STARTS, FULL, OFFS, FINAL, HOST, BH, mq, ng, nt,
+                       gs, BHP: tl.constexpr, CB: tl.constexpr):
+    """Per row (a program each): its offset in the indices (the heads before it, then its head's
+    rows before it), every group's output offset (``STARTS``, for the expand kernel), its chained
+    CSR offsets ``OFFS (BH, mq + 1)``, its final count and full-row flag (rounded heads keep every
+    tile), and the total tile count (``HOST[0]``, by the last row)."""
+    r = tl.program_id(0).to(tl.int64)
+    h = r // mq
+    i = r % mq
+    heads = tl.arange(0, BHP)
+    before = tl.load(HEAD_TILES + heads, mask=heads < h, other=0)
+    base = tl.sum(before, 0)
+    dense = tl.load(HEAD_DENSE + h) != 0
+    start = base + tl.where(dense, i * nt, tl.load(PREFIX + r))
+    kept = tl.where(dense, nt, tl.load(ROWS + r))
+    tl.store(FINAL + r, kept)
+    tl.store(FULL + r, dense.to(tl.int8))
+    tl.store(OFFS + h * (mq + 1) + i, start)
+    if i == mq - 1:
+        tl.store(OFFS + h * (mq + 1) + mq, start + kept)
+    if r == BH * mq - 1:
+        tl.store(HOST, start + kept)
+    cols = tl.arange(0, CB)
+    run = start
+    for c0 in range(0, ng, CB):
+        c = c0 + cols
+        inside = c < ng
+        cnt = tl.load(COUNTS + r * ng + c, mask=inside, other=0).to(tl.int64)
+        cnt = tl.where(dense, tl.minimum(gs, nt - c * gs), cnt)  # a rounded row keeps every tile of the group
+        cnt = tl.where(inside, cnt, 0)
+        tl.store(STARTS + r * ng + c, run + tl.cumsum(cnt, 0) - cnt, mask=inside)
+        run += tl.sum(cnt, 0)
+
+
+@triton.jit
 def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
     """Bit words -> sorted tile ids from each word's output offset ``STARTS``; a word of a row
     flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
@@ -290,6 +364,20 @@ def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, 
     bits = tl.where(full[:, None], (tile < nt).to(tl.int32), bits)
     pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
     tl.store(OUT + pos, tile.to(tl.int32), mask=(bits > 0) & ok[:, None])
+
+
+def _dense_limit(dense_above: float | None, area: int) -> int:
+    """The fewest score entries ``e`` of a head with ``e / area > dense_above`` in float64, as
+    ``predict._dense_heads`` decides (entries and ``area`` are exact below 2**53, and Python's
+    int / int is the correctly rounded float64 quotient, as torch's division of the two); 0 for None."""
+    if dense_above is None:
+        return 0
+    e = max(0, math.floor(dense_above * area))
+    while e > 0 and (e - 1) / area > dense_above:
+        e -= 1
+    while not e / area > dense_above and e <= area:
+        e += 1
+    return e
 
 
 def is_interpreted() -> bool:
@@ -407,34 +495,30 @@ class TritonPasses:
             self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts,
             self.mq, self.H, forced.seq_len_q, self.Skv, self.ng, self.nt, self.scale, sb, ss, sh,
             SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, **meta)
-        rows = counts.view(R, self.ng).sum(dim=1, dtype=torch.int64)
-        full_rows = torch.zeros(R, dtype=torch.int8, device=words.device)
-        if dense_above is not None:
-            counts, rows, full_rows = self._round_up(words, counts, rows, forced, dense_above)
-        starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
-        full = (rows.view(self.BH, self.mq) == self.nt).all(dim=1)
-        from ..predict import _offsets
+        return self._expand(words, counts, forced, dense_above)
 
-        offsets = _offsets(rows.view(1, self.BH, self.mq))  # enqueued before the read, not after it
-        host = torch.cat([offsets[0, -1, -1:], full.to(torch.int64)]).tolist()  # the one device read
-        out = torch.empty(host[0], device=theta_row.device, dtype=torch.int32)
-        BW = max(1, EXPAND_BITS // self.gs)
-        _expand_kernel[(triton.cdiv(R * self.ng, BW),)](words, starts, full_rows, out, R * self.ng, self.ng,
-                                                        self.nt, BW=BW, GT=self.gs)
-        return rows, out, [bool(x) for x in host[1:]], offsets
-
-    def _round_up(self, words, counts, rows, forced, dense_above: float):
-        """Per-group counts, per-row counts and ``(R,)`` int8 row flags with every row of a head
-        denser than ``dense_above`` counted full; the expand kernel writes all tiles of flagged
-        rows, so the bit words stay as the emit kernel wrote them (no pass over them here)."""
-        R, ng, gs, nt, N = self.BH * self.mq, self.ng, self.gs, self.nt, self.N
+    def _expand(self, words, counts, forced, dense_above):
+        """:meth:`emit`'s result from the bit words and group counts: two small kernels for the row
+        counts, the dense-head round-up and every offset (a handful of launches: on a slow host,
+        each torch operation here would cost the GPU tens of microseconds of waiting), one
+        device read, then the expand kernel."""
+        R, BH, mq, ng, nt, gs, N, dev = self.BH * self.mq, self.BH, self.mq, self.ng, self.nt, self.gs, self.N, words.device
+        i64 = dict(device=dev, dtype=torch.int64)
+        rows, prefix, final = torch.empty(R, **i64), torch.empty(R, **i64), torch.empty(R, **i64)
+        starts = torch.empty(R * ng, **i64)
+        offsets = torch.empty(1, BH, mq + 1, **i64)
+        head_tiles, host = torch.empty(BH, **i64), torch.empty(1 + BH, **i64)
+        head_dense, full_rows = torch.empty(BH, device=dev, dtype=torch.int8), torch.empty(R, device=dev, dtype=torch.int8)
         last = nt - 1  # the partial last tile holds only Skv - (nt - 1) * N keys
-        short = ((words.view(R, ng)[:, last // gs] >> (last % gs)) & 1) * (nt * N - self.Skv)
-        from ..predict import _dense_heads
-
-        dense = _dense_heads(rows * N - short, self.mq, forced.q_block, forced.seq_len_q, self.Skv, dense_above)
-        dense = dense.repeat_interleave(self.mq)  # (R,)
-        n_g = torch.full((ng,), gs, dtype=torch.int32, device=words.device)
-        n_g[-1] = nt - (ng - 1) * gs
-        counts = torch.where(dense[:, None], n_g, counts.view(R, ng)).reshape(-1)
-        return counts, torch.where(dense, nt, rows), dense.to(torch.int8)
+        CB = min(1024, max(16, triton.next_power_of_2(ng)))
+        _head_rows_kernel[(BH,)](
+            words, counts, rows, prefix, head_tiles, head_dense, host, mq, ng, nt, N, nt * N - self.Skv, last // gs,
+            last % gs, forced.q_block, forced.seq_len_q, _dense_limit(dense_above, forced.seq_len_q * self.Skv),
+            ROUND=dense_above is not None, RB=16, CB=CB)
+        _row_starts_kernel[(R,)](counts, rows, prefix, head_tiles, head_dense, starts, full_rows, offsets, final, host,
+                                 BH, mq, ng, nt, gs, BHP=max(16, triton.next_power_of_2(BH)), CB=CB)
+        host = host.tolist()  # the one device read: the tile total and which heads are full
+        out = torch.empty(host[0], device=dev, dtype=torch.int32)
+        BW = max(1, EXPAND_BITS // gs)
+        _expand_kernel[(triton.cdiv(R * ng, BW),)](words, starts, full_rows, out, R * ng, ng, nt, BW=BW, GT=gs)
+        return final, out, [bool(x) for x in host[1:]], offsets
