@@ -1,0 +1,62 @@
+"""Where the per-key 64x1 predictor's last pass spends its time (GPU, Wan2.1-1.3B 480p).
+
+    python benchmarks/profile_predict_emit.py
+
+Times ``TritonPasses.emit`` (with and without the dense-head round-up), one cumsum of the group
+counts and a whole ``predict_mask`` call, then prints torch.profiler's table of 5 emit calls and
+the kernel timeline of the last one (start offset and duration in microseconds): gaps between
+kernels are GPU time spent waiting for the host.
+"""
+import json
+import math
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+from dbsp import predict as P
+from dbsp.kernels import predict_select as S
+from dbsp.video import make_workload
+
+if not torch.cuda.is_available():
+    raise SystemExit("profile_predict_emit.py needs a GPU")
+w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
+q, k = w.q, w.k
+B, Sq, H, D = q.shape
+cfg = P.PredictConfig(q_block=64, kv_tile=1)
+qbar = P.block_pool(q, 64).permute(0, 2, 1, 3).reshape(B * H, -1, D).contiguous()
+passes = S.TritonPasses(qbar, k, H, 1, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(64, 1))
+gs, ng, n_g = P._group_layout(Sq, 64, 1, q.device)
+gmax, gsum = passes.stats(gs, ng)
+lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
+mass, _ = passes.candidates(lse, theta, count=False)
+pick = P._select(mass, theta, cfg.top_p)
+theta_row = theta.gather(1, pick[:, None]).squeeze(1)
+forced = P._forced(cfg, Sq, Sq)
+
+
+def bench(f):
+    return triton.testing.do_bench(f, warmup=10, rep=80)
+
+
+for da in (None, 0.6):
+    print(f"emit dense_above={da}: {bench(lambda: passes.emit(theta_row, forced, dense_above=da)):.3f} ms")
+R = passes.BH * passes.mq
+c = torch.randint(0, 64, (R * ng,), device="cuda", dtype=torch.int32)
+print(f"cumsum 3.1M int32->int64 minus: {bench(lambda: torch.cumsum(c, 0, dtype=torch.int64) - c):.3f} ms")
+print(f"predict_mask 64x1 whole: {bench(lambda: P.predict_mask(q, k, q_block=64, kv_tile=1)):.3f} ms")
+for _ in range(3): passes.emit(theta_row, forced, dense_above=0.6)
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        passes.emit(theta_row, forced, dense_above=0.6)
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+prof.export_chrome_trace("/tmp/dbsp_emit_trace.json")
+ev = [e for e in json.load(open("/tmp/dbsp_emit_trace.json"))["traceEvents"] if e.get("cat") == "kernel"]
+ev.sort(key=lambda e: e["ts"])
+print("kernel timeline of the last emit call (start offset us, dur us, name):")
+last = ev[-len(ev)//5:]
+t0 = last[0]["ts"]
+for e in last:
+    print(f"{e['ts'] - t0:9.1f} {e['dur']:8.1f} {e['name'][:70]}")
