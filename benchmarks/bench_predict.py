@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 if "--quick" in sys.argv:  # smoke-test the Triton passes in Triton's CPU interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -238,27 +239,36 @@ def timing_study(shape: str, device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
-def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
-    """Time each Triton pass of the 64x1 predictor alone (GPU), to see where the time goes."""
-    import math as _m
-
+def per_key_passes(q: torch.Tensor, k: torch.Tensor) -> SimpleNamespace:
+    """The Triton passes of ``predict_mask(q, k, q_block=64, kv_tile=1)`` (one refinement-free
+    threshold search, GPU) and every intermediate a pass needs, for timing the passes one by one:
+    ``passes, cfg, gs, ng, n_g, gmax, gsum, lse, theta, mass, pick, theta_row, forced``."""
     from dbsp import predict as P
     from dbsp.kernels.predict_select import TritonPasses
 
     B, S, H, D = q.shape
     cfg = P.PredictConfig(q_block=64, kv_tile=1)
     qbar = P.block_pool(q, 64).permute(0, 2, 1, 3).reshape(B * H, -1, D)
-    passes = TritonPasses(qbar, k, H, 1, 1.0 / _m.sqrt(D), group_tiles=P.group_tiles(64, 1))
-    nt = S
-    gs, ng, n_g = P._group_layout(nt, 64, 1, q.device)
+    passes = TritonPasses(qbar, k, H, 1, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(64, 1))
+    gs, ng, n_g = P._group_layout(S, 64, 1, q.device)
     gmax, gsum = passes.stats(gs, ng)
     lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
-    mass, cnt = passes.candidates(lse, theta)
+    mass, _ = passes.candidates(lse, theta, count=False)
     pick = P._select(mass, theta, cfg.top_p)
-    theta_row = theta.gather(1, pick[:, None]).squeeze(1)
-    forced = P._forced(cfg, S, S)
+    return SimpleNamespace(passes=passes, cfg=cfg, gs=gs, ng=ng, n_g=n_g, gmax=gmax, gsum=gsum, lse=lse, theta=theta,
+                           mass=mass, pick=pick, theta_row=theta.gather(1, pick[:, None]).squeeze(1),
+                           forced=P._forced(cfg, S, S))
+
+
+def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
+    """Time each Triton pass of the 64x1 predictor alone (GPU), to see where the time goes."""
+    from dbsp import predict as P
     from dbsp.kernels import predict_pooled
 
+    B, S, H, D = q.shape
+    x = per_key_passes(q, k)
+    passes, cfg, gs, ng, n_g, gmax, gsum, lse, theta, theta_row, forced = (
+        x.passes, x.cfg, x.gs, x.ng, x.n_g, x.gmax, x.gsum, x.lse, x.theta, x.theta_row, x.forced)
     counts, indices, _, _ = passes.emit(theta_row, forced, dense_above=None)
     counts = counts.reshape(B, H, -1)
     parts = {

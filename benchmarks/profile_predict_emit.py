@@ -8,31 +8,22 @@ the kernel timeline of the last one (start offset and duration in microseconds):
 kernels are GPU time spent waiting for the host.
 """
 import json
-import math
 
 import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
+from bench_predict import per_key_passes
 from dbsp import predict as P
-from dbsp.kernels import predict_select as S
 from dbsp.video import make_workload
 
 if not torch.cuda.is_available():
     raise SystemExit("profile_predict_emit.py needs a GPU")
 w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
 q, k = w.q, w.k
-B, Sq, H, D = q.shape
-cfg = P.PredictConfig(q_block=64, kv_tile=1)
-qbar = P.block_pool(q, 64).permute(0, 2, 1, 3).reshape(B * H, -1, D).contiguous()
-passes = S.TritonPasses(qbar, k, H, 1, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(64, 1))
-gs, ng, n_g = P._group_layout(Sq, 64, 1, q.device)
-gmax, gsum = passes.stats(gs, ng)
-lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
-mass, _ = passes.candidates(lse, theta, count=False)
-pick = P._select(mass, theta, cfg.top_p)
-theta_row = theta.gather(1, pick[:, None]).squeeze(1)
-forced = P._forced(cfg, Sq, Sq)
+x = per_key_passes(q, k)
+passes, cfg, gs, ng, n_g, gmax, gsum, lse, theta, mass, pick, theta_row, forced = (
+    x.passes, x.cfg, x.gs, x.ng, x.n_g, x.gmax, x.gsum, x.lse, x.theta, x.mass, x.pick, x.theta_row, x.forced)
 
 
 def bench(f):
