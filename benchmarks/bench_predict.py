@@ -260,6 +260,15 @@ def per_key_passes(q: torch.Tensor, k: torch.Tensor) -> SimpleNamespace:
                            forced=P._forced(cfg, S, S))
 
 
+def per_key_on_gpu(script: str) -> tuple:
+    """``(workload, per_key_passes(q, k))`` on Wan2.1-1.3B 480p in bf16 on the GPU, for the
+    per-key scripts; exits with a message naming ``script`` where there is no GPU."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a GPU")
+    w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
+    return w, per_key_passes(w.q, w.k)
+
+
 def pass_breakdown(q, k, shape, t_dense, bench) -> list[dict]:
     """Time each Triton pass of the 64x1 predictor alone (GPU), to see where the time goes."""
     from dbsp import predict as P

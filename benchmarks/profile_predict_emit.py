@@ -13,15 +13,11 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from bench_predict import per_key_passes
+from bench_predict import per_key_on_gpu
 from dbsp import predict as P
-from dbsp.video import make_workload
 
-if not torch.cuda.is_available():
-    raise SystemExit("profile_predict_emit.py needs a GPU")
-w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
+w, x = per_key_on_gpu("profile_predict_emit.py")
 q, k = w.q, w.k
-x = per_key_passes(q, k)
 passes, cfg, gs, ng, n_g, gmax, gsum, lse, theta, mass, pick, theta_row, forced = (
     x.passes, x.cfg, x.gs, x.ng, x.n_g, x.gmax, x.gsum, x.lse, x.theta, x.mass, x.pick, x.theta_row, x.forced)
 
