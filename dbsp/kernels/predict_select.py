@@ -11,6 +11,9 @@ writes a score to memory::
     candidates  per (query block, program chunk): mass (and, for budgets, count) of tiles >= each threshold
     counts      the same counts alone, no exp and no mass (the min_keep / max_keep search)
     emit        per (query block, group): a bit word of kept tiles and its popcount
+    head rows   per head: row counts, their running sum, the dense_above round-up decision
+    row starts  per row: its CSR offsets and every group's output offset (no torch operations
+                between emit and expand: on a slow host each would keep the GPU waiting)
     expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices); rows of heads
                 rounded up to full (dense_above) are written whole from a row flag
 
