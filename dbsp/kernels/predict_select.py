@@ -311,7 +311,7 @@ def _head_rows_kernel(WORDS, COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOST,
     dense = entries < 0  # False
     if ROUND:
         dense = entries >= limit
-    tl.store(HEAD_TILES + h, tl.where(dense, mq * nt, run))
+    tl.store(HEAD_TILES + h, tl.where(dense, tl.full((), mq, tl.int64) * nt, run))  # int64: mq * nt may pass 2**31
     tl.store(HEAD_DENSE + h, dense.to(tl.int8))
     tl.store(HOST + 1 + h, (dense | (fewest == nt)).to(tl.int64))
 
