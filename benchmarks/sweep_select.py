@@ -100,7 +100,7 @@ predict_pooled.select(dots, 0, keep, counts, ent, mq=mq, Sq=S, Skv=S, scale=D **
                       N=16, diagonal=True, text=0)
 limit = int(0.6 * S * S)
 print(f"offsets (one launch) {timed(lambda: predict_pooled.offsets(counts, ent, mq=mq, nt=nt, limit=limit)):.4f} ms")
-offs, full = predict_pooled.offsets(counts, ent, mq=mq, nt=nt, limit=limit)
+offs, full, _ = predict_pooled.offsets(counts, ent, mq=mq, nt=nt, limit=limit)
 total = int(offs[-1, -1])
 for warps in (2, 4, 8):
     predict_pooled._warps = lambda ntp, w_=warps: w_

@@ -541,8 +541,8 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
         )
     # density > dense_above  <=>  entries > floor(dense_above * Sq * Skv), in exact integers.
     limit = None if cfg.dense_above is None else math.floor(cfg.dense_above * Sq * Skv)
-    offsets, full = predict_pooled.offsets(counts, totals, mq=mq, nt=nt, limit=limit)
-    host = torch.cat([offsets[-1, -1:], full.to(torch.int64)]).tolist()  # the one device read
+    offsets, full, host = predict_pooled.offsets(counts, totals, mq=mq, nt=nt, limit=limit)
+    host = host.tolist()  # the one device read: the tile total and which heads are full
     indices = predict_pooled.emit(keep, offsets, full, host[0], mq=mq)
     return offsets.reshape(B, H, mq + 1), indices, [bool(x) for x in host[1:]]
 

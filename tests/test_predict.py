@@ -766,7 +766,7 @@ cases = [
                         "log_n": "fp32", "log_last": "fp32", "top_p": "fp32"}, dict(DIAG=diag, NTP=ntp))
     for diag in (False, True) for ntp in (512, 4096)
 ] + [(P._emit_kernel, {"KEEP": "*i8", "OFFS": "*i64", "DENSE": "*i8", "OUT": "*i32"}, dict(NTP=1024))] + [
-    (P._offsets_kernel, {"COUNT": "*i32", "TOTALS": "*i64", "OFFS": "*i64", "DENSE": "*i8", "limit": lim},
+    (P._offsets_kernel, {"COUNT": "*i32", "TOTALS": "*i64", "OFFS": "*i64", "DENSE": "*i8", "HOST": "*i64", "limit": lim},
      dict(ROUND=rnd, BHP=64, RB=1024))
     for rnd, lim in ((False, "i32"), (True, "i32"), (True, "i64"))
 ] + [

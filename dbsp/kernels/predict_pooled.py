@@ -146,10 +146,11 @@ def _select_kernel(DOTS, KEEP, COUNT, TOTALS, BH, row0, mq, nt, Sq, Skv, scale, 
 
 
 @triton.jit
-def _offsets_kernel(COUNT, TOTALS, OFFS, DENSE, BH, mq, nt, limit, ROUND: tl.constexpr, BHP: tl.constexpr,
+def _offsets_kernel(COUNT, TOTALS, OFFS, DENSE, HOST, BH, mq, nt, limit, ROUND: tl.constexpr, BHP: tl.constexpr,
                     RB: tl.constexpr):
     # One program per head: round heads up to full from every head's totals, start this head
     # after the tiles of all heads before it, and write its rows' offsets (a running cumsum).
+    # HOST gets what the host reads: the tile total (from the last head) and every head's full flag.
     bh = tl.program_id(0)
     h = tl.arange(0, BHP)
     ok = h < BH
@@ -173,6 +174,9 @@ def _offsets_kernel(COUNT, TOTALS, OFFS, DENSE, BH, mq, nt, limit, ROUND: tl.con
         full_rows += tl.sum((c == nt).to(tl.int32), axis=0)
     # Full: rounded up, or every row keeps every tile anyway (emit writes the same ids for both).
     tl.store(DENSE + bh, (full_rows == mq).to(tl.int8))
+    tl.store(HOST + 1 + bh, (full_rows == mq).to(tl.int64))
+    if bh == BH - 1:
+        tl.store(HOST, start)
 
 
 @triton.jit
@@ -232,17 +236,19 @@ def offsets(counts: torch.Tensor, totals: torch.Tensor, *, mq: int, nt: int, lim
 
     Heads whose kept score entries (``totals[1]``) exceed ``limit`` are rounded up to full
     (``limit=None``: none are). Returns ``offsets`` (int64 ``(heads, mq + 1)``, each head starting
-    where the one before it ends) and ``full`` (int8 ``(heads,)``, 1 for a head that keeps every
-    tile of every row: rounded up, or so selected).
+    where the one before it ends), ``full`` (int8 ``(heads,)``, 1 for a head that keeps every
+    tile of every row: rounded up, or so selected) and ``host`` (int64 ``(1 + heads,)``: the tile
+    total, then ``full``; what the caller reads, with no further device operation).
     """
     heads = totals.shape[1]
     out = torch.empty(heads, mq + 1, dtype=torch.int64, device=counts.device)
     full = torch.empty(heads, dtype=torch.int8, device=counts.device)
+    host = torch.empty(1 + heads, dtype=torch.int64, device=counts.device)
     _offsets_kernel[(heads,)](
-        counts, totals, out, full, heads, mq, nt, 0 if limit is None else limit, ROUND=limit is not None,
+        counts, totals, out, full, host, heads, mq, nt, 0 if limit is None else limit, ROUND=limit is not None,
         BHP=max(16, triton.next_power_of_2(heads)), RB=min(1024, max(16, triton.next_power_of_2(mq))),
     )
-    return out, full
+    return out, full, host
 
 
 def emit(keep: torch.Tensor, offsets: torch.Tensor, full: torch.Tensor, total: int, *, mq: int) -> torch.Tensor:
