@@ -292,13 +292,15 @@ def _predict(q: torch.Tensor, k: torch.Tensor, cfg: PredictConfig, pooled: tuple
     offsets = None
     if cfg.uses_pooled_keys:
         counts, indices = _predict_pooled(qbar, kbar.reshape(B * H, -1, D), Sq, Skv, scale, cfg)
-        rounded = False
     else:
-        counts, indices, rounded, full, offsets = _predict_per_key(qbar, k, Sq, Skv, scale, cfg)
-    counts = counts.reshape(B, H, -1)
-    if cfg.dense_above is not None and not rounded:
-        counts, indices = _round_up_dense_heads(counts, indices, Sq, Skv, cfg)
-    offsets = _offsets(counts) if offsets is None else offsets.reshape(B, H, -1)
+        counts, indices, full, offsets = _predict_per_key(qbar, k, Sq, Skv, scale, cfg)
+    if offsets is None:  # not yet rounded up, no offsets yet
+        counts = counts.reshape(B, H, -1)
+        if cfg.dense_above is not None:
+            counts, indices = _round_up_dense_heads(counts, indices, Sq, Skv, cfg)
+        offsets = _offsets(counts)
+    else:
+        offsets = offsets.reshape(B, H, -1)
     return _with_full_heads(SparseMask._unchecked(offsets, indices, q_block=M, kv_tile=N, seq_len_q=Sq,
                                                   seq_len_kv=Skv), full)
 
@@ -795,10 +797,10 @@ def _budget_thresholds(passes, gmax, theta_rule, n_rule, nt, cfg):
 
 
 def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
-    """Pooled query x every key, threshold search. Returns ``(counts (BH*Mq,), indices, rounded,
-    full, offsets)``, ``rounded`` telling whether heads above ``cfg.dense_above`` were already
-    rounded up to full; the Triton passes (else None for both) also give ``full``, whether each
-    (batch, head) keeps every tile, and the chained row offsets ``(1, BH, Mq + 1)``.
+    """Pooled query x every key, threshold search. Returns ``(counts (BH*Mq,), indices, full,
+    offsets)``. The Triton passes (else None for both) give ``full``, whether each (batch, head)
+    keeps every tile, and the chained row offsets ``(1, BH, Mq + 1)``, with heads above
+    ``cfg.dense_above`` already rounded up to full; the PyTorch passes leave that to the caller.
 
     ``qbar (B*H, Mq, D)`` float32; ``k (B, Skv, H, D)``.
     """
@@ -825,9 +827,8 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
         theta_row = _budget_thresholds(passes, gmax, theta_row, cnt.gather(1, pick[:, None]).squeeze(1), nt, cfg)
 
     if isinstance(passes, _TorchPasses):
-        return (*passes.emit(theta_row, _forced(cfg, Sq, Skv)), False, None, None)
-    counts, indices, full, offsets = passes.emit(theta_row, _forced(cfg, Sq, Skv), dense_above=cfg.dense_above)
-    return counts, indices, cfg.dense_above is not None, full, offsets
+        return (*passes.emit(theta_row, _forced(cfg, Sq, Skv)), None, None)
+    return passes.emit(theta_row, _forced(cfg, Sq, Skv), dense_above=cfg.dense_above)
 
 
 # ------------------------------------------------------------------------------ oracle
