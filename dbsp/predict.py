@@ -523,6 +523,7 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     full)``, ``full`` telling per (batch, head) whether it keeps every tile of every row.
     """
     from .kernels import predict_pooled
+    from .kernels.predict_select import _dense_limit
 
     B, H, mq, D = qbar.shape
     nt = kbar.shape[2]
@@ -541,8 +542,9 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
             top_p=cfg.top_p, lo=min(cfg.min_keep, nt), hi=nt if cfg.max_keep is None else cfg.max_keep, M=M, N=N,
             diagonal=cfg.keep_diagonal, text=cfg.text_tokens,
         )
-    # density > dense_above  <=>  entries > floor(dense_above * Sq * Skv), in exact integers.
-    limit = None if cfg.dense_above is None else math.floor(cfg.dense_above * Sq * Skv)
+    # density > dense_above  <=>  entries > limit, decided as _dense_heads' float64 density does
+    # (floor(dense_above * Sq * Skv) is one less where the product rounds below an integer).
+    limit = None if cfg.dense_above is None else _dense_limit(cfg.dense_above, Sq * Skv) - 1
     offsets, full, host = predict_pooled.offsets(counts, totals, mq=mq, nt=nt, limit=limit)
     host = host.tolist()  # the one device read: the tile total and which heads are full
     indices = predict_pooled.emit(keep, offsets, full, host[0], mq=mq)

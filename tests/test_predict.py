@@ -471,6 +471,30 @@ def test_fused_pooled_predictor_matches_the_torch_path(q_block, kv_tile, top_p, 
 
 
 @triton_only
+def test_fused_pooled_predictor_rounds_up_dense_heads_at_the_exact_boundary_as_the_torch_path():
+    """A head whose density equals dense_above exactly (as float64 puts it) is not dense on either
+    path, also where dense_above * Sq * Skv rounds just below its entry count (the fused path
+    once compared with that product's floor and rounded such a head up); denser heads are."""
+    dev = _fused_or_skip()
+    q, k = (t.to(dev) for t in structured_qk(b=2, sq=203, skv=203, h=3, d=32, seed=11))
+    kw = dict(q_block=32, kv_tile=32, top_p=0.7)
+    base = predict_mask(q, k, dense_above=None, backend="torch", **kw)
+    sizes = torch.tensor([32] * 6 + [203 - 6 * 32], device=base.offsets.device)
+    entries = torch.einsum("bhij,i,j->bh", base.to_dense().long(), sizes, sizes).flatten().tolist()
+    area = 203 * 203
+    edge = [e for e in entries if math.floor((e / area) * area) == e - 1]
+    assert edge, "no head at a rounding boundary: pick another seed"
+    dense_above = edge[0] / area
+    assert any(e > edge[0] for e in entries) and any(e < edge[0] for e in entries)
+    a = predict_mask(q, k, dense_above=dense_above, backend="torch", **kw)
+    b = predict_mask(q, k, dense_above=dense_above, backend="triton", **kw)
+    b.validate()
+    full = (b.offsets[..., -1] - b.offsets[..., 0]).flatten() == 7 * 7  # (B * H,) heads with every tile
+    assert full.tolist() == [e > edge[0] for e in entries]
+    assert_same_rows(a, b)
+
+
+@triton_only
 @pytest.mark.parametrize("top_p,dense_above", [(0.99, None), (0.7, 0.5)], ids=["selected-full", "rounded-up"])
 def test_fused_predictor_records_its_full_heads_for_the_attention_schedule(top_p, dense_above):
     """Heads 1 and 3 score every key alike, so they come out full (every tile selected, or rounded
