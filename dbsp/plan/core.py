@@ -297,6 +297,19 @@ class Plan:
             out.append(owner)
         return out[0], out[1]
 
+    @cached_property
+    def _chunk_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(U, R)`` int64 tokens of every group's query chunk and key/value chunk on each ring
+        rank (the last block may be partial), built once per plan from :attr:`_owners`."""
+        U, R, nb = self.ulysses, self.ring, self.num_blocks
+        tokens = np.full(nb, float(self.q_block))
+        tokens[-1] = self.seq_len - (nb - 1) * self.q_block
+        base = np.arange(U, dtype=np.int64)[:, None] * R
+        weights = np.tile(tokens, U)
+        out = [np.bincount((base + owner).reshape(-1), weights=weights, minlength=U * R).reshape(U, R).astype(np.int64)
+               for owner in self._owners]
+        return out[0], out[1]
+
     def block_owner(self, kind: str) -> torch.Tensor:
         """``(U, NB)`` int64: ring rank that computes with each block; ``kind`` is "q" or "kv"."""
         return torch.from_numpy(self._owners[self._kind(kind)].copy())

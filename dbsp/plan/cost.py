@@ -194,20 +194,11 @@ class CostModel:
         dense = set(int(h) for h in dense_heads)
         if not dense <= set(range(plan.heads)):
             raise ValueError(f"dense_heads must be head ids in [0, {plan.heads}), got {sorted(dense)}")
-        S, M, nb = plan.seq_len, plan.q_block, plan.num_blocks
-        short = nb * M - S  # the last block may be partial
-
-        def tokens(blocks: tuple[int, ...]) -> int:  # sorted block ids
-            return len(blocks) * M - (short if blocks and blocks[-1] == nb - 1 else 0)
-
         at = [[i for i, h in enumerate(plan.head_group(k)) if h in dense] for k in range(plan.ulysses)]
         counts = np.array([len(a) for a in at])
         consecutive = np.array([not a or a[-1] - a[0] == len(a) - 1 for a in at])
-        out = np.zeros((plan.ulysses, plan.ring, plan.ring))
-        for k in np.nonzero(counts)[0]:
-            q = np.array([tokens(b) for b in plan.q_blocks[k]], dtype=np.float64)
-            kv = np.array([tokens(b) for b in plan.kv_blocks[k]], dtype=np.float64)
-            out[k] = batch * counts[k] * np.outer(q, kv)
+        q, kv = (t.astype(np.float64) for t in plan._chunk_tokens)  # (U, R) tokens of each rank's chunks
+        out = (batch * counts)[:, None, None] * (q[:, :, None] * kv[:, None, :])
         return out, counts, consecutive
 
     def _bandwidth(self, group: int, span: int) -> float:
@@ -261,7 +252,7 @@ class CostModel:
         if dense_w is None:
             seconds = W * (4.0 * head_dim) / rate
         else:
-            slow = np.where(_kv_tokens(plan) % _CUDNN_KV_TILE != 0, self.dense_unaligned, 1.0)[:, None, :]  # (U, 1, R)
+            slow = np.where(plan._chunk_tokens[1] % _CUDNN_KV_TILE != 0, self.dense_unaligned, 1.0)[:, None, :]  # (U, 1, R)
             seconds = (W - dense_w) * (4.0 * head_dim) / rate + dense_w * slow * (4.0 * head_dim) / (self.dense_tflops * 1e12)
         D = _steps(W)  # (U, R, R): D[k, i, t]
         overhead = np.full((U, 1, 1), self.call_overhead_us * 1e-6)
@@ -305,13 +296,6 @@ class CostModel:
 
 # cuDNN's key tile: dense calls with other key lengths pay CostModel.dense_unaligned.
 _CUDNN_KV_TILE = 128
-
-
-def _kv_tokens(plan: Plan) -> np.ndarray:
-    """``(U, R)`` key tokens of every group's ring chunks (the last block may be partial)."""
-    short = plan.num_blocks * plan.q_block - plan.seq_len
-    return np.array([[len(b) * plan.q_block - (short if plan.num_blocks - 1 in b else 0) for b in group]
-                     for group in plan.kv_blocks], dtype=np.int64)
 
 
 _TIME_SCALE = 1024
