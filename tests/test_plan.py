@@ -510,6 +510,24 @@ def test_dense_heads_run_at_the_dense_rate():
     assert model().predict(plan, head_dim=D, dense_heads=(1,)) == model().predict(plan, head_dim=D)
     with pytest.raises(ValueError, match="dense_heads must be head ids"):
         m.predict(plan, head_dim=D, dense_heads=(7,))
+
+
+@pytest.mark.parametrize("ulysses,ring,uneven", [(1, 4, False), (2, 2, False), (3, 2, True), (2, 3, False)])
+def test_plan_chunk_tokens_count_each_ranks_blocks_with_the_partial_last_one(ulysses, ring, uneven):
+    """The cost model's token counts per (group, ring rank) chunk equal the lengths of the plan's
+    block lists in tokens, the last (partial) block counted short wherever the plan moved it."""
+    S, M = 1000, 64  # 16 blocks, the last of 40 tokens
+    work = random_work(6, 16, seed=ulysses * 10 + ring, dense_range=(0.02, 0.95))
+    plan = make_plan(work, ulysses=ulysses, ring=ring, q_block=M, seq_len=S, uneven_heads=uneven, reward=0.0)
+    assert plan.moved_blocks("q") + plan.moved_blocks("kv") > 0  # the test needs blocks away from home
+
+    def tokens(blocks):
+        return sum(S - b * M if b == 15 else M for b in blocks)
+
+    q, kv = plan._chunk_tokens
+    for got, lists in ((q, plan.q_blocks), (kv, plan.kv_blocks)):
+        assert got.dtype == np.int64 and got.tolist() == [[tokens(b) for b in group] for group in lists]
+        assert (got.sum(1) == S).all()
     with pytest.raises(ValueError, match="dense_tflops must be None or a finite number > 0"):
         model(dense_tflops=0.0)
     with pytest.raises(ValueError, match="mixed_overhead_us must be a finite number >= 0"):
