@@ -458,6 +458,20 @@ def _dense_heads(keys: torch.Tensor, mq: int, M: int, Sq: int, Skv: int, dense_a
     return per_head.to(torch.float64) / (Sq * Skv) > dense_above
 
 
+def _dense_limit(dense_above: float | None, area: int) -> int:
+    """The fewest score entries ``e`` of a head with ``e / area > dense_above`` in float64, as
+    :func:`_dense_heads` decides (entries and ``area`` are exact below 2**53, and Python's
+    int / int is the correctly rounded float64 quotient, as torch's division of the two); 0 for None."""
+    if dense_above is None:
+        return 0
+    e = max(0, math.floor(dense_above * area))
+    while e > 0 and (e - 1) / area > dense_above:
+        e -= 1
+    while not e / area > dense_above and e <= area:
+        e += 1
+    return e
+
+
 def _round_up_dense_heads(counts, indices, Sq, Skv, cfg):
     """Replace every head whose density exceeds ``cfg.dense_above`` by a full head.
 
@@ -523,7 +537,6 @@ def _predict_pooled_fused(qbar, kbar, Sq, Skv, scale, cfg):
     full)``, ``full`` telling per (batch, head) whether it keeps every tile of every row.
     """
     from .kernels import predict_pooled
-    from .kernels.predict_select import _dense_limit
 
     B, H, mq, D = qbar.shape
     nt = kbar.shape[2]

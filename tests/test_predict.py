@@ -415,13 +415,12 @@ def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
     assert _known_full_heads(b) == tuple(h for h in range(2) if bool((counts[:, h] == b.num_kv_tiles).all()))
 
 
-@triton_only
 @pytest.mark.parametrize("area", [1, 7, 190 * 190, 32760 * 32760, 118800 * 118800])
 @pytest.mark.parametrize("dense_above", [0.0, 1e-9, 0.1, 0.6, 0.675, 0.73, 1 / 3, 0.999999, 1.0])
 def test_dense_limit_decides_as_dense_heads_does(area, dense_above):
-    """The per-key kernels' integer limit puts every entry count on the side that
+    """The Triton kernels' integer limit puts every entry count on the side that
     ``predict._dense_heads``' float64 density puts it (checked around the limit and at the ends)."""
-    from dbsp.kernels.predict_select import _dense_limit
+    from dbsp.predict import _dense_limit
 
     e0 = _dense_limit(dense_above, area)
     entries = torch.tensor(sorted({max(0, min(area, e)) for e in (0, area, e0 - 2, e0 - 1, e0, e0 + 1)}), dtype=torch.int64)

@@ -26,11 +26,11 @@ group chunks)``, query-block tiles fastest so that programs reading one key chun
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+
+from ..predict import _dense_limit
 
 # Pooled query rows per program and groups per program on GPU; the interpreter runs the same
 # kernels with the same values (they only change speed).
@@ -367,20 +367,6 @@ def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, 
     bits = tl.where(full[:, None], (tile < nt).to(tl.int32), bits)
     pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
     tl.store(OUT + pos, tile.to(tl.int32), mask=(bits > 0) & ok[:, None])
-
-
-def _dense_limit(dense_above: float | None, area: int) -> int:
-    """The fewest score entries ``e`` of a head with ``e / area > dense_above`` in float64, as
-    ``predict._dense_heads`` decides (entries and ``area`` are exact below 2**53, and Python's
-    int / int is the correctly rounded float64 quotient, as torch's division of the two); 0 for None."""
-    if dense_above is None:
-        return 0
-    e = max(0, math.floor(dense_above * area))
-    while e > 0 and (e - 1) / area > dense_above:
-        e -= 1
-    while not e / area > dense_above and e <= area:
-        e += 1
-    return e
 
 
 def is_interpreted() -> bool:
