@@ -79,19 +79,30 @@ def _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(QBAR, K, GMAX, GSUM, mq, H, Skv, ng, scale, s_kb, s_ks, s_kh,
-                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
-                  BLOCK_D: tl.constexpr, GPP: tl.constexpr, IEEE: tl.constexpr):
-    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM: tl.constexpr, GK: tl.constexpr, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """The program's query rows, their validity and int64 global rows, the head-dim offsets and
+    mask, the group's key offsets, the pooled query tile (in the key dtype) and the head's keys."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     rows = pid_m * BM + tl.arange(0, BM)
     rvalid = rows < mq
+    grow = (bh * mq + rows).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     offs_k = tl.arange(0, GK)
     q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
     k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    out_row = (bh * mq + rows).to(tl.int64) * ng
+    return rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base
+
+
+@triton.jit
+def _stats_kernel(QBAR, K, GMAX, GSUM, mq, H, Skv, ng, scale, s_kb, s_ks, s_kh,
+                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr, GPP: tl.constexpr, IEEE: tl.constexpr):
+    pid_g = tl.program_id(2)
+    rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
+    out_row = grow * ng
     for gi in range(GPP):
         g = pid_g * GPP + gi
         t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
@@ -109,17 +120,9 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
                        BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
                        IEEE: tl.constexpr, COUNT: tl.constexpr):
-    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    rows = pid_m * BM + tl.arange(0, BM)
-    rvalid = rows < mq
-    grow = (bh * mq + rows).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_k = tl.arange(0, GK)
+    pid_g = tl.program_id(2)
+    rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     cols = tl.arange(0, T_P)
-    q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
-    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     lse = tl.load(LSE + grow, mask=rvalid, other=0.0)
     # The smallest threshold of each row (candidates ascend); invalid rows never need a group.
     lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
@@ -152,17 +155,9 @@ def _counts_kernel(QBAR, K, GMAX, THETA, CNT, mq, H, Skv, ng, nchunk, scale, s_k
                    BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
                    IEEE: tl.constexpr, WIDE: tl.constexpr):
     """The candidates kernel's counts alone (no exp, no mass): the budget search's passes."""
-    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
-    rows = pid_m * BM + tl.arange(0, BM)
-    rvalid = rows < mq
-    grow = (bh * mq + rows).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_k = tl.arange(0, GK)
+    pid_g = tl.program_id(2)
+    rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     cols = tl.arange(0, T_P)
-    q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
-    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     # Rows that need no search have thresholds of +inf: a program of such rows skips every group.
     lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
     th = tl.load(THETA + grow[:, None] * T + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < T),
@@ -191,20 +186,12 @@ def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, mq, H, Sq, Skv, ng, nt
                  s_kb, s_ks, s_kh, margin, M, TXT,
                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                  BLOCK_D: tl.constexpr, GPP: tl.constexpr, KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr):
-    pid_m, bh, pid_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = bh // H, bh % H
+    pid_g = tl.program_id(2)
+    rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     GT: tl.constexpr = GK // N
-    rows = pid_m * BM + tl.arange(0, BM)
-    rvalid = rows < mq
-    grow = (bh * mq + rows).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_k = tl.arange(0, GK)
     jl = tl.arange(0, GT)
-    q = _load_q(QBAR, bh, rows, rvalid, mq, offs_d, d_ok, D).to(K.dtype.element_ty)
-    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     theta = tl.load(THETA_ROW + grow, mask=rvalid, other=float("inf"))
-    i0 = pid_m * BM
+    i0 = tl.program_id(0) * BM
     for gi in range(GPP):
         g = pid_g * GPP + gi
         gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
