@@ -110,7 +110,8 @@ def test_swap_heads_equals_the_one_swap_at_a_time_rule(seed):
 def test_rest_of_skips_the_two_excluded_ranks(R):
     """Oracle: a loop over ranks. Per candidate ``c`` and step ``t``, the largest ``D[i, t]`` over
     ranks other than ``e1[t]`` and ``rank_at[of[c], t]`` (-1 where none is left), with ties,
-    repeated partners and excluded ranks that coincide."""
+    repeated partners, excluded ranks that coincide, and a second rank constant over the steps
+    (broadcast, as the query side passes it)."""
     rng = np.random.default_rng(R)
     for _ in range(30):
         D = rng.integers(0, 4, (R, R)).astype(np.int64)  # ties
@@ -118,11 +119,16 @@ def test_rest_of_skips_the_two_excluded_ranks(R):
         rank_at = rng.integers(0, R, (R, R))
         partners = np.unique(rng.integers(0, R, int(rng.integers(1, 3))))
         of = rng.choice(partners, int(rng.integers(1, 6)))
-        out = _rest_of(D, e1, rank_at, partners, of)
+        out = _rest_of(D, e1, rank_at[of])
         assert out.shape == (len(of), R)
         for c in range(len(of)):
             for t in range(R):
                 left = [int(D[i, t]) for i in range(R) if i != e1[t] and i != rank_at[of[c], t]]
+                assert out[c, t] == (max(left) if left else -1)
+        out = _rest_of(D, e1, of[:, None])
+        for c in range(len(of)):
+            for t in range(R):
+                left = [int(D[i, t]) for i in range(R) if i != e1[t] and i != of[c]]
                 assert out[c, t] == (max(left) if left else -1)
 
 

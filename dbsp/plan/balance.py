@@ -332,16 +332,17 @@ _REFINE_MAX_SWAPS = 32
 _BIG = np.iinfo(np.int64).max
 
 
-def _rest_of(D: np.ndarray, e1: np.ndarray, rank_at: np.ndarray, partners: np.ndarray, of: np.ndarray) -> np.ndarray:
+def _rest_of(D: np.ndarray, e1: np.ndarray, rank_at: np.ndarray) -> np.ndarray:
     """Per candidate and step, the largest ``D[i, t]`` over ranks ``i`` other than ``e1[t]`` and
-    ``rank_at[of[c], t]``: ``(C, R)``, ``-1`` where no rank is left. Every ``of[c]`` is one of the
-    few (distinct) ``partners``, so the maxima are taken once per partner, not per candidate."""
-    R, P = D.shape[1], len(partners)
-    t = np.arange(R)
-    masked = np.repeat(D[None], P, 0)  # (P, R, R)
-    masked[:, e1, t] = -1
-    masked[np.arange(P)[:, None], rank_at[partners], t] = -1
-    return masked.max(1)[(of[:, None] == partners[None, :]).argmax(1)]
+    ``rank_at[c, t]``: ``(C, R)`` (``rank_at`` may broadcast), ``-1`` where no rank is left
+    (``D >= 0``). From each step's two largest values once, not a masked maximum per candidate."""
+    t = np.arange(D.shape[1])
+    masked = D.copy()
+    masked[e1, t] = -1
+    first = masked.argmax(0)
+    top = masked[first, t]
+    masked[first, t] = -1
+    return np.where(rank_at == first, masked.max(0), top)
 
 
 def _among(owner: np.ndarray, ranks: np.ndarray, R: int) -> np.ndarray:
@@ -390,7 +391,6 @@ def _refine(
     ii = np.arange(R)
     cols = (ii[:, None] + ii[None, :]) % R  # cols[i, t] = (i + t) % R: the key rank rank i meets at step t
     meet = (ii[:, None] - ii[None, :]) % R  # meet[j, t] = the rank that meets key rank j at step t
-    rows = np.repeat(ii[:, None], R, 1)  # rows[b, t] = b: query rank b is itself at every step
     goal = target * int(W.sum()) / R
     mov = np.ones(qo.shape[0], dtype=bool) if movable is None else movable
     flat = _step_index(R)
@@ -414,7 +414,7 @@ def _refine(
         cb = cols[bs]  # (O, R): the key rank that rank b meets at step t
         new_a = D[a] - Y[xs][:, None, cols[a]] + Y[others][None, :, cols[a]]  # (X, O, R)
         new_b = D[bs][None] + Y[xs][:, cb] - Y[others[:, None], cb][None]
-        rest = _rest_of(D, np.full(R, a), rows, light, bs)
+        rest = _rest_of(D, np.full(R, a), bs[:, None])
         new_T = np.maximum(np.maximum(new_a, new_b), rest[None]).sum(-1)
         homes = (home[xs][:, None] == bs[None, :]).astype(np.int64) + (home[others] == a)[None, :]
         if new_T.size:
@@ -433,7 +433,7 @@ def _refine(
         q = meet[js]  # (O, R): rank meeting key rank j' at step t
         new_p = D[p, ii] - Z[p][:, xs].T[:, None, :] + Z[p][:, others].T[None]  # (X, O, R)
         new_q = (D[q, ii[None, :]] - Z[q, others[:, None]])[None] + Z[q[None], xs[:, None, None]]
-        rest = _rest_of(D, p, meet, light, js)
+        rest = _rest_of(D, p, q)
         new_T = np.maximum(np.maximum(new_p, new_q), rest[None]).sum(-1)
         homes = (home[xs][:, None] == js[None, :]).astype(np.int64) + (home[others] == j)[None, :]
         if new_T.size:

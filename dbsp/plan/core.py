@@ -520,14 +520,24 @@ DEFAULT_SUMMARY_UNITS = 160
 dense work tensor is 224 MB)."""
 
 
+@lru_cache(maxsize=64)
 def _unit_starts(num_blocks: int, ring: int, coarse: int) -> np.ndarray:
     """``(NU + 1,)`` int64 unit boundaries: every home chunk of ``ring`` cut every ``coarse`` blocks.
 
     ``num_blocks = 10, ring = 2, coarse = 2``: chunks ``[0, 5)`` and ``[5, 10)`` give units
-    ``[0, 2) [2, 4) [4, 5) [5, 7) [7, 9) [9, 10)``, boundaries ``0 2 4 5 7 9 10``.
+    ``[0, 2) [2, 4) [4, 5) [5, 7) [7, 9) [9, 10)``, boundaries ``0 2 4 5 7 9 10``. Read-only and
+    remembered: every step's summary of a run has the same units.
     """
     b = _bounds(num_blocks, ring)
-    return np.concatenate([np.arange(b[i], b[i + 1], coarse) for i in range(ring)] + [np.array([num_blocks])]).astype(np.int64)
+    out = np.concatenate([np.arange(b[i], b[i + 1], coarse) for i in range(ring)] + [np.array([num_blocks])]).astype(np.int64)
+    out.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=64)
+def _unit_bounds(num_blocks: int, ring: int, coarse: int) -> tuple[int, ...]:
+    """:func:`_unit_starts` as a tuple of ints (remembered likewise)."""
+    return tuple(_unit_starts(num_blocks, ring, coarse).tolist())
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -631,7 +641,7 @@ class WorkSummary:
     @cached_property
     def unit_bounds(self) -> tuple[int, ...]:
         """``NU + 1`` block ids: unit ``a`` holds blocks ``unit_bounds[a] .. unit_bounds[a + 1] - 1``."""
-        return tuple(_unit_starts(self.num_blocks, self.ring, self.coarse).tolist())
+        return _unit_bounds(self.num_blocks, self.ring, self.coarse)
 
     @property
     def nbytes(self) -> int:
@@ -655,7 +665,7 @@ class WorkSummary:
 
     @cached_property
     def _starts(self) -> np.ndarray:
-        return np.asarray(self.unit_bounds, dtype=np.int64)
+        return _unit_starts(self.num_blocks, self.ring, self.coarse)
 
     @cached_property
     def _ring_tiles(self) -> np.ndarray:

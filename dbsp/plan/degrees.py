@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from ..mask import SparseMask
 from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
                       _layouts, _moved, _ring_key)
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _home, _stats, _steps,
-                   _sum_groups, _summary_home_tiles, _work_per_head)
+                   _sum_groups, _summary_home_tiles, _unit_starts, _work_per_head)
 from .cost import CostModel, Prediction, _predictor, _rates_of
 
 
@@ -324,7 +325,8 @@ def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix
     for k, g in enumerate(groups):
         weigh[k, g] = ms[g]
     heads_k = weigh.astype(bool).sum(1).astype(np.float64)
-    mean = max(float((weigh @ s._head_totals.astype(np.float64))[k]) / R + R * mix[k] for k in range(U))
+    per_group = weigh @ s._head_totals.astype(np.float64)  # (U,) ms of each group's work
+    mean = max(float(per_group[k]) / R + R * mix[k] for k in range(U))
     mean = max(mean, float(((R - 1) * p2p).max()))
     if not moves:
         return mean + 2 * lat + heads_k.min() * s.coarse * block_ms, mean
@@ -350,20 +352,26 @@ def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix
 
 
 def _movable_units(s: WorkSummary, ring: int) -> tuple[np.ndarray, np.ndarray]:
-    """``((R, n) movable units of each home chunk of ``ring``, padded with ``NU``; (R + 1,) chunk
-    starts in units)``."""
-    memo = s.__dict__.setdefault("_movable_memo", {})
-    if ring not in memo:
-        home = _home(s.num_blocks, ring)[s._starts[:-1]]
-        movable = np.diff(s._starts) == s.coarse
-        chunk = np.searchsorted(home, np.arange(ring + 1))
-        per = [np.nonzero(movable[chunk[i] : chunk[i + 1]])[0] + chunk[i] for i in range(ring)]
-        n = max(len(p) for p in per)
-        idx = np.full((ring, n), s.num_units, dtype=np.int64)
-        for i, p in enumerate(per):
-            idx[i, : len(p)] = p
-        memo[ring] = (idx, chunk)
-    return memo[ring]
+    """``((R, n) movable units of each home chunk of ``ring``, padded with ``NU``; (R + 1,)
+    chunk starts in units)``: :func:`_unit_layout` of the summary's geometry."""
+    return _unit_layout(s.num_blocks, s.ring, s.coarse, ring)
+
+
+@lru_cache(maxsize=64)
+def _unit_layout(num_blocks: int, summary_ring: int, coarse: int, ring: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_movable_units` of a geometry, remembered (read-only): every step's summary of a run
+    has the same units."""
+    starts = _unit_starts(num_blocks, summary_ring, coarse)
+    home = _home(num_blocks, ring)[starts[:-1]]
+    movable = np.diff(starts) == coarse
+    chunk = np.searchsorted(home, np.arange(ring + 1))
+    per = [np.nonzero(movable[chunk[i] : chunk[i + 1]])[0] + chunk[i] for i in range(ring)]
+    n = max(len(p) for p in per)
+    idx = np.full((ring, n), len(starts) - 1, dtype=np.int64)
+    for i, p in enumerate(per):
+        idx[i, : len(p)] = p
+    idx.flags.writeable = chunk.flags.writeable = False
+    return idx, chunk
 
 
 def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None,
