@@ -323,3 +323,24 @@ def test_wan_split_points_are_diffusers_context_parallel_plan():
         for key, (dim, expected) in {**split.inputs, **split.outputs}.items():
             assert (plan[key].split_dim, plan[key].expected_dims) == (dim, expected)
             assert plan[key].split_output == (key in split.outputs)
+
+
+def test_planner_reads_the_masks_exact_work_summary():
+    """Oracle: ``imbalance_ratio`` and ``make_plan`` on the mask itself. The planner's input is the
+    mask's summary at the ring degree (exact: the same rho_s under every layout it can plan, and a
+    plan from it that is as balanced on the mask as the summary says); the mask itself where it
+    has fewer query blocks than the ring degree."""
+    from dbsp.integrations.diffusers import _planner_input
+    from dbsp.plan import WorkSummary, imbalance_ratio, make_plan
+
+    mask = random_mask(1, 8, 40 * 16, density=0.3, q_block=16, kv_tile=1, seed=3)
+    for ring in (1, 2, 4):
+        s = _planner_input(mask, ring)
+        assert isinstance(s, WorkSummary) and s.ring == ring
+        for u, r in [(8 // ring, ring), (1, ring)]:
+            assert imbalance_ratio(s, ulysses=u, ring=r) == imbalance_ratio(mask, ulysses=u, ring=r)
+            plan = make_plan(s, ulysses=u, ring=r)
+            assert plan.with_tile_work(mask).imbalance() == plan.imbalance()
+            assert plan.imbalance() <= imbalance_ratio(mask, ulysses=u, ring=r) + 1e-12
+    small = random_mask(1, 2, 3 * 16, density=0.5, q_block=16, kv_tile=16, seed=0)
+    assert _planner_input(small, 4) is small

@@ -53,7 +53,7 @@ from torch.profiler import record_function
 from .._checks import check_block_sizes, check_nonnegative_int, check_positive_int
 from ..attention import available_backends, sparse_attention
 from ..mask import SparseMask
-from ..plan import Plan, PlanCache
+from ..plan import Plan, PlanCache, WorkSummary, summarize_work
 from ..predict import MaskPredictor
 
 __all__ = [
@@ -389,6 +389,14 @@ class DbspHandle:
         )
 
 
+def _planner_input(mask: SparseMask, ring: int) -> "WorkSummary | SparseMask":
+    """What the planner reads for ``mask`` at ring degrees dividing ``ring``: the mask's
+    :class:`~dbsp.plan.WorkSummary`, built on the mask's device (only the summary, 3.7 MB at
+    Wan2.1-14B 720p, comes to the CPU; checks and re-plans from it cost a fraction of those from
+    the mask's dense work); the mask itself where it has fewer query blocks than ``ring``."""
+    return mask if mask.num_q_blocks < ring else summarize_work(mask, ring=ring)
+
+
 def _world(groups) -> int:
     if isinstance(groups, Mapping):
         return next(iter(groups.values())).world_size
@@ -500,7 +508,8 @@ class _SelfAttention:
         state = self.state
         groups, planner = state.groups, state.planner
         if isinstance(groups, Mapping):
-            plan = planner.get((self.layer, branch), mask, world=_world(groups))
+            world = _world(groups)
+            plan = planner.get((self.layer, branch), _planner_input(mask, world), world=world)
             chosen = groups.get((plan.ulysses, plan.ring))
             if chosen is None:
                 raise ValueError(
@@ -510,7 +519,8 @@ class _SelfAttention:
             return chosen, plan
         if planner is None or dense:
             return groups, None
-        return groups, planner.get((self.layer, branch), mask, ulysses=groups.ulysses, ring=groups.ring)
+        return groups, planner.get((self.layer, branch), _planner_input(mask, groups.ring), ulysses=groups.ulysses,
+                                   ring=groups.ring)
 
     def run_original(self, *args):
         """A dense step in one process: the model's own processor, exactly as without dbsp."""
@@ -964,8 +974,10 @@ def apply(
             planner choose the degrees per layer and step. Every rank must call ``apply`` with the
             same arguments and run the same forwards. Default: None.
         planner: sequence parallel only: a ``dbsp.plan.PlanCache`` (db-SP balancing, plan reuse
-            across steps), or None for the unbalanced layout. Default: a new ``PlanCache()``
-            with ``groups``, nothing without (passing one without ``groups`` is an error).
+            across steps), or None for the unbalanced layout. It is fed each mask's
+            ``WorkSummary`` (``summarize_work``, built where the mask lives), so its plans move
+            whole summary units. Default: a new ``PlanCache()`` with ``groups``, nothing without
+            (passing one without ``groups`` is an error).
         dense_steps: the first ``dense_steps`` denoising steps run dense attention (in one process
             through the model's own processor, exactly as without dbsp). Default: 0.
         layers: indices of the blocks whose self-attention dbsp makes sparse; the others keep the
