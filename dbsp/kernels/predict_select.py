@@ -339,17 +339,23 @@ def _row_starts_kernel(COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, STARTS, FUL
 
 
 @triton.jit
-def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
-    """Bit words -> sorted tile ids from each word's output offset ``STARTS``; a word of a row
-    flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
-    pid = tl.program_id(0)
-    w = pid * BW + tl.arange(0, BW)
+def _expand_words(WORDS, STARTS, FULL, n_words, ng, BW: tl.constexpr, GT: tl.constexpr):
+    """The program's ``BW`` words: validity, bits, output offsets, full-row flags, the bit
+    positions ``(GT,)`` and the tile id of every bit ``(BW, GT)``."""
+    w = tl.program_id(0) * BW + tl.arange(0, BW)
     ok = w < n_words
     word = tl.load(WORDS + w, mask=ok, other=0)
     start = tl.load(STARTS + w, mask=ok, other=0)
     full = tl.load(FULL + w // ng, mask=ok, other=0) != 0
     jl = tl.arange(0, GT)
-    tile = (w % ng)[:, None] * GT + jl[None, :]
+    return ok, word, start, full, jl, (w % ng)[:, None] * GT + jl[None, :]
+
+
+@triton.jit
+def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
+    """Bit words -> sorted tile ids from each word's output offset ``STARTS``; a word of a row
+    flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
+    ok, word, start, full, jl, tile = _expand_words(WORDS, STARTS, FULL, n_words, ng, BW, GT)
     bits = ((word[:, None] >> jl[None, :].to(tl.int64)) & 1).to(tl.int32)
     bits = tl.where(full[:, None], (tile < nt).to(tl.int32), bits)
     pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
