@@ -1,5 +1,5 @@
 """What planning costs per layer and step when the planner is fed the predicted ``SparseMask``
-itself (as the diffusers integration does) or a ``WorkSummary`` built from it where it lives.
+itself or a ``WorkSummary`` built from it where it lives (what the diffusers integration passes).
 
     python benchmarks/bench_plan_inputs.py [--device cuda]
 
