@@ -19,10 +19,13 @@ Four studies, one run, all written to ``--out``:
     python benchmarks/bench_predict.py --out results/predict          # GPU, real shapes
     python benchmarks/bench_predict.py --quick --out /tmp/pq          # CPU smoke run (~1-2 min)
     python benchmarks/bench_predict.py --out /tmp/pcpu                # CPU study at 9x16x16 (~15 min)
+    python benchmarks/bench_predict.py --studies quality --quality-shape wan1.3b-480p --layers 1 \
+        --sample 16 --top-ps 0.5,0.7,0.8,0.85,0.9,0.95,0.97,0.99 --out /tmp/q480   # CPU, real shape (~30 min)
 
 ``--capture FILE`` runs the quality study on captured q/k/v (``dbsp.capture``) instead of the
 generator. On GPU the quality and spread studies score a sample of query blocks (``--sample``)
-against all keys; the estimate is unbiased over blocks and keeps the run to a few minutes.
+against all keys; the estimate is unbiased over blocks and keeps the run to a few minutes. On
+CPU every block is scored unless ``--sample`` is given. Each quality point prints a progress line.
 """
 
 from __future__ import annotations
@@ -151,6 +154,8 @@ def quality_study(w, label: str, sample: int | None, top_ps, granularities=GRANU
                     full = predict_mask(w.q, w.k, q_block=M, kv_tile=N, top_p=tp, dense_above=None, **extra)
                     mask = select_query_blocks(full, blocks)
                 mq = evaluate_mask(qs, k, v, mask, dense=dense)
+                print(f"  quality {label} layer {w.layer} {gran} {method} top_p {tp}: density {mq.density:.4f}, "
+                      f"rel-L2 {mq.rel_l2:.4f} ({time.perf_counter() - t0:.1f} s)", flush=True)
                 base = dict(workload=label, layer=w.layer, step=w.step, granularity=gran, method=method, top_p=tp)
                 rows.append(dict(
                     base, density=round(mq.density, 6), recall=round(mq.recall, 6), rel_l2=round(mq.rel_l2, 6),
@@ -425,7 +430,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-shapes", default="wan1.3b-480p")
     p.add_argument("--spread-shapes", default="wan1.3b-480p,wan14b-720p,hunyuan-720p")
     p.add_argument("--spread-layers", type=int, default=4)
-    p.add_argument("--sample", type=int, default=32, help="query blocks scored per layer on GPU. Default: 32")
+    p.add_argument("--sample", type=int, default=None,
+                   help="query blocks scored per layer. Default: 32 on GPU, every block on CPU (6 with --quick)")
+    p.add_argument("--top-ps", default=None, help="comma-separated top_p sweep of the quality study. Default: 11 values, 0.5-0.999")
     p.add_argument("--capture", default=None, help="run the quality study on a dbsp capture file instead")
     p.add_argument("--token-noise", type=float, default=1.0, help="make_workload(token_noise=...) of the quality study")
     p.add_argument("--seed", type=int, default=0)
@@ -438,13 +445,13 @@ def main(argv=None) -> int:
     quick = args.quick
     torch.manual_seed(args.seed)
     # GPU: score a sample of query blocks; CPU study: all blocks; --quick smoke: 6 blocks.
-    sample = 6 if quick else (None if device.type == "cpu" else args.sample)
+    sample = args.sample if args.sample is not None else 6 if quick else None if device.type == "cpu" else 32
     t_start = time.perf_counter()
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}")
 
     if "quality" in studies:
         rows, head_rows = [], []
-        top_ps = (0.9, 0.99) if args.quick else TOP_PS
+        top_ps = tuple(float(x) for x in args.top_ps.split(",")) if args.top_ps else (0.9, 0.99) if args.quick else TOP_PS
         if args.capture:
             from dbsp.capture import load_capture
 
