@@ -385,6 +385,10 @@ class SparseMask:
             ``(B, H, Mq, ceil(Skv / q_block))`` int32 (each cell is at most ``q_block**2``;
             ``torch.sum`` promotes to int64).
         """
+        return self._work_by_counts() if self.device.type == "cpu" else self._work_per_entry()
+
+    def _work_per_entry(self) -> torch.Tensor:
+        """:meth:`work` as one index_add of every entry's cost (query rows x keys): the GPU path."""
         B, H, mq, mk = self.batch, self.heads, self.num_q_blocks, self.num_kv_blocks
         out = torch.zeros(B * H * mq * mk, dtype=torch.int64, device=self.device)
         if self.nnz:
@@ -393,6 +397,31 @@ class SparseMask:
             cost = self._q_rows()[rows.remainder(mq)] * self._tile_keys()[tiles]  # rows x keys per entry
             out.index_add_(0, rows * mk + tiles // (self.q_block // self.kv_tile), cost)
         return out.to(torch.int32).reshape(B, H, mq, mk)
+
+    def _work_by_counts(self) -> torch.Tensor:
+        """:meth:`work` with one pass over the entries: count the tiles of each (row, key block),
+        then scale by ``kv_tile`` keys and the block's query rows, O(rows) work for the partial
+        last tile (it ends its row, as in :meth:`_row_keys`). On the CPU ~4x faster than a cost
+        per entry; kept off the GPU path, whose kernels are measured as they are."""
+        B, H, mq, mk = self.batch, self.heads, self.num_q_blocks, self.num_kv_blocks
+        out = torch.zeros(B * H * mq * mk, dtype=torch.int32, device=self.device)
+        if self.nnz:
+            per = self.q_block // self.kv_tile
+            kb = self.indices.to(torch.int64)
+            if per > 1:
+                kb = kb.div(per, rounding_mode="floor")
+            counts = self.row_counts().reshape(-1)
+            base = torch.repeat_interleave(torch.arange(0, counts.numel() * mk, mk, device=self.device), counts)
+            out.index_add_(0, base.add_(kb), torch.ones(1, dtype=torch.int32, device=self.device).expand(self.nnz))
+        out = out.view(B * H, mq, mk).mul_(self.kv_tile)  # keys per (row, key block), every tile full
+        pad = self.num_kv_tiles * self.kv_tile - self.seq_len_kv
+        if pad and self.nnz:
+            counts = self.row_counts()
+            last = self.indices[(self.offsets[..., 1:] - 1).clamp(min=0)].to(torch.int64)
+            ends = (counts > 0) & (last == self.num_kv_tiles - 1)  # the row holds the partial tile
+            out[..., -1] -= ends.reshape(B * H, mq).to(torch.int32) * pad
+        out.mul_(self._q_rows().to(torch.int32)[None, :, None])
+        return out.reshape(B, H, mq, mk)
 
     # ------------------------------------------------------------------ FlexAttention
 

@@ -41,6 +41,8 @@ def test_round_trip_density_and_work_match_brute_force(b, h, sq, skv, q_block, t
     assert m.density() == pytest.approx(per_head.sum().item() / (b * h * sq * skv), abs=1e-12)
     assert torch.allclose(m.density(per_head=True), per_head.double() / (sq * skv))
     assert torch.equal(m.work().to(torch.int64), work)
+    assert torch.equal(m._work_per_entry().to(torch.int64), work)  # the GPU path's formula, run here
+    assert m.work().dtype == m._work_per_entry().dtype == torch.int32
     assert m.nnz == int(dense.sum())
     assert torch.equal(m.row_counts(), dense.sum(-1))
 

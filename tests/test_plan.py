@@ -26,7 +26,7 @@ from dbsp.plan import (
     tile_work,
 )
 from dbsp.plan.balance import _biased_greedy
-from dbsp.plan.core import _home
+from dbsp.plan.core import _home, _pool_mask
 from dbsp.simulate import KINDS, synthetic_tiles, synthetic_work
 from harness import run_distributed
 
@@ -1009,6 +1009,12 @@ def test_summary_of_a_mask_equals_summary_of_its_work_and_the_brute_sums(S, ring
     expected = brute_pooled(work, starts)
     for s in (a, b, c):
         assert torch.equal(s.pooled.to(torch.int64), expected) and (s.heads, s.batch) == (4, B)
+    # A GPU mask is pooled straight from its entries (_pool_mask); run that path here too.
+    nb, nu = -(-S // 64), len(starts) - 1
+    chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()
+    pooled, totals, extras = _pool_mask(mask, torch.from_numpy(np.repeat(np.arange(nu), np.diff(starts))), nu, chunk)
+    assert torch.equal(pooled, expected) and np.array_equal(totals, a._head_totals)
+    assert all(np.array_equal(x, y) for x, y in zip(extras, (*a._unit_marginals, a._ring_tiles)))
     assert a.kv_tile == 64 and b.kv_tile is None and "WorkSummary(H=4" in repr(a)
     # A fine-grained mask summarises to its computed entries: 64x8 tiles, the same keys.
     fine = SparseMask.from_dense(tiles.repeat_interleave(8, -1)[..., : -(-S // 8)], q_block=64, kv_tile=8, seq_len_q=S, seq_len_kv=S)
