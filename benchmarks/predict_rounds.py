@@ -1,7 +1,7 @@
 """Predictor time vs dense cuDNN SDPA at Wan2.1-1.3B 480p (GPU), in three rounds of alternating
 order, to tell run-to-run spread from real differences (bench_predict.py times each variant once).
 
-    python benchmarks/predict_rounds.py [--budget] [--search 16x3,32x2]
+    python benchmarks/predict_rounds.py [--budget] [--search 16x3,32x2] [--refine0]
 
 Two figures per predictor:
 
@@ -34,6 +34,8 @@ from dbsp.video import make_workload
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--budget", action="store_true", help="also time 64x16 and 64x1 per-key with max_keep = 20%% of tiles")
 parser.add_argument("--search", default="", help="budget search settings TxR, comma-separated (implies --budget)")
+parser.add_argument("--refine0", action="store_true",
+                    help="also time the per-key predictors with refine=0 (one candidates pass; coarser threshold, more tiles)")
 args = parser.parse_args()
 
 w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
@@ -42,6 +44,8 @@ S = k.shape[1]
 V = {"128x128 pooled": dict(q_block=128, kv_tile=128), "64x64 pooled": dict(q_block=64, kv_tile=64),
      "64x32 pooled": dict(q_block=64, kv_tile=32, pool_keys=True), "64x16 pooled": dict(q_block=64, kv_tile=16, pool_keys=True),
      "64x16 per-key": dict(q_block=64, kv_tile=16), "64x1 per-key": dict(q_block=64, kv_tile=1)}
+if args.refine0:
+    V.update({"64x16 per-key refine 0": dict(q_block=64, kv_tile=16, refine=0), "64x1 per-key refine 0": dict(q_block=64, kv_tile=1, refine=0)})
 searches = [tuple(int(x) for x in t.split("x")) for t in args.search.split(",") if t] or [None]
 BUDGET = {}  # name -> (predict_mask kwargs, (T, rounds) or None)
 if args.budget or args.search:
@@ -84,6 +88,8 @@ print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, trito
 for name, kw in V.items():
     search_setting(name)
     m = predict_mask(q, k, **kw)
+    if args.refine0 and "per-key" in name and name not in BUDGET:
+        print(f"{name}: density {m.density():.4f}, nnz {m.nnz}")
     if name in BUDGET:  # the rule's own tiles (no forced diagonal), untimed
         counts = predict_mask(q, k, **kw, keep_diagonal=False, dense_above=None).row_counts().float()
         print(f"{name}: max_keep {kw['max_keep']}, rule tiles per query block: mean {counts.mean():.1f}, "
