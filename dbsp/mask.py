@@ -354,13 +354,16 @@ class SparseMask:
         O(rows), not O(nnz): only the sequence's last tile can be partial, and it sorts last in
         its row, so a row's keys are ``count * kv_tile`` minus the padding when it ends on that tile.
         """
-        counts = self.row_counts()
-        keys = counts * self.kv_tile
+        keys = self.row_counts() * self.kv_tile
         pad = self.num_kv_tiles * self.kv_tile - self.seq_len_kv
         if pad and self.nnz:
-            last = self.indices[(self.offsets[..., 1:] - 1).clamp(min=0)].to(torch.int64)
-            keys -= ((counts > 0) & (last == self.num_kv_tiles - 1)).to(torch.int64) * pad
+            keys -= self._ends_on_last_tile().to(torch.int64) * pad
         return keys
+
+    def _ends_on_last_tile(self) -> torch.Tensor:
+        """``(B, H, Mq)`` bool: the row selects the sequence's last key tile (always its last entry)."""
+        last = self.indices[(self.offsets[..., 1:] - 1).clamp(min=0)].to(torch.int64)
+        return (self.row_counts() > 0) & (last == self.num_kv_tiles - 1)
 
     def density(self, *, per_head: bool = False) -> float | torch.Tensor:
         """Fraction of the ``Sq x Skv`` score entries that are computed.
@@ -415,11 +418,8 @@ class SparseMask:
             out.index_add_(0, base.add_(kb), torch.ones(1, dtype=torch.int32, device=self.device).expand(self.nnz))
         out = out.view(B * H, mq, mk).mul_(self.kv_tile)  # keys per (row, key block), every tile full
         pad = self.num_kv_tiles * self.kv_tile - self.seq_len_kv
-        if pad and self.nnz:
-            counts = self.row_counts()
-            last = self.indices[(self.offsets[..., 1:] - 1).clamp(min=0)].to(torch.int64)
-            ends = (counts > 0) & (last == self.num_kv_tiles - 1)  # the row holds the partial tile
-            out[..., -1] -= ends.reshape(B * H, mq).to(torch.int32) * pad
+        if pad and self.nnz:  # the partial tile lies in the last key block
+            out[..., -1] -= self._ends_on_last_tile().reshape(B * H, mq).to(torch.int32) * pad
         out.mul_(self._q_rows().to(torch.int32)[None, :, None])
         return out.reshape(B, H, mq, mk)
 

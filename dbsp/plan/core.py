@@ -724,12 +724,10 @@ def summarize_work(
     if isinstance(mask_or_work, WorkSummary):
         raise TypeError("mask_or_work is already a WorkSummary; pass it to the planner directly")
     check_positive_int("ring", ring)
-    if isinstance(mask_or_work, SparseMask) and mask_or_work.device.type == "cpu":
-        # On the CPU, counting the mask's work per block (SparseMask.work) and pooling that in
-        # numpy takes ~4x less time than a cost per entry pooled straight into units.
-        w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
-        q_block, seq_len, kv_tile, batch, nb, cell_max = w.q_block, w.seq_len, w.kv_tile, w.batch, w.num_blocks, w.cell_max
-    elif isinstance(mask_or_work, SparseMask):
+    # A device mask is pooled from its entries; a CPU mask goes through work() and the numpy
+    # pooling (~4x faster there than a cost per entry pooled into units).
+    from_entries = isinstance(mask_or_work, SparseMask) and mask_or_work.device.type != "cpu"
+    if from_entries:
         m = mask_or_work
         _check_planning_mask(m, q_block=q_block, seq_len=seq_len)
         q_block, seq_len, kv_tile, batch = m.q_block, m.seq_len_q, m.kv_tile, m.batch
@@ -737,7 +735,7 @@ def summarize_work(
         cell_max = batch * q_block * q_block
     else:
         w = _as_work(mask_or_work, q_block=q_block, seq_len=seq_len)
-        q_block, seq_len, kv_tile, batch, nb, cell_max = w.q_block, w.seq_len, None, w.batch, w.num_blocks, w.cell_max
+        q_block, seq_len, kv_tile, batch, nb, cell_max = w.q_block, w.seq_len, w.kv_tile, w.batch, w.num_blocks, w.cell_max
     _check_ring(ring, nb)
     coarse = min(_cdiv(nb, DEFAULT_SUMMARY_UNITS), nb // ring) if coarse is None else check_positive_int("coarse", coarse)
     if coarse > nb // ring:
@@ -751,7 +749,7 @@ def summarize_work(
     fits = coarse * coarse * cell_max < 2**31  # a unit pair sums at most coarse^2 cells
     totals = None  # (H,) per-head work, computed beside the pooling where cheap there
     chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()  # home chunks in units
-    if isinstance(mask_or_work, SparseMask) and mask_or_work.device.type != "cpu":
+    if from_entries:
         pooled, totals, extras = _pool_mask(mask_or_work, torch.from_numpy(unit), nu, chunk)
     elif isinstance(w.cells, np.ndarray):
         dt = np.int32 if fits and w.cells.dtype == np.int32 else np.int64
