@@ -86,8 +86,8 @@ def main() -> None:
                 rows.append((ms, kind, bits, warps, same))
                 print(f"{kind:5s} bits/program {bits:5d} warps {warps}: {1e3 * ms:7.1f} us  equal to the library's: {same}")
     best = min(r for r in rows if r[4])
-    lib = [r for r in rows if r[1] == "scan" and r[2] == PS.EXPAND_BITS and r[3] == 4]
-    print(f"library setting (scan, {PS.EXPAND_BITS} bits, 4 warps): {1e3 * lib[0][0]:.1f} us; "
+    lib = [r for r in rows if r[1] == "scan" and r[2] == PS.EXPAND_BITS and r[3] == PS.EXPAND_WARPS]
+    print(f"library setting (scan, {PS.EXPAND_BITS} bits, {PS.EXPAND_WARPS} warps): {1e3 * lib[0][0]:.1f} us; "
           f"fastest equal variant: {best[1]} {best[2]} bits {best[3]} warps {1e3 * best[0]:.1f} us")
 
 

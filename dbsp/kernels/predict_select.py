@@ -41,6 +41,9 @@ BRACKET_MAX_GROUPS = 4096
 # Bits per expand program: on an H100 (64x1, 3.1M words of 64 tiles) 8 words per program took
 # 0.34 ms, 64 words 1.54 ms; for 64x16 (4 tiles a word) 64 words 0.034 ms, 8 words 0.24 ms.
 EXPAND_BITS = 512
+# Warps per expand program: at 512 bits, 2 warps took 0.324 ms against 0.378 ms with Triton's
+# default 4 (H100, 64x1, the fastest of 19 equal variants in benchmarks/sweep_expand.py).
+EXPAND_WARPS = 2
 # Tiles x thresholds per row up to which the counts kernel compares all pairs at once (a
 # (BLOCK_M, tiles, thresholds) block in registers); above it, one threshold at a time.
 COUNT_3D_PAIRS = 128
@@ -502,5 +505,6 @@ class TritonPasses:
         host = host.tolist()  # the one device read: the tile total and which heads are full
         out = torch.empty(host[0], device=dev, dtype=torch.int32)
         BW = max(1, EXPAND_BITS // gs)
-        _expand_kernel[(triton.cdiv(R * ng, BW),)](words, starts, full_rows, out, R * ng, ng, nt, BW=BW, GT=gs)
+        _expand_kernel[(triton.cdiv(R * ng, BW),)](words, starts, full_rows, out, R * ng, ng, nt, BW=BW, GT=gs,
+                                                   num_warps=EXPAND_WARPS)
         return final, out, [bool(x) for x in host[1:]], offsets
