@@ -1011,7 +1011,7 @@ def test_summary_of_a_mask_equals_summary_of_its_work_and_the_brute_sums(S, ring
         assert torch.equal(s.pooled.to(torch.int64), expected) and (s.heads, s.batch) == (4, B)
     # A GPU mask is pooled straight from its entries (_pool_mask); run that path here too.
     nb, nu = -(-S // 64), len(starts) - 1
-    chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()
+    chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()  # home chunks in units, by hand
     pooled, totals, extras = _pool_mask(mask, torch.from_numpy(np.repeat(np.arange(nu), np.diff(starts))), nu, chunk)
     assert torch.equal(pooled, expected) and np.array_equal(totals, a._head_totals)
     assert all(np.array_equal(x, y) for x, y in zip(extras, (*a._unit_marginals, a._ring_tiles)))

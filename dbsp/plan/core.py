@@ -540,6 +540,16 @@ def _unit_bounds(num_blocks: int, ring: int, coarse: int) -> tuple[int, ...]:
     return tuple(_unit_starts(num_blocks, ring, coarse).tolist())
 
 
+@lru_cache(maxsize=64)
+def _unit_chunks(num_blocks: int, summary_ring: int, coarse: int, ring: int) -> np.ndarray:
+    """``(R + 1,)`` read-only: home chunk ``i`` of ``ring`` holds units ``chunk[i] .. chunk[i + 1] - 1``
+    of the summary geometry ``(num_blocks, summary_ring, coarse)`` (``ring`` divides ``summary_ring``)."""
+    starts = _unit_starts(num_blocks, summary_ring, coarse)
+    out = np.searchsorted(_home(num_blocks, ring)[starts[:-1]], np.arange(ring + 1))
+    out.flags.writeable = False
+    return out
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class WorkSummary:
     """A compact, exact summary of a work tensor for planning: per-head work of *unit* pairs.
@@ -748,7 +758,7 @@ def summarize_work(
     unit = np.repeat(np.arange(nu), np.diff(starts))  # (NB,): unit of every block
     fits = coarse * coarse * cell_max < 2**31  # a unit pair sums at most coarse^2 cells
     totals = None  # (H,) per-head work, computed beside the pooling where cheap there
-    chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()  # home chunks in units
+    chunk = _unit_chunks(nb, ring, coarse, ring).tolist()  # home chunks in units
     if from_entries:
         pooled, totals, extras = _pool_mask(mask_or_work, torch.from_numpy(unit), nu, chunk)
     elif isinstance(w.cells, np.ndarray):
@@ -1083,8 +1093,7 @@ def _summary_group_sum(s: WorkSummary, heads: list[int]) -> np.ndarray:
 
 def _chunk_tiles(s: WorkSummary, ring: int) -> np.ndarray:
     """``(H, R, R)`` int64: every head's tiles with every unit at home on ``ring`` ranks (one pass)."""
-    home = _home(s.num_blocks, ring)[s._starts[:-1]]
-    chunk = np.searchsorted(home, np.arange(ring + 1)).tolist()  # home chunk i = units chunk[i] .. chunk[i + 1] - 1
+    chunk = _unit_chunks(s.num_blocks, s.ring, s.coarse, ring).tolist()  # home chunk i = units chunk[i] .. chunk[i + 1] - 1
     # Slice sums (few segments) beat reduceat; rows first, as adding whole rows vectorises:
     # (H, NU, NU) -> (H, R, NU) -> (H, R, R).
     y = np.stack([s._cells[:, chunk[i] : chunk[i + 1]].sum(1, dtype=np.int64) for i in range(ring)], 1)

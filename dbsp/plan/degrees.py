@@ -20,8 +20,8 @@ from .._checks import check_positive_int
 from ..mask import SparseMask
 from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
                       _layouts, _moved, _ring_key)
-from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _home, _stats, _steps,
-                   _sum_groups, _summary_home_tiles, _unit_starts, _work_per_head)
+from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _stats, _steps,
+                   _sum_groups, _summary_home_tiles, _unit_chunks, _unit_starts, _work_per_head)
 from .cost import CostModel, Prediction, _predictor, _rates_of
 
 
@@ -362,15 +362,14 @@ def _unit_layout(num_blocks: int, summary_ring: int, coarse: int, ring: int) -> 
     """:func:`_movable_units` of a geometry, remembered (read-only): every step's summary of a run
     has the same units."""
     starts = _unit_starts(num_blocks, summary_ring, coarse)
-    home = _home(num_blocks, ring)[starts[:-1]]
     movable = np.diff(starts) == coarse
-    chunk = np.searchsorted(home, np.arange(ring + 1))
+    chunk = _unit_chunks(num_blocks, summary_ring, coarse, ring)
     per = [np.nonzero(movable[chunk[i] : chunk[i + 1]])[0] + chunk[i] for i in range(ring)]
     n = max(len(p) for p in per)
     idx = np.full((ring, n), len(starts) - 1, dtype=np.int64)
     for i, p in enumerate(per):
         idx[i, : len(p)] = p
-    idx.flags.writeable = chunk.flags.writeable = False
+    idx.flags.writeable = False
     return idx, chunk
 
 
