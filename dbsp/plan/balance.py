@@ -709,7 +709,9 @@ def _layouts(
     mixed-call cost (:func:`_balance_heads_timed`); ``tile_work`` stays the true tile work.
 
     ``prune_for`` (summaries only; a degree choice): group set -> :func:`_prune_moves`' test,
-    which stops the block balancing (raises :class:`_Pruned`) once the candidate cannot win."""
+    which stops the block balancing once this group set's moved plan cannot win: that plan is
+    then left out, or, where no other plan of the candidate can win either, :class:`_Pruned` is
+    raised."""
     if isinstance(w, WorkSummary):
         prune = None if prune_for is None else prune_for(1 if rates is None else 2)
         return _summary_layouts(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
@@ -835,45 +837,50 @@ def _summary_layouts(
     common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)
     ordered = _dense_first(groups, _full_heads(s, s._head_totals))
     moved = None  # the balanced block layout's plan; balanced first, so that a pruned candidate builds no plan
-    if balance_blocks and R > 1:
-        q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
-        if per_group_blocks:
-            sent = 0  # the cost model's exchanged blocks so far: max over groups of 2 (q + kv) x heads
+    try:
+        if balance_blocks and R > 1:
+            q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
+            if per_group_blocks:
+                sent = 0  # the cost model's exchanged blocks so far: max over groups of 2 (q + kv) x heads
 
-            def exchanged(g: list[int], owners, swaps: int = 0) -> int:
-                """Group ``g``'s ``2 (q + kv) x heads``, or a bound on it after ``swaps`` swaps of
-                :func:`_refine` (:func:`_fewest_sent`)."""
-                sent = [np.bincount(home[o != home], weights=sizes[o != home], minlength=R) for o in owners]
-                if not swaps:
-                    return 2 * len(g) * int(sum(x.max() for x in sent))
-                return 2 * len(g) * _fewest_sent(sent[0], sent[1], swaps, s.coarse)
+                def exchanged(g: list[int], owners, swaps: int = 0) -> int:
+                    """Group ``g``'s ``2 (q + kv) x heads``, or a bound on it after ``swaps`` swaps of
+                    :func:`_refine` (:func:`_fewest_sent`)."""
+                    sent = [np.bincount(home[o != home], weights=sizes[o != home], minlength=R) for o in owners]
+                    if not swaps:
+                        return 2 * len(g) * int(sum(x.max() for x in sent))
+                    return 2 * len(g) * _fewest_sent(sent[0], sent[1], swaps, s.coarse)
 
-            def check(g: list[int], qo: np.ndarray, ko: np.ndarray, swaps: int) -> None:
-                """Stop before refining when even the fewest blocks it could leave moved lose."""
-                bound = max(sent, exchanged(g, (qo, ko), swaps))
-                if bound and prune(bound):
-                    raise _Pruned
-
-            for k, g in enumerate(groups):
-                early = None if prune is None else (lambda qo, ko, swaps, g=g: check(g, qo, ko, swaps))
-                q_owner[k], kv_owner[k], W[k] = _balance_blocks(
-                    lambda g=g: group_sum(g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable,
-                    early
-                )
-                if prune is not None:
-                    sent = max(sent, exchanged(g, (q_owner[k], kv_owner[k])))
-                    if sent and prune(sent):
+                def check(g: list[int], qo: np.ndarray, ko: np.ndarray, swaps: int) -> None:
+                    """Stop before refining when even the fewest blocks it could leave moved lose."""
+                    bound = max(sent, exchanged(g, (qo, ko), swaps))
+                    if bound and prune[0](bound):
                         raise _Pruned
-        else:
-            total = s._cells.sum(0, dtype=np.int64) if rates is None else group_sum(list(range(H)))
-            q_owner[:] = _biased_greedy(total.sum(1), home, caps, reward, movable)
-            kv_owner[:] = _biased_greedy(total.sum(0), home, caps, reward, movable)
-            for k, g in enumerate(groups):
-                W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
-        if (q_owner != home).any() or (kv_owner != home).any():
-            q_blocks, kv_blocks = np.repeat(q_owner, sizes, axis=1), np.repeat(kv_owner, sizes, axis=1)
-            moved = _build_plan(groups=ordered, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
-                                **common)
+
+                for k, g in enumerate(groups):
+                    early = None if prune is None else (lambda qo, ko, swaps, g=g: check(g, qo, ko, swaps))
+                    q_owner[k], kv_owner[k], W[k] = _balance_blocks(
+                        lambda g=g: group_sum(g), None, None, heads_only[k], home, caps, reward, refine, refine_target, movable,
+                        early
+                    )
+                    if prune is not None:
+                        sent = max(sent, exchanged(g, (q_owner[k], kv_owner[k])))
+                        if sent and prune[0](sent):
+                            raise _Pruned
+            else:
+                total = s._cells.sum(0, dtype=np.int64) if rates is None else group_sum(list(range(H)))
+                q_owner[:] = _biased_greedy(total.sum(1), home, caps, reward, movable)
+                kv_owner[:] = _biased_greedy(total.sum(0), home, caps, reward, movable)
+                for k, g in enumerate(groups):
+                    W[k] = _reduce_rows(_reduce_cols(group_sum(g), kv_owner[k], R), q_owner[k], R)
+            if (q_owner != home).any() or (kv_owner != home).any():
+                q_blocks, kv_blocks = np.repeat(q_owner, sizes, axis=1), np.repeat(kv_owner, sizes, axis=1)
+                moved = _build_plan(groups=ordered, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
+                                    **common)
+    except _Pruned:
+        if prune[1]:  # every plan of the candidate loses: stop it
+            raise
+        moved = None  # only this group set's moved plan loses; its layouts at home still compete
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
                        **common)]
     if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)

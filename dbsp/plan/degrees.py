@@ -110,8 +110,9 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
     of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
     are skipped (they cannot win), so the result holds the best candidate but not every one. On a
     summary, once a time is found, each later candidate with ``R > 1`` is first held to the tighter
-    :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops its block
-    balancing as soon as the blocks it moves make it slower than the best. (``R = 1`` candidates
+    :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops a block
+    balancing as soon as the blocks it moves make its plan slower than the best (that plan is
+    left out; the candidate stops where none of its other plans can win). (``R = 1`` candidates
     are planned without it: their plan is only a head balancing, hardly dearer than the bound.)"""
     outer = getattr(_MEMO, "memo", None)
     _MEMO.memo = {} if outer is None else outer
@@ -164,15 +165,18 @@ def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, b
 
 def _prune_moves(parts: dict, n: int, limit: float):
     """For the block balancing of group set ``n`` (1: balanced heads, 2: time-balanced) of one
-    candidate, from its :func:`_summary_bound_ms` ``parts``: a test ``sent -> bool``, True once a
-    plan that already exchanges ``sent`` blocks (the cost model's count, ``2 (q + kv) x heads``
-    of the busiest group so far) must be slower than ``limit``; None where another plan of the
-    candidate (blocks at home, or the other set's moves) may be faster, as stopping then could
-    change the pick."""
-    if n >= len(parts["moved"]) or parts["home"] <= limit or any(b <= limit for i, b in enumerate(parts["moved"]) if i != n):
+    candidate, from its :func:`_summary_bound_ms` ``parts``: ``(test, whole)``, or None.
+
+    ``test(sent)`` is True once a plan that already exchanges ``sent`` blocks (the cost model's
+    count, ``2 (q + kv) x heads`` of the busiest group so far) must be slower than ``limit``: the
+    set's moved plan is then dropped, which cannot change the pick. ``whole`` is True where no
+    other plan of the candidate (blocks at home, or the other sets' moves) can beat ``limit``
+    either, so the whole candidate stops (:class:`_Pruned`)."""
+    if n >= len(parts["moved"]):
         return None
     base = parts["a2a"] + parts["ring"][n] + 2 * parts["lat"]
-    return lambda sent: base + sent * parts["block_ms"] > limit
+    whole = parts["home"] > limit and all(b > limit for i, b in enumerate(parts["moved"]) if i != n)
+    return (lambda sent: base + sent * parts["block_ms"] > limit), whole
 
 
 def _lower_bound_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, u: int, r: int, *, head_dim: int,
