@@ -158,9 +158,11 @@ def test_plans_are_valid_partitions_and_never_worse_than_naive(U, R, H, S):
         assert 1.0 <= plan.imbalance() <= naive
         moved = [plan.moved_blocks(kind) for kind in ("q", "kv")]
         ex = [plan.exchange_counts(kind) for kind in ("q", "kv")]
-        for m, c in zip(moved, ex):
+        for m, c, sent in zip(moved, ex, plan._sent):
             assert int(c.sum()) == U * nb and int(c.sum()) - int(torch.diagonal(c, dim1=1, dim2=2).sum()) == m
             assert torch.equal(c.sum(2), c.sum(1))  # each rank sends as many blocks as it receives
+            # the cost model's per-group count: the most blocks one ring rank sends away
+            assert sent.tolist() == (c.sum(2) - torch.diagonal(c, dim1=1, dim2=2)).amax(1).tolist()
 
 
 def test_identity_plan_and_validation_errors():

@@ -301,13 +301,15 @@ class Plan:
     def _chunk_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """``(U, R)`` int64 tokens of every group's query chunk and key/value chunk on each ring
         rank (the last block may be partial), built once per plan from :attr:`_owners`."""
-        U, R, nb = self.ulysses, self.ring, self.num_blocks
-        tokens = np.full(nb, float(self.q_block))
-        tokens[-1] = self.seq_len - (nb - 1) * self.q_block
+        U, R, nb, M = self.ulysses, self.ring, self.num_blocks, self.q_block
+        short = M - (self.seq_len - (nb - 1) * M)  # tokens the last block lacks
         base = np.arange(U, dtype=np.int64)[:, None] * R
-        weights = np.tile(tokens, U)
-        out = [np.bincount((base + owner).reshape(-1), weights=weights, minlength=U * R).reshape(U, R).astype(np.int64)
-               for owner in self._owners]
+        out = []
+        for owner in self._owners:  # blocks per chunk x M, less the last block's shortfall where it sits
+            tokens = np.bincount((base + owner).reshape(-1), minlength=U * R).reshape(U, R) * M
+            if short:
+                tokens[np.arange(U), owner[:, -1]] -= short
+            out.append(tokens)
         return out[0], out[1]
 
     def block_owner(self, kind: str) -> torch.Tensor:
@@ -332,6 +334,20 @@ class Plan:
         group = np.arange(U, dtype=np.int64)[:, None] * (R * R)  # one bincount for every group at once
         out = [np.bincount((group + home[None, :] * R + owner).reshape(-1), minlength=U * R * R).reshape(U, R, R)
                for owner in self._owners]
+        return out[0], out[1]
+
+    @cached_property
+    def _sent(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per kind ``(U,)`` int64: the most blocks one ring rank sends away in each head group's
+        block exchange (:attr:`_exchange`'s rows without the diagonal, largest sum), counted
+        from the owners directly (the cost model reads it for every candidate it predicts)."""
+        home = _home(self.num_blocks, self.ring)
+        U, R = self.ulysses, self.ring
+        cell = np.arange(U, dtype=np.int64)[:, None] * R + home  # (U, NB): (group, home rank) of every block
+        out = []
+        for owner in self._owners:
+            away = owner != home
+            out.append(np.bincount(cell[away], minlength=U * R).reshape(U, R).max(1) if away.any() else np.zeros(U, dtype=np.int64))
         return out[0], out[1]
 
     def moved_blocks(self, kind: str) -> int:

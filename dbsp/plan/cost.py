@@ -272,7 +272,7 @@ class CostModel:
             steps = compute.max(1)  # (U, R): slowest rank per step
             ring_ms = 1e3 * float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max())
             # Blocks each ring rank sends away (its row of the exchange counts off the diagonal), per group.
-            sent = [(c.sum(2) - np.diagonal(c, axis1=1, axis2=2)).max(1) for c in plan._exchange]  # (U,) q, kv
+            sent = plan._sent  # (U,) q, kv
             blocks = float((2 * (sent[0] + sent[1]) * heads_k).max())
             if blocks > 0:
                 exchange_ms = 1e3 * (2 * lat + blocks * plan.q_block * token_bytes / ring_bw)
