@@ -59,27 +59,6 @@ def _check_reward(reward: object) -> float:
 # ---------------------------------------------------------------------------------------- balancing
 
 
-def _swap_pairs(groups: list[list[int]], a: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every swap of a head ``x`` of group ``a`` with a head ``y`` of another group ``b``:
-    ``(xs (X,), ys (Y,), bs (Y,))``, the ``y`` in the order (b, position in b)."""
-    xs = np.asarray(groups[a], dtype=np.int64)
-    others = [b for b in range(len(groups)) if b != a]
-    ys = np.asarray([y for b in others for y in groups[b]], dtype=np.int64)
-    bs = np.repeat(others, [len(groups[b]) for b in others])
-    return xs, ys, bs
-
-
-def _best_swap(new: np.ndarray, ok: np.ndarray, xs: np.ndarray, ys: np.ndarray, bs: np.ndarray) -> tuple[int, int, int] | None:
-    """``(b, x, y)`` of the allowed (``ok``) swap with the strictly smallest ``new`` (both ``(Y, X)``),
-    ties to (b, position of x, position of y); None if no swap is allowed."""
-    if not ok.any():
-        return None
-    score = np.where(ok, new, np.iinfo(np.int64).max)
-    yi, xi = np.nonzero(score == score.min())
-    first = np.lexsort((yi, xi, bs[yi]))[0]
-    return int(bs[yi[first]]), int(xs[xi[first]]), int(ys[yi[first]])
-
-
 def _balance_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[int]]:
     """:func:`_lpt_heads`, remembered within one degree choice (:func:`_remembered`): its bound
     and its plans balance the same totals."""
@@ -214,48 +193,82 @@ def _lpt_heads_timed(totals: list[int], dense: np.ndarray, counts: list[int], re
     dn = np.asarray(dense, dtype=np.int64)
     cnt = np.asarray(counts, dtype=np.int64)
 
+    ints, flags = tot.tolist(), dn.tolist()
+
     def costs(groups):
-        return [int(tot[g].sum()) + penalty * (0 < int(dn[g].sum()) < len(g)) for g in groups]
+        return [sum(ints[h] for h in g) + penalty * (0 < sum(flags[h] for h in g) < len(g)) for g in groups]
 
     plain = _balance_heads(totals, counts, refine)
     groups: list[list[int]] = [[] for _ in range(U)]
     load, nd = [0] * U, [0] * U
     for h in sorted(range(len(totals)), key=lambda h: (-totals[h], h)):
-        def after(k: int) -> int:  # group k's cost with h in it (mixed: both kinds so far)
-            return load[k] + totals[h] + penalty * (0 < nd[k] + int(dn[h]) < len(groups[k]) + 1)
-
-        k = min((k for k in range(U) if len(groups[k]) < counts[k]), key=lambda k: (after(k), k))
+        t, f = totals[h], flags[h]
+        k, least = -1, 0
+        for j in range(U):  # the group whose cost with h in it (mixed: both kinds so far) is least, lowest on ties
+            if len(groups[j]) < counts[j]:
+                after = load[j] + t + (penalty if 0 < nd[j] + f < len(groups[j]) + 1 else 0)
+                if k < 0 or after < least:
+                    k, least = j, after
         groups[k].append(h)
-        load[k] += totals[h]
-        nd[k] += int(dn[h])
+        load[k] += t
+        nd[k] += f
     starts = [[list(g) for g in plain], groups]
     if refine and U > 1:
-        for groups in starts:
-            # Loads and dense counts kept up to date by each swap (group sizes never change).
-            load = np.asarray([tot[g].sum() for g in groups], dtype=np.int64)
-            nds = np.asarray([dn[g].sum() for g in groups], dtype=np.int64)
-            for _ in range(4 * len(totals) * U):
-                c = load + penalty * ((nds > 0) & (nds < cnt))  # costs(groups)
-                a = int(np.lexsort((np.arange(U), -c))[0])  # heaviest group, lowest index on ties
-                xs, ys, bs = _swap_pairs(groups, a)
-                d = tot[xs][None, :] - tot[ys][:, None]  # (Y, X)
-                dd = dn[xs][None, :] - dn[ys][:, None]
-                na, nb_ = nds[a] - dd, nds[bs][:, None] + dd
-                new_a = load[a] - d + penalty * ((na > 0) & (na < cnt[a]))
-                new_b = load[bs][:, None] + d + penalty * ((nb_ > 0) & (nb_ < cnt[bs][:, None]))
-                new = np.maximum(new_a, new_b)
-                swap = _best_swap(new, new < c[a], xs, ys, bs)
-                if swap is None:
-                    break
-                b, x, y = swap
-                groups[a][groups[a].index(x)] = y
-                groups[b][groups[b].index(y)] = x
-                load[a] += tot[y] - tot[x]
-                load[b] += tot[x] - tot[y]
-                nds[a] += dn[y] - dn[x]
-                nds[b] += dn[x] - dn[y]
+        starts = [_timed_swap_refine(tot, dn, cnt, g, penalty, 4 * len(totals) * U) for g in starts]
     best = min(range(2), key=lambda n: (max(costs(starts[n])), _mixed_groups(starts[n], dense), n))
     return [sorted(g) for g in starts[best]]
+
+
+def _timed_swap_refine(tot: np.ndarray, dn: np.ndarray, cnt: np.ndarray, groups: list[list[int]], penalty: int,
+                       rounds: int) -> list[list[int]]:
+    """:func:`_lpt_heads_timed`' swaps, at most ``rounds`` of them, on ``(U, n)`` arrays (every
+    group's heads in their list order, padded) as :func:`_swap_refine` does, on the cost with the
+    mixed-call ``penalty``.
+
+    Each round takes the costliest group ``a`` (lowest index on ties) and scores every swap of a
+    head ``x`` of ``a`` with a head ``y`` of another group ``b`` at once: the pair's new larger
+    cost (loads and dense-head counts after the swap). The strictly smallest below ``a``'s cost
+    wins, ties to (``b``, position of ``x``, position of ``y``); the swapped heads take each
+    other's places. ``tot``/``dn``: ``(H,)`` int64 work and dense flags; ``cnt``: ``(U,)`` heads
+    per group.
+    """
+    U = len(groups)
+    sizes = [len(g) for g in groups]
+    n = max(sizes)
+    G = np.zeros((U, n), dtype=np.int64)
+    real = np.zeros((U, n), dtype=bool)
+    for k, g in enumerate(groups):
+        G[k, : sizes[k]] = g
+        real[k, : sizes[k]] = True
+    TG, DG = np.where(real, tot[G], 0), np.where(real, dn[G], 0)  # padding weighs nothing
+    load, nds = TG.sum(1), DG.sum(1)  # kept up to date by each swap (group sizes never change)
+    others = ~np.eye(U, dtype=bool)[:, :, None, None] & real[None, :, None, :]  # (a, b, 1, y): real heads of other groups
+    big = np.iinfo(np.int64).max
+    for _ in range(rounds):
+        c = load + penalty * ((nds > 0) & (nds < cnt))
+        a = int(c.argmax())  # costliest group, lowest index on ties
+        na = sizes[a]
+        d = TG[a, :na][None, :, None] - TG[:, None, :]  # (U, X, n): d[b, x, y] = tot[x] - tot[y]
+        dd = DG[a, :na][None, :, None] - DG[:, None, :]
+        da, db = nds[a] - dd, nds[:, None, None] + dd  # dense heads of a and b after the swap
+        new = np.maximum(load[a] - d + penalty * ((da > 0) & (da < cnt[a])),
+                         load[:, None, None] + d + penalty * ((db > 0) & (db < cnt[:, None, None])))
+        ok = (new < c[a]) & others[a]
+        if not ok.any():
+            break
+        best = int(np.where(ok, new, big).argmin())  # first minimum in (b, x, y) order
+        b, rest = divmod(best, na * n)
+        xi, yi = divmod(rest, n)
+        x, y = int(G[a, xi]), int(G[b, yi])
+        G[a, xi], G[b, yi] = y, x
+        TG[a, xi], TG[b, yi] = tot[y], tot[x]
+        DG[a, xi], DG[b, yi] = dn[y], dn[x]
+        shift, dshift = int(tot[x]) - int(tot[y]), int(dn[x]) - int(dn[y])
+        load[a] -= shift
+        load[b] += shift
+        nds[a] -= dshift
+        nds[b] += dshift
+    return [G[k, : sizes[k]].tolist() for k in range(U)]
 
 
 def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], reward: float, movable: np.ndarray | None = None) -> np.ndarray:
