@@ -784,6 +784,41 @@ def _random_model_and_summary(seed):
     return cost, summarize_work(synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed), q_block=64, seq_len=12000)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_time_weighted_head_groups_are_swap_optimal_and_no_worse_than_plain_lpt(seed):
+    """Oracle: plain Python over every single swap. The time-weighted head balancing (work plus
+    a penalty for each group mixing dense and sparse heads) returns groups of the given sizes
+    whose largest cost no swap of a head of the costliest group with a head of another group
+    lowers, and that cost no more than the plain balancing's groups do."""
+    from dbsp.plan.balance import _balance_heads, _lpt_heads_timed
+
+    rng = np.random.default_rng(seed)
+    H = int(rng.integers(4, 17))
+    U = int(rng.choice([u for u in (2, 3, 4) if u < H]))
+    counts = [H // U + (k < H % U) for k in range(U)]
+    totals = rng.integers(1, 1000, H).tolist()
+    if seed % 3 == 0:
+        totals = [totals[0]] * H  # all tied
+    dense = rng.random(H) < 0.4
+    penalty = int(rng.integers(0, 2000))
+
+    def cost(g):
+        n_dense = sum(bool(dense[h]) for h in g)
+        return sum(totals[h] for h in g) + penalty * (0 < n_dense < len(g))
+
+    groups = _lpt_heads_timed(totals, dense, counts, True, penalty)
+    assert sorted(len(g) for g in groups) == sorted(counts) and sorted(h for g in groups for h in g) == list(range(H))
+    costs = [cost(g) for g in groups]
+    a = costs.index(max(costs))
+    for b in range(U):
+        for x in groups[a]:
+            for y in groups[b] if b != a else []:
+                ga = [h for h in groups[a] if h != x] + [y]
+                gb = [h for h in groups[b] if h != y] + [x]
+                assert max(cost(ga), cost(gb)) >= costs[a], (x, y)
+    assert max(costs) <= max(cost(g) for g in _balance_heads(totals, counts, True))
+
+
 def _random_dense_model_and_summary(seed):
     """:func:`_random_model_and_summary` with two fully dense heads and dense heads costed apart
     (so a degree choice also balances time-weighted work: two moved plans per candidate)."""
