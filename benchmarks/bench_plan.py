@@ -22,9 +22,12 @@
    Then the new way for several thresholds P_s (re-plans against the rho_s reached), and
    ``PlanCache(defer=True)`` over 4 layers both ways: the step thread's time in ``get`` and the
    background thread's CPU time.
+4. The degree choice (``choose_degrees``, world 8) on every step's summary of that layer: what a
+   re-plan that re-picks the degrees costs at each step (later steps hold fully dense heads, whose
+   time-weighted plans compete too), CPU time, median of ``--repeat``.
 
-Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv``, ``plan_reuse_deferred.csv``
-and ``plan_balance.png`` to ``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
+Writes ``plan_balance.csv``, ``plan_timing.csv``, ``plan_reuse.csv``, ``plan_reuse_deferred.csv``,
+``plan_degrees.csv`` and ``plan_balance.png`` to ``--out`` and prints compact tables. With ``--device cuda`` the work tensor lives on the GPU and
 the passes over it (and the summary's pooling) run there; the greedy, the refinement and the plan
 itself run on the CPU. Times are medians; the CPU machines are shared, so expect some noise.
 """
@@ -40,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from dbsp.plan import CostModel, PlanCache, WorkSummary, choose_degrees, imbalance_ratio, make_plan, summarize_work, tile_work
+from dbsp.plan import (CostModel, PlanCache, WorkSummary, choose_degrees, dense_heads, imbalance_ratio, make_plan, summarize_work,
+                       tile_work)
 from dbsp.simulate import KINDS, WORKLOADS, synthetic_work
 
 FACTORISATIONS = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -226,6 +230,22 @@ def reuse_deferred(geom: dict, steps: int, cost_model: CostModel, head_dim: int,
     return rows
 
 
+def degree_choices(pooled: dict, steps: int, cost_model: CostModel, head_dim: int, repeat: int) -> list[dict]:
+    """``choose_degrees`` (world 8) on each step's summary of layer 0, each time from a
+    :func:`fresh` copy: the pick, the summary's fully dense heads and the median CPU time."""
+    rows = []
+    for step in range(steps):
+        s = pooled[0, step][0]
+        times = []
+        for _ in range(repeat):
+            copy = fresh(s)
+            c0 = time.thread_time()
+            u, r, _ = choose_degrees(copy, world=8, heads=copy.heads, cost_model=cost_model, head_dim=head_dim)
+            times.append(1e3 * (time.thread_time() - c0))
+        rows.append(dict(step=step, ulysses=u, ring=r, dense_heads=len(dense_heads(s)), choose_cpu_ms=statistics.median(times)))
+    return rows
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -351,7 +371,19 @@ def main() -> None:
               f"all CPU {100 * (cpu + bg_cpu) / attn_ms:.2f}%")
     write_csv(reu, args.out / "plan_reuse.csv")
     write_csv(deferred, args.out / "plan_reuse_deferred.csv")
-    written = ("plan_balance.csv", "plan_balance.png", "plan_timing.csv", "plan_reuse.csv", "plan_reuse_deferred.csv")
+
+    deg = degree_choices(pooled, steps, cost_model, head_dim=128, repeat=repeat)
+    write_csv(deg, args.out / "plan_degrees.csv")
+    print(f"\n4. degree choice (choose_degrees, world 8) on each step's summary, CPU ms (median of {repeat}): what a re-plan "
+          f"that re-picks the degrees costs")
+    for label, sel in (("step 0", deg[:1]), ("without dense heads", [x for x in deg if not x["dense_heads"]]),
+                       ("with dense heads", [x for x in deg if x["dense_heads"]])):
+        if sel:
+            ms = [x["choose_cpu_ms"] for x in sel]
+            picks = sorted({(x["ulysses"], x["ring"]) for x in sel})
+            print(f"   {label:>20}: {len(sel):2d} steps, median {statistics.median(ms):5.1f} ms, max {max(ms):5.1f} ms; picks "
+                  f"{', '.join(f'U{u}R{r}' for u, r in picks)}")
+    written = ("plan_balance.csv", "plan_balance.png", "plan_timing.csv", "plan_reuse.csv", "plan_reuse_deferred.csv", "plan_degrees.csv")
     print(f"\nwrote {', '.join(written)} to {args.out}")
 
 
