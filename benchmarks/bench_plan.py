@@ -16,8 +16,9 @@
    chosen apart, then ``PlanCache(fast_check=False)``: the tile check recomputed from scratch, a
    full re-plan on every miss) and the new way (``PlanCache(incremental=True)`` with ``world=8``:
    the degree choice is the first miss, checks precomputed per plan, misses at ring degree 1
-   repaired by head swaps). Wall time and CPU time (``time.thread_time``) of the planning calls;
-   the degree choice at step 0 is shown apart. Every path plans each step from a new summary
+   repaired by head swaps), and the new way with the degrees given (those the degree choice picks
+   at step 0, chosen before the run: the reuse machinery alone). Wall time and CPU time
+   (``time.thread_time``) of the planning calls; the degree choice at step 0 is shown apart. Every path plans each step from a new summary
    object (as a real run does), so nothing one path remembers on a summary speeds up another.
    Then the new way for several thresholds P_s (re-plans against the rho_s reached), and
    ``PlanCache(defer=True)`` over 4 layers both ways: the step thread's time in ``get`` and the
@@ -153,7 +154,9 @@ def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, h
       ``PlanCache`` on the work tensor;
     * "summary": the same from summaries, with the check as it was before ``_Check`` (``fast_check=False``);
     * "summary, new": ``PlanCache(incremental=True)`` with ``world=8`` from summaries: the degree
-      choice is its first miss.
+      choice is its first miss;
+    * "summary, given": the same cache with the degrees given (those the degree choice picks at
+      step 0, chosen before the run and not counted), as for a user who fixes them.
 
     Summaries come from ``pooled`` (:func:`summaries`); building them is the ``summarize_ms``
     column, not planning. ``rho`` is exact (from the dense work, or from the summary, which is
@@ -171,7 +174,11 @@ def reuse(geom: dict, device: torch.device, steps: int, cost_model: CostModel, h
 
     work, src, extra, _ = source(0)
     choose_ms = choose_cpu = 0.0
-    if path != "summary, new":
+    if path == "summary, given":
+        u, r, _ = choose_degrees(fresh(src), world=8, heads=geom["heads"], cost_model=cost_model, head_dim=head_dim)
+        cache = PlanCache(threshold=threshold, incremental=True, cost_model=cost_model, head_dim=head_dim)
+        request = dict(ulysses=u, ring=r)
+    elif path != "summary, new":
         t0, c0 = time.perf_counter(), time.thread_time()
         u, r, _ = choose_degrees(src, world=8, heads=geom["heads"], cost_model=cost_model, head_dim=head_dim, **extra)
         choose_ms, choose_cpu = 1e3 * (time.perf_counter() - t0), 1e3 * (time.thread_time() - c0)
@@ -331,19 +338,21 @@ def main() -> None:
     print(f"\n3. {steps}-step run of one layer on 8 GPUs: planning over the predicted attention time (target <= 1%), "
           f"wall / CPU of the calling thread")
     reu = []
-    for path in ("dense", "summary", "summary, new"):
+    for path in ("dense", "summary", "summary, new", "summary, given"):
         rows = reuse(geom, device, steps, cost_model, head_dim=128, path=path, pooled=pooled)
         reu += rows
         attn_ms = sum(x["predicted_attention_ms"] for x in rows)
         wall, cpu = sum(x["planning_ms"] for x in rows), sum(x["planning_cpu_ms"] for x in rows)
         later = sum(x["planning_ms"] for x in rows[1:]), sum(x["planning_cpu_ms"] for x in rows[1:])
         summ_ms = sum(x["summarize_ms"] for x in rows)
-        label = {"dense": "dense work, old", "summary": "summaries, old", "summary, new": "summaries, new"}[path]
+        label = {"dense": "dense work, old", "summary": "summaries, old", "summary, new": "summaries, new",
+                 "summary, given": "new, U, R given"}[path]
         print(f"   {label:>16}: U{rows[-1]['ulysses']}R{rows[-1]['ring']}, {sum(x['replanned'] for x in rows)} re-plans "
               f"({sum(x['repaired'] for x in rows)} repairs), max exact rho_s {max(x['rho'] for x in rows):.4f}; all planning "
               f"{wall:.1f} / {cpu:.1f} ms = {100 * wall / attn_ms:.2f}% / {100 * cpu / attn_ms:.2f}% of {attn_ms:.0f} ms; "
               f"steps 1-{steps - 1} only {100 * later[0] / attn_ms:.2f}% / {100 * later[1] / attn_ms:.2f}% "
-              f"(step 0, with the degree choice: {rows[0]['planning_ms']:.1f} / {rows[0]['planning_cpu_ms']:.1f} ms)"
+              f"(step 0{'' if path == 'summary, given' else ', with the degree choice'}: {rows[0]['planning_ms']:.1f} / "
+              f"{rows[0]['planning_cpu_ms']:.1f} ms)"
               + (f"; with the CPU summaries {100 * (wall + summ_ms) / attn_ms:.1f}%" if path != "dense" else ""))
     print("   the new way per threshold P_s: re-plans (repairs), rho_s max / mean, predicted attention, planning wall / CPU")
     for threshold in (1.02, 1.05, 1.10):
