@@ -18,8 +18,9 @@
    the degree choice is the first miss, checks precomputed per plan, misses at ring degree 1
    repaired by head swaps), and the new way with the degrees given (those the degree choice picks
    at step 0, chosen before the run: the reuse machinery alone). Wall time and CPU time
-   (``time.thread_time``) of the planning calls; the degree choice at step 0 is shown apart. Every path plans each step from a new summary
-   object (as a real run does), so nothing one path remembers on a summary speeds up another.
+   (``time.thread_time``) of the planning calls; the degree choice at step 0 is shown apart.
+   Every path plans each step from a new summary object (as a real run does), so nothing one path
+   remembers on a summary speeds up another.
    Then the new way for several thresholds P_s (re-plans against the rho_s reached), and
    ``PlanCache(defer=True)`` over 4 layers both ways: the step thread's time in ``get`` and the
    background thread's CPU time.

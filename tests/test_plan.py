@@ -775,13 +775,22 @@ def test_summary_bound_for_moved_units_by_hand(diag, expected):
 
 
 
-def _random_model_and_summary(seed):
-    """A cost model of random throughput and link speed, and a 16-head synthetic summary."""
-    g = torch.Generator().manual_seed(seed)
+def _random_model_and_summary(seed, dense: bool = False):
+    """A cost model of random throughput and link speed, and a 16-head synthetic summary. With
+    ``dense``, two heads are fully dense and the model costs dense heads apart (so a degree choice
+    also balances time-weighted work: two moved plans per candidate)."""
+    g = torch.Generator().manual_seed(seed + (100 if dense else 0))
     tflops = 10 ** float(torch.empty(1).uniform_(-0.5, 1.5, generator=g))
+    timed = dict(dense_tflops=1.5 * tflops, mixed_overhead_us=30.0, mixed_gather_us=100.0) if dense else {}
     cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], call_overhead_us=0.0, comm_latency_us=20.0,
-                 nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)))
-    return cost, summarize_work(synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed), q_block=64, seq_len=12000)
+                 nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)), **timed)
+    work = synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed)
+    if dense:
+        tokens = torch.full((work.shape[-1],), 64, dtype=work.dtype)
+        tokens[-1] = 12000 - 64 * (work.shape[-1] - 1)
+        for h in (seed % 16, (seed + 5) % 16):
+            work[:, h] = torch.outer(tokens, tokens)
+    return cost, summarize_work(work, q_block=64, seq_len=12000)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -819,22 +828,6 @@ def test_time_weighted_head_groups_are_swap_optimal_and_no_worse_than_plain_lpt(
     assert max(costs) <= max(cost(g) for g in _balance_heads(totals, counts, True))
 
 
-def _random_dense_model_and_summary(seed):
-    """:func:`_random_model_and_summary` with two fully dense heads and dense heads costed apart
-    (so a degree choice also balances time-weighted work: two moved plans per candidate)."""
-    g = torch.Generator().manual_seed(100 + seed)
-    tflops = 10 ** float(torch.empty(1).uniform_(-0.5, 1.5, generator=g))
-    cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], call_overhead_us=0.0, comm_latency_us=20.0,
-                 nvlink_gbps=float(torch.randint(5, 100, (1,), generator=g)), dense_tflops=1.5 * tflops,
-                 mixed_overhead_us=30.0, mixed_gather_us=100.0)
-    work = synthetic_work(heads=16, seq_len=12000, frames=9, seed=seed)
-    tokens = torch.full((work.shape[-1],), 64, dtype=work.dtype)
-    tokens[-1] = 12000 - 64 * (work.shape[-1] - 1)
-    for h in (seed % 16, (seed + 5) % 16):
-        work[:, h] = torch.outer(tokens, tokens)
-    return cost, summarize_work(work, q_block=64, seq_len=12000)
-
-
 def test_degree_choice_stops_losing_block_balancing_and_keeps_the_winner(monkeypatch):
     """choose_degrees on a summary stops a candidate's block balancing once its moved blocks make
     it lose (this happens here, both where the whole candidate stops and where only that moved
@@ -860,7 +853,7 @@ def test_degree_choice_stops_losing_block_balancing_and_keeps_the_winner(monkeyp
 
     monkeypatch.setattr(P, "_prune_moves", counting)
     for seed in range(16):
-        cost, s = (_random_model_and_summary if seed < 8 else _random_dense_model_and_summary)(seed % 8)
+        cost, s = _random_model_and_summary(seed % 8, dense=seed >= 8)
         best = min(score_degrees(s, world=8, cost_model=cost), key=lambda c: (c.prediction.total_ms, -c.ulysses))
         u, r, plan = choose_degrees(s, world=8, heads=16, cost_model=cost)
         assert (u, r) == (best.ulysses, best.ring) and plan == best.plan and plan.fingerprint() == best.plan.fingerprint()
