@@ -1072,7 +1072,10 @@ def test_summary_of_a_mask_equals_summary_of_its_work_and_the_brute_sums(S, ring
     chunk = np.searchsorted(_home(nb, ring)[starts[:-1]], np.arange(ring + 1)).tolist()  # home chunks in units, by hand
     pooled, totals, extras = _pool_mask(mask, torch.from_numpy(np.repeat(np.arange(nu), np.diff(starts))), nu, chunk)
     assert torch.equal(pooled, expected) and np.array_equal(totals, a._head_totals)
-    assert all(np.array_equal(x, y) for x, y in zip(extras, (*a._unit_marginals, a._ring_tiles)))
+    assert all(np.array_equal(x, y) for x, y in zip(extras, (*a._unit_marginals, a._ring_tiles, a._all_heads)))
+    for s in (a, b, c):  # the presets equal what the summary would compute from its cells, read-only
+        assert np.array_equal(s._all_heads, expected.sum(0).numpy()) and not s._all_heads.flags.writeable
+        assert np.array_equal(s._all_heads, WorkSummary._all_heads.func(s))
     assert a.kv_tile == 64 and b.kv_tile is None and "WorkSummary(H=4" in repr(a)
     # A fine-grained mask summarises to its computed entries: 64x8 tiles, the same keys.
     fine = SparseMask.from_dense(tiles.repeat_interleave(8, -1)[..., : -(-S // 8)], q_block=64, kv_tile=8, seq_len_q=S, seq_len_kv=S)

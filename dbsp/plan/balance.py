@@ -31,6 +31,7 @@ import heapq
 import math
 import threading
 from functools import lru_cache
+from itertools import accumulate, chain
 from typing import Any
 
 import numpy as np
@@ -881,7 +882,7 @@ def _summary_layouts(
                         if sent and prune[0](sent):
                             raise _Pruned
             else:
-                total = s._cells.sum(0, dtype=np.int64) if rates is None else group_sum(list(range(H)))
+                total = s._all_heads if rates is None else group_sum(list(range(H)))
                 q_owner[:] = _biased_greedy(total.sum(1), home, caps, reward, movable)
                 kv_owner[:] = _biased_greedy(total.sum(0), home, caps, reward, movable)
                 for k, g in enumerate(groups):
@@ -928,8 +929,8 @@ def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_own
         heads=heads,
         q_block=q_block,
         seq_len=seq_len,
-        head_perm=tuple(int(h) for g in groups for h in g),
-        head_offsets=tuple(int(x) for x in np.cumsum([0] + list(counts))),
+        head_perm=tuple(map(int, chain.from_iterable(groups))),
+        head_offsets=tuple(accumulate(map(int, counts), initial=0)),
         q_blocks=layout(q_owner),
         kv_blocks=layout(kv_owner),
         tile_work=None if tile_work is None else torch.from_numpy(np.ascontiguousarray(tile_work, dtype=np.int64)),
@@ -977,4 +978,6 @@ def _moved(plan: Plan) -> int:
 
 def _ring_key(plan: Plan) -> tuple[int, int]:
     """Order plans by their slowest group's ring time, then by moved blocks."""
+    if plan.ring == 1:  # one step, no block moves
+        return int(plan.tile_work.numpy().max()), 0
     return int(_steps(plan.tile_work.numpy()).max(-2).sum(1).max()), _moved(plan)

@@ -84,8 +84,8 @@ class _Check:
         dt = np.int32 if a.dtype == np.int32 and self.largest * s._cell_bound < 2**31 else np.int64
         acc = np.empty((U,) + a.shape[1:], dtype=dt)  # the groups' summed pooled work
         for k, g in enumerate(self.groups):
-            if len(g) == a.shape[0]:  # one group of every head: one reduction
-                a.sum(0, dtype=dt, out=acc[k])
+            if len(g) == a.shape[0]:  # one group of every head: preset where the summary was built
+                acc[k] = s._all_heads
             else:  # in place: no gather of the group's heads
                 np.copyto(acc[k], a[g[0]])
                 for h in g[1:]:

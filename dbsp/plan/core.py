@@ -701,6 +701,14 @@ class WorkSummary:
         return _chunk_tiles(self, self.ring)
 
     @cached_property
+    def _all_heads(self) -> np.ndarray:
+        """``(NU, NU)`` int64: every head's pooled work summed (:func:`summarize_work` presets it
+        where the mask lives), the work of a head group of all heads (``U = 1``)."""
+        out = self._cells.sum(0, dtype=np.int64)
+        out.flags.writeable = False
+        return out
+
+    @cached_property
     def _unit_marginals(self) -> tuple[np.ndarray, np.ndarray]:
         """``((H, NU), (H, NU))`` int64: every head's work per query unit and per key unit."""
         a = self._cells
@@ -796,17 +804,20 @@ def summarize_work(
     out = WorkSummary(pooled.contiguous(), q_block=q_block, seq_len=seq_len, coarse=coarse, ring=ring, kv_tile=kv_tile, batch=batch)
     out.__dict__["_cell_bound"] = coarse * coarse * cell_max  # what a unit pair can hold, known without a pass
     out.__dict__["_head_totals"] = totals
-    out.__dict__["_unit_marginals"], out.__dict__["_ring_tiles"] = extras[:2], extras[2]
+    out.__dict__["_unit_marginals"], out.__dict__["_ring_tiles"], out.__dict__["_all_heads"] = extras[:2], extras[2], extras[3]
+    extras[3].flags.writeable = False  # shared by every plan of the summary
     return out
 
 
-def _pooled_extras(pooled: torch.Tensor, chunk: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What the degree choice's bound reads, computed where ``pooled`` ``(H, NU, NU)`` lives:
-    ``((H, NU) work per query unit, (H, NU) per key unit, (H, ring, ring) home tiles)``, int64."""
+def _pooled_extras(pooled: torch.Tensor, chunk: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What the planner reads beside ``pooled`` ``(H, NU, NU)``, computed where it lives: ``((H,
+    NU) work per query unit, (H, NU) per key unit, (H, ring, ring) home tiles, (NU, NU) every
+    head's work summed)``, int64."""
     R = len(chunk) - 1
     y = torch.stack([pooled[:, chunk[i] : chunk[i + 1]].sum(1, dtype=torch.int64) for i in range(R)], 1)  # (H, R, NU)
     tiles = torch.stack([y[:, :, chunk[j] : chunk[j + 1]].sum(2) for j in range(R)], 2)
-    return pooled.sum(2, dtype=torch.int64).cpu().numpy(), y.sum(1).cpu().numpy(), tiles.cpu().numpy()
+    return (pooled.sum(2, dtype=torch.int64).cpu().numpy(), y.sum(1).cpu().numpy(), tiles.cpu().numpy(),
+            pooled.sum(0, dtype=torch.int64).cpu().numpy())
 
 
 def _runs(num_blocks: int, ring: int, coarse: int) -> list[tuple[int, int, int]]:
@@ -1099,8 +1110,8 @@ def _summary_group_sum(s: WorkSummary, heads: list[int]) -> np.ndarray:
     a = s._cells
     # Same-type adds are ~3x faster than int32 into int64; int32 only where the sum provably fits.
     dt = np.int32 if a.dtype == np.int32 and len(heads) * s._cell_bound < 2**31 else np.int64
-    if len(heads) == a.shape[0] and len(set(heads)) == len(heads):  # every head: one reduction
-        return a.sum(0, dtype=dt)
+    if len(heads) == a.shape[0] and len(set(heads)) == len(heads):  # every head: preset where the summary was built
+        return s._all_heads
     acc = a[heads[0]].astype(dt)
     for h in heads[1:]:  # in place: no (len(heads), NU, NU) gather
         acc += a[h]
@@ -1120,6 +1131,8 @@ def _summary_home_tiles(s: WorkSummary, ring: int) -> np.ndarray:
     """``(H, R, R)`` int64 home tiles of ``ring`` (aligned to the summary): block sums of the
     summary's cached ring tiles when ``ring`` divides its ring (home chunks nest:
     ``floor(b * R / NB) = floor(floor(b * ring / NB) / (ring / R))``), else one pass."""
+    if ring == 1:  # one chunk: every head's total
+        return np.asarray(s._head_totals, dtype=np.int64).reshape(-1, 1, 1)
     if s.ring % ring:
         return _chunk_tiles(s, ring)
     m = s.ring // ring

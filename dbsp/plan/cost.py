@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -182,8 +183,14 @@ class CostModel:
 
     def tflops(self, *, density: float, fine_grained: bool) -> float:
         """Effective kernel TFLOPS at ``density`` (linear between points, flat outside)."""
-        curve = self.fine_tflops if fine_grained else self.block_tflops
-        return float(np.interp(density, [d for d, _ in curve], [t for _, t in curve]))
+        xs, ys = self._curves[bool(fine_grained)]
+        return float(np.interp(density, xs, ys))
+
+    @cached_property
+    def _curves(self) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
+        """The throughput curves as (densities, TFLOPS) arrays, by ``fine_grained``, built once."""
+        return {fine: (np.array([d for d, _ in curve]), np.array([t for _, t in curve]))
+                for fine, curve in ((False, self.block_tflops), (True, self.fine_tflops))}
 
     def _dense_tiles(self, plan: Plan, dense_heads, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``((U, R, R) score entries of the dense heads in each tile, (U,) dense heads per group,
