@@ -98,7 +98,10 @@ def main() -> None:
     attn = sum(costs["new"].predict(p.with_tile_work(s), head_dim=128).total_ms for p, s in zip(plans["new"], sums["new"]))
     print(f"\n{args.steps}-step run's predicted attention (new plans): {attn:.1f} ms; steps with fully dense heads: "
           f"{len(later)}; plans of the run identical in both: {sum(same)}/{len(same)}")
-    for key, label in (("step0", "step 0 degree choice"), ("run", f"{args.steps}-step run"), ("later", "degree choice, dense steps")):
+    rows = [("step0", "step 0 degree choice"), ("run", f"{args.steps}-step run")]
+    if later:  # (no step of a short run may hold fully dense heads)
+        rows.append(("later", "degree choice, dense steps"))
+    for key, label in rows:
         cells = []
         for name in packages:
             v = times[name][key]
