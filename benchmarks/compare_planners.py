@@ -33,6 +33,8 @@ import time
 import dbsp.plan as new_plan
 from dbsp.simulate import WORKLOADS, synthetic_work
 
+from bench_plan import fresh  # a new summary object with its presets kept (benchmarks/ is on sys.path)
+
 
 def summaries(mod, steps: int) -> list:
     """Layer 0's summary of every step, built by package ``mod`` (its presets recorded)."""
@@ -43,14 +45,6 @@ def summaries(mod, steps: int) -> list:
         s = mod.summarize_work(work, q_block=wl.q_block, seq_len=wl.seq_len)
         s.__dict__["_presets"] = tuple(k for k in s.__dict__ if k not in {f.name for f in dataclasses.fields(s)})
         out.append(s)
-    return out
-
-
-def fresh(s):
-    """A new summary object equal to ``s`` as ``summarize_work`` returned it."""
-    out = dataclasses.replace(s)
-    out.__dict__.update({k: s.__dict__[k] for k in s._presets})
-    out.__dict__["_presets"] = s._presets
     return out
 
 
