@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from dbsp.plan import _jit
 from dbsp.plan import (CostModel, PlanCache, WorkSummary, choose_degrees, dense_heads, imbalance_ratio, make_plan, summarize_work,
                        tile_work)
 from dbsp.simulate import KINDS, WORKLOADS, synthetic_work
@@ -285,6 +286,16 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def _loops() -> str:
+    """Which inner loops the planner runs, compiled first so that no timing includes numba's
+    import or compilation (``dbsp.plan._jit``)."""
+    if not _jit.warm_up():
+        return "numpy (numba not installed, or DBSP_NUMBA=0)"
+    import numba
+
+    return f"compiled (numba {numba.__version__})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -305,6 +316,7 @@ def main() -> None:
     nb = -(-geom["seq_len"] // geom["q_block"])
     title = f"H={geom['heads']}, S={geom['seq_len']} ({nb} blocks of {geom['q_block']}), synthetic block masks, device {device}"
     print(title)
+    print(f"planner loops: {_loops()}")
 
     bal = balance(geom, device, seeds)
     write_csv(bal, args.out / "plan_balance.csv")

@@ -78,6 +78,9 @@ def main() -> None:
     print(f"building {args.steps} summaries per package ...", flush=True)
     sums = {name: summaries(mod, args.steps) for name, mod in packages.items()}
     costs = {name: mod.CostModel.default() for name, mod in packages.items()}
+    for name, mod in packages.items():  # numba's import and compilation are not timed
+        jit = getattr(mod, "_jit", None)
+        print(f"{name}: planner loops {'compiled (numba)' if jit is not None and jit.warm_up() else 'numpy'}")
     later = [i for i, s in enumerate(sums["new"]) if new_plan.dense_heads(s)]
     times: dict[str, dict[str, list[float]]] = {name: {"step0": [], "run": [], "later": []} for name in packages}
     plans = {}

@@ -23,6 +23,9 @@ charged the mixed-call overhead. The candidates of both weightings are scored by
 :meth:`CostModel.predict`; the least predicted time wins. ``rho_s`` (``imbalance_ratio``,
 ``Plan.imbalance``) keeps its tile-entry meaning; the time-based ratio of the same formula is
 ``Prediction.compute_imbalance``.
+
+The sequential loops (the biased greedy, the block refinement's swap search, the head swaps) run
+compiled where numba is installed (:mod:`dbsp.plan._jit`), with bit-identical results.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..mask import SparseMask
+from . import _jit
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _check_aligned, _check_degrees, _check_ring, _full_heads,
                    _group_sum, _group_tuples, _head_counts, _home, _home_tuples, _reduce_cols, _reduce_rows, _ring_time,
                    _stats, _step_index, _steps, _sum_groups, _summary_group_sum, _summary_home_tiles)
@@ -93,6 +97,10 @@ def _lpt_heads(totals: list[int], counts: list[int], refine: bool) -> list[list[
     so this terminates).
     """
     U = len(counts)
+    lpt = _jit.loop("lpt")
+    if lpt is not None:  # the same greedy and swaps, compiled
+        G = lpt(np.asarray(totals, dtype=np.int64), np.asarray(counts, dtype=np.int64), 4 * len(totals) * U if refine and U > 1 else 0)
+        return [sorted(G[k, :c].tolist()) for k, c in enumerate(counts)]
     groups: list[list[int]] = [[] for _ in range(U)]
     load = [0] * U
     open_ = [j for j in range(U) if counts[j] > 0]  # groups with room, in index order
@@ -243,6 +251,10 @@ def _timed_swap_refine(tot: np.ndarray, dn: np.ndarray, cnt: np.ndarray, groups:
         real[k, : sizes[k]] = True
     TG, DG = np.where(real, tot[G], 0), np.where(real, dn[G], 0)  # padding weighs nothing
     load, nds = TG.sum(1), DG.sum(1)  # kept up to date by each swap (group sizes never change)
+    swap = _jit.loop("timed_swap")
+    if swap is not None:  # the same rounds, compiled
+        swap(G, TG, DG, real, load, nds, np.asarray(sizes, dtype=np.int64), cnt, tot, dn, int(penalty), rounds)
+        return [G[k, : sizes[k]].tolist() for k in range(U)]
     others = ~np.eye(U, dtype=bool)[:, :, None, None] & real[None, :, None, :]  # (a, b, 1, y): real heads of other groups
     big = np.iinfo(np.int64).max
     for _ in range(rounds):
@@ -293,6 +305,12 @@ def _biased_greedy(weights: np.ndarray, home: np.ndarray, caps: list[int], rewar
     order = np.argsort(-weights, kind="stable")
     if movable is not None:
         order = order[movable[order]]
+    scan = _jit.loop("greedy")
+    if scan is not None:  # the same scan, compiled (any ring size)
+        kind = np.float64 if weights.dtype.kind == "f" else np.int64
+        owner[order] = scan(_jit.writable(weights, kind), _jit.writable(home), order, np.asarray(caps, dtype=np.int64),
+                            np.asarray(load, dtype=kind), float(reward))
+        return owner
     out = []
     if R <= _GREEDY_SCAN_MAX_RING:
         # Few ranks: a scan beats a heap with its outdated entries. ``open_load`` is the load of
@@ -402,11 +420,15 @@ def _refine(
     Y = _reduce_cols(Af, ko, R)
     Z = _reduce_rows(Af, qo, R)
     W = _reduce_rows(Y, qo, R)
+    goal = target * int(W.sum()) / R
+    mov = np.ones(qo.shape[0], dtype=bool) if movable is None else movable
+    search = _jit.loop("refine")
+    if search is not None:  # the same search, compiled
+        search(_jit.writable(A), Y, Z, W, qo, ko, _jit.writable(home), _jit.writable(mov, bool), float(goal), max_swaps, candidates, partners)
+        return qo, ko, W
     ii = np.arange(R)
     cols = (ii[:, None] + ii[None, :]) % R  # cols[i, t] = (i + t) % R: the key rank rank i meets at step t
     meet = (ii[:, None] - ii[None, :]) % R  # meet[j, t] = the rank that meets key rank j at step t
-    goal = target * int(W.sum()) / R
-    mov = np.ones(qo.shape[0], dtype=bool) if movable is None else movable
     flat = _step_index(R)
     for _ in range(max_swaps):
         D = W.reshape(-1)[flat].reshape(R, R)  # (R, R): D[i, t] = rank i's work at ring step t

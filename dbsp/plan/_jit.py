@@ -1,0 +1,394 @@
+"""Compiled inner loops of the planner (numba), with the same results as the numpy code in
+:mod:`dbsp.plan.balance`.
+
+The planner's hot loops -- the biased greedy over a ring's blocks, the block refinement's swap
+search and the head-swap rounds -- are sequential or run on arrays of a few hundred entries, where
+numpy's per-call overhead, not arithmetic, sets their time. Compiled with numba they run several
+times faster (a degree choice at Wan2.1-14B 720p: ~3.8 -> ~2.5 ms on a 2-core CPU). Numba is
+optional (``pip install "dbsp[fast]"``): without it, or with ``DBSP_NUMBA=0`` in the environment
+when :mod:`dbsp.plan` is imported, the planner runs its numpy code. Both give bit-identical
+plans: every quantity the loops compare is an int64 (tile entries) or a float64 computed by the
+same operations in the same order, and ties break the same way (``tests/test_plan_jit.py`` checks
+this against the numpy code).
+
+Numba is imported at the first plan, not with :mod:`dbsp` (about 1 s); each loop is compiled at
+its first call (about 5 s in all) and kept in numba's on-disk cache (``cache=True``; next to this
+file, or where ``NUMBA_CACHE_DIR`` says), from which later processes load it in a fraction of a
+second. :func:`warm_up` does all of that ahead of time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import warnings
+
+import numpy as np
+
+ENABLED = (os.environ.get("DBSP_NUMBA", "1").strip().lower() not in {"0", "false", "no", "off"}
+           and importlib.util.find_spec("numba") is not None)
+"""Whether the planner uses the compiled loops: numba is installed and ``DBSP_NUMBA`` is not
+``0``. Set to False (the numpy path) if numba fails to import."""
+
+def _greedy_loop(weights, home, order, room, load, reward):  # pragma: no cover - compiled
+    """The biased greedy's loop (:func:`dbsp.plan.balance._biased_greedy`, which documents the
+    rule) over blocks ``order``; ``room`` and ``load`` are updated in place. Returns the owners
+    of ``order``'s blocks, in that order."""
+    R = room.shape[0]
+    out = np.empty(order.shape[0], dtype=np.int64)
+    for n in range(order.shape[0]):
+        b = order[n]
+        w = weights[b]
+        h = home[b]
+        if room[h] > 0 and w == 0:
+            g = h
+        else:
+            g = -1
+            for i in range(R):
+                if room[i] > 0 and (g < 0 or load[i] < load[g]):
+                    g = i
+            if room[h] > 0 and load[h] - reward * w <= load[g]:
+                g = h
+        out[n] = g
+        room[g] -= 1
+        load[g] += w
+    return out
+
+
+def _rest(D, t, e1, e2):  # pragma: no cover - compiled
+    """``max D[i, t]`` over ranks ``i`` other than ``e1`` and ``e2``; -1 where none is left."""
+    best = -1
+    for i in range(D.shape[0]):
+        if i != e1 and i != e2 and D[i, t] > best:
+            best = D[i, t]
+    return best
+
+
+def _lightest(sums, skip, partners):  # pragma: no cover - compiled
+    """The ``partners`` ranks of least ``sums`` (ties: lower rank), rank ``skip`` counted last:
+    ``np.argsort(np.where(ii == skip, BIG, sums), kind="stable")[:partners]``."""
+    R = sums.shape[0]
+    key = sums.copy()
+    big = np.iinfo(np.int64).max
+    key[skip] = big
+    order = np.argsort(key, kind="mergesort")
+    return order[: min(partners, R)]
+
+
+def _top(weight, candidates):  # pragma: no cover - compiled
+    """Positions of the ``candidates`` largest ``weight`` (ties: lower position)."""
+    return np.argsort(-weight, kind="mergesort")[:candidates]
+
+
+def _refine_loop(A, Y, Z, W, qo, ko, home, mov, goal, max_swaps, candidates, partners):  # pragma: no cover - compiled
+    """:func:`dbsp.plan.balance._refine`'s swap search (which documents it) on its prepared
+    ``Y``, ``Z`` and ``W`` (int64), updating ``qo``, ``ko``, ``W``, ``Y`` and ``Z`` in place."""
+    R = W.shape[0]
+    NB = qo.shape[0]
+    D = np.empty((R, R), dtype=np.int64)
+    arg = np.empty(R, dtype=np.int64)
+    excess = np.empty(R, dtype=np.float64)
+    rest = np.empty((R, R), dtype=np.int64)
+    cols = np.empty((R, R), dtype=np.int64)  # cols[i, t]: the key rank rank i meets at step t
+    meet = np.empty((R, R), dtype=np.int64)  # meet[j, t]: the rank that meets key rank j at step t
+    for i in range(R):
+        for t in range(R):
+            cols[i, t] = (i + t) % R
+            meet[i, t] = (i - t + R) % R
+    for _ in range(max_swaps):
+        T = 0
+        for t in range(R):
+            m = 0
+            for i in range(R):
+                D[i, t] = W[i, cols[i, t]]
+            for i in range(1, R):
+                if D[i, t] > D[m, t]:
+                    m = i
+            arg[t] = m
+            T += D[m, t]
+        if T <= goal:
+            break
+        for t in range(R):
+            s = 0.0
+            for i in range(R):
+                s += np.float64(D[i, t])
+            excess[t] = np.float64(D[arg[t], t]) - s / R
+        have = False
+        bT, bh, bk, bx, bo = 0, 0, 0, 0, 0
+
+        # Query side: rank a's heavy query blocks against the blocks of the lightest ranks.
+        acc = np.zeros(R, dtype=np.float64)
+        for t in range(R):
+            acc[arg[t]] += excess[t]
+        a = int(np.argmax(acc))
+        light = _lightest(W.sum(1), a, partners)
+        in_light = np.zeros(R, dtype=np.bool_)
+        for i in light:
+            in_light[i] = True
+        mine = np.empty(NB, dtype=np.int64)
+        others = np.empty(NB, dtype=np.int64)
+        nm, no = 0, 0
+        for r in range(NB):
+            if mov[r]:
+                if qo[r] == a:
+                    mine[nm] = r
+                    nm += 1
+                if in_light[qo[r]]:
+                    others[no] = r
+                    no += 1
+        mine, others = mine[:nm], others[:no]
+        weight = np.zeros(nm, dtype=np.int64)
+        for t in range(R):
+            if arg[t] == a:
+                c = cols[a, t]
+                for n in range(nm):
+                    weight[n] += Y[mine[n], c]
+        xs = mine[_top(weight, candidates)]
+        if xs.shape[0] and no:
+            for b in range(R):  # rest[b, t]: the largest other rank at step t when a and b swap
+                for t in range(R):
+                    rest[b, t] = _rest(D, t, a, b)
+            sT, sh, sx, so = 0, 0, -1, -1
+            for xi in range(xs.shape[0]):
+                x = xs[xi]
+                for oi in range(no):
+                    o = others[oi]
+                    b = qo[o]
+                    new = 0
+                    for t in range(R):
+                        ca, cb = cols[a, t], cols[b, t]
+                        v = D[a, t] - Y[x, ca] + Y[o, ca]
+                        vb = D[b, t] + Y[x, cb] - Y[o, cb]
+                        if vb > v:
+                            v = vb
+                        if rest[b, t] > v:
+                            v = rest[b, t]
+                        new += v
+                    homes = np.int64(home[x] == b) + np.int64(home[o] == a)
+                    if sx < 0 or new * 3 - homes < sT * 3 - sh:
+                        sT, sh, sx, so = new, homes, x, o
+            have = True
+            bT, bh, bk, bx, bo = sT, -sh, 0, sx, so
+
+        # Key side: key rank j's heavy key blocks against the blocks of the lightest key ranks.
+        acc[:] = 0.0
+        for t in range(R):
+            acc[cols[arg[t], t]] += excess[t]
+        j = int(np.argmax(acc))
+        light = _lightest(W.sum(0), j, partners)
+        in_light[:] = False
+        for i in light:
+            in_light[i] = True
+        mine = np.empty(NB, dtype=np.int64)
+        others = np.empty(NB, dtype=np.int64)
+        nm, no = 0, 0
+        for r in range(NB):
+            if mov[r]:
+                if ko[r] == j:
+                    mine[nm] = r
+                    nm += 1
+                if in_light[ko[r]]:
+                    others[no] = r
+                    no += 1
+        mine, others = mine[:nm], others[:no]
+        weight = np.zeros(nm, dtype=np.int64)
+        for t in range(R):
+            if cols[arg[t], t] == j:
+                p = meet[j, t]
+                for n in range(nm):
+                    weight[n] += Z[p, mine[n]]
+        xs = mine[_top(weight, candidates)]
+        if xs.shape[0] and no:
+            for js in range(R):  # rest[js, t]: the largest rank at step t other than those meeting j and js
+                for t in range(R):
+                    rest[js, t] = _rest(D, t, meet[j, t], meet[js, t])
+            sT, sh, sx, so = 0, 0, -1, -1
+            for xi in range(xs.shape[0]):
+                x = xs[xi]
+                for oi in range(no):
+                    o = others[oi]
+                    js = ko[o]
+                    new = 0
+                    for t in range(R):
+                        p, q = meet[j, t], meet[js, t]
+                        v = D[p, t] - Z[p, x] + Z[p, o]
+                        vq = D[q, t] - Z[q, o] + Z[q, x]
+                        if vq > v:
+                            v = vq
+                        if rest[js, t] > v:
+                            v = rest[js, t]
+                        new += v
+                    homes = np.int64(home[x] == js) + np.int64(home[o] == j)
+                    if sx < 0 or new * 3 - homes < sT * 3 - sh:
+                        sT, sh, sx, so = new, homes, x, o
+            if not have or (sT, -sh, 1, sx, so) < (bT, bh, bk, bx, bo):
+                bT, bh, bk, bx, bo = sT, -sh, 1, sx, so
+            have = True
+
+        if not have or bT >= T:
+            break
+        x, o = bx, bo
+        if bk == 0:  # query block x: a -> b, o: b -> a
+            a, b = qo[x], qo[o]
+            for c in range(R):
+                d = Y[o, c] - Y[x, c]
+                W[a, c] += d
+                W[b, c] -= d
+            for c in range(A.shape[1]):
+                d = A[o, c] - A[x, c]
+                Z[a, c] += d
+                Z[b, c] -= d
+            qo[x], qo[o] = b, a
+        else:  # key block x: j -> j2, o: j2 -> j
+            j, j2 = ko[x], ko[o]
+            for r in range(R):
+                d = Z[r, o] - Z[r, x]
+                W[r, j] += d
+                W[r, j2] -= d
+            for r in range(A.shape[0]):
+                d = A[r, o] - A[r, x]
+                Y[r, j] += d
+                Y[r, j2] -= d
+            ko[x], ko[o] = j2, j
+
+
+def _swap_loop(G, TG, lv, sizes, tot, rounds):  # pragma: no cover - compiled
+    """:func:`dbsp.plan.balance._swap_refine`'s rounds (which document the rule) on its padded
+    ``(U, n)`` arrays, updated in place."""
+    U, n = G.shape
+    for _ in range(rounds):
+        a = int(np.argmax(lv))
+        la = lv[a]
+        na = sizes[a]
+        best, bb, bx, by = 0, -1, -1, -1
+        for b in range(U):  # the first minimum in (b, x, y) order
+            for x in range(na):
+                for y in range(n):
+                    d = TG[a, x] - TG[b, y]
+                    new = max(la - d, lv[b] + d)
+                    if bb < 0 or new < best:
+                        best, bb, bx, by = new, b, x, y
+        if best >= la:
+            break
+        x, y = G[a, bx], G[bb, by]
+        G[a, bx], G[bb, by] = y, x
+        TG[a, bx], TG[bb, by] = tot[y], tot[x]
+        shift = tot[x] - tot[y]
+        lv[a] -= shift
+        lv[bb] += shift
+
+
+def _lpt_loop(tot, counts, rounds):  # pragma: no cover - compiled
+    """:func:`dbsp.plan.balance._lpt_heads` (which documents the rule): LPT, then ``rounds`` of
+    :func:`_swap_loop`. Returns ``(U, n)`` every group's heads in their list order, padded."""
+    U = counts.shape[0]
+    n = max(1, counts.max())
+    G = np.zeros((U, n), dtype=np.int64)
+    TG = np.full((U, n), tot.max(), dtype=np.int64)  # padding: a total no head exceeds
+    load = np.zeros(U, dtype=np.int64)
+    fill = np.zeros(U, dtype=np.int64)
+    for h in np.argsort(-tot, kind="mergesort"):  # by decreasing work, ties: lower id
+        k = -1
+        for j in range(U):  # the least loaded group with room, lowest index on ties
+            if fill[j] < counts[j] and (k < 0 or load[j] < load[k]):
+                k = j
+        G[k, fill[k]] = h
+        TG[k, fill[k]] = tot[h]
+        fill[k] += 1
+        load[k] += tot[h]
+    _swap_loop(G, TG, load, fill, tot, rounds)
+    return G
+
+
+def _timed_swap_loop(G, TG, DG, real, load, nds, sizes, cnt, tot, dn, penalty, rounds):  # pragma: no cover - compiled
+    """:func:`dbsp.plan.balance._timed_swap_refine`'s rounds (which document the rule) on its
+    padded ``(U, n)`` arrays, updated in place."""
+    U, n = G.shape
+    c = np.empty(U, dtype=np.int64)
+    for _ in range(rounds):
+        for k in range(U):
+            c[k] = load[k] + (penalty if 0 < nds[k] < cnt[k] else 0)
+        a = int(np.argmax(c))
+        na = sizes[a]
+        best, bb, bx, by = 0, -1, -1, -1
+        for b in range(U):  # the first minimum in (b, x, y) order among allowed swaps
+            if b == a:
+                continue
+            for x in range(na):
+                for y in range(n):
+                    if not real[b, y]:
+                        continue
+                    d = TG[a, x] - TG[b, y]
+                    dd = DG[a, x] - DG[b, y]
+                    da, db = nds[a] - dd, nds[b] + dd
+                    new = max(load[a] - d + (penalty if 0 < da < cnt[a] else 0), load[b] + d + (penalty if 0 < db < cnt[b] else 0))
+                    if new < c[a] and (bb < 0 or new < best):
+                        best, bb, bx, by = new, b, x, y
+        if bb < 0:
+            break
+        x, y = G[a, bx], G[bb, by]
+        G[a, bx], G[bb, by] = y, x
+        TG[a, bx], TG[bb, by] = tot[y], tot[x]
+        DG[a, bx], DG[bb, by] = dn[y], dn[x]
+        shift, dshift = tot[x] - tot[y], dn[x] - dn[y]
+        load[a] -= shift
+        load[bb] += shift
+        nds[a] -= dshift
+        nds[bb] += dshift
+
+
+_LOCK = threading.Lock()
+_ORDER = ("_rest", "_lightest", "_top", "_swap_loop", "_greedy_loop", "_refine_loop", "_timed_swap_loop", "_lpt_loop")
+"""Every function above, compiled in place in this order: callees before their callers."""
+_LOOPS = {"greedy": "_greedy_loop", "refine": "_refine_loop", "lpt": "_lpt_loop", "timed_swap": "_timed_swap_loop"}
+_compiled: dict | None = None
+
+
+def loop(name: str):
+    """The compiled loop ``name`` (``greedy``, ``refine``, ``lpt`` or ``timed_swap``), or None
+    where :data:`ENABLED` is False. Imports numba and wraps the loops at the first call."""
+    global _compiled, ENABLED
+    if _compiled is None:
+        if not ENABLED:
+            return None
+        with _LOCK:
+            if _compiled is None and ENABLED:
+                try:
+                    import numba
+                except Exception as err:  # a broken install: same plans, the numpy path
+                    warnings.warn(f"dbsp.plan: numba failed to import ({err!r}); planning without it (same plans, slower)",
+                                  RuntimeWarning, stacklevel=3)
+                    ENABLED = False
+                    return None
+                g = globals()
+                for fn in _ORDER:
+                    g[fn] = numba.njit(cache=True, nogil=True)(g[fn])
+                _compiled = {k: g[v] for k, v in _LOOPS.items()}
+    return None if _compiled is None else _compiled[name]
+
+
+def writable(a: np.ndarray, dtype=np.int64) -> np.ndarray:
+    """``a`` as a writable C-contiguous array of ``dtype`` (a copy only where it is not one):
+    numba compiles a loop apart for read-only arrays, which :func:`warm_up` does not cover."""
+    if a.dtype == dtype and a.flags.writeable and a.flags.c_contiguous:
+        return a
+    return np.array(a, dtype=dtype, order="C")
+
+
+def warm_up() -> bool:
+    """Import numba and compile (or load from its cache) every loop now rather than at the
+    first plan. Returns :data:`ENABLED`."""
+    if not ENABLED or loop("greedy") is None:
+        return False
+    w = np.array([3, 1, 0, 2], dtype=np.int64)
+    home = np.array([0, 0, 1, 1], dtype=np.int64)
+    loop("greedy")(w, home, np.argsort(-w, kind="stable"), np.array([2, 2], dtype=np.int64), np.zeros(2, dtype=np.int64), 2.0)
+    A = np.arange(16, dtype=np.int64).reshape(4, 4)
+    loop("refine")(A, np.zeros((4, 2), dtype=np.int64), np.zeros((2, 4), dtype=np.int64), np.zeros((2, 2), dtype=np.int64),
+                   home.copy(), home.copy(), home, np.ones(4, dtype=np.bool_), 0.0, 0, 8, 2)
+    G = np.array([[0, 1], [2, 3]], dtype=np.int64)
+    sizes = np.array([2, 2], dtype=np.int64)
+    loop("timed_swap")(G.copy(), w[G], w[G] * 0, G >= 0, w[G].sum(1), sizes * 0, sizes, sizes, w, w * 0, 1, 0)
+    loop("lpt")(w, sizes, 1)
+    return True
