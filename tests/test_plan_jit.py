@@ -103,6 +103,25 @@ def test_head_swaps_match_numpy(seed, monkeypatch):
     assert got == want
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_moved_bound_matches_numpy(seed, monkeypatch):
+    """The degree choice's bound on plans that move units (its sweep over ring times), for the
+    contiguous, balanced and random head groups of every ring degree, equal to the last bit."""
+    from dbsp.plan.degrees import _entry_ms, _moved_bound_ms
+
+    cost, summary = _random_model_and_summary(seed, dense=seed % 2 == 1)
+    rng = np.random.default_rng(seed)
+    ms = _entry_ms(cost, summary, np.asarray(summary._head_totals, dtype=np.int64), 128)
+    for R in (2, 4, 8):
+        U = 8 // R
+        for groups in (np.arange(16).reshape(U, -1).tolist(), rng.permutation(16).reshape(U, -1).tolist()):
+            mix = rng.random(U) * [0.0, 0.05][seed % 2]
+            p2p = rng.random(U) * 0.2
+            for block_ms in (0.003, 1e-9):  # a nearly free exchange: the least feasible ring time sets the bound
+                got, want = both(lambda: _moved_bound_ms(summary, groups, ms, mix, R, p2p, block_ms, 0.02), monkeypatch)
+                assert got == want and math.isfinite(got[0])
+
+
 @pytest.mark.parametrize("seed,dense", [(0, False), (1, False), (2, True), (3, True)])
 def test_plans_and_degree_choices_match_numpy(seed, dense, monkeypatch):
     """End to end on 16-head synthetic summaries (with fully dense heads: time-weighted plans):

@@ -338,15 +338,64 @@ def _timed_swap_loop(G, TG, DG, real, load, nds, sizes, cnt, tot, dn, penalty, r
         nds[bb] += dshift
 
 
+def _moved_loop(x0, x1, mean, heads_k, coarse, lat, block_ms):  # pragma: no cover - compiled
+    """The end of :func:`dbsp.plan.degrees._moved_bound_ms` (which documents the bound): the least
+    total over ring times ``T`` (the mean and every entry of ``x0``, ``x1`` not below it) of
+    ``T + 2 lat + blocks(T) block_ms``, where a rank must send ``count(left > T)`` units.
+
+    ``x0``, ``x1``: ``(U, R, n + 1)`` what each rank keeps after sending its ``0..n`` heaviest
+    units (query and key side); every row is non-increasing, so the count is the length of the
+    row's prefix above ``T`` and shrinks as ``T`` grows: one sweep over the sorted ring times
+    instead of a count per time."""
+    U, R = x0.shape[0], x0.shape[1]
+    r0, r1 = x0.ravel(), x1.ravel()
+    cands = np.empty(1 + r0.shape[0] + r1.shape[0])
+    cands[0] = mean
+    nc = 1
+    for r in (r0, r1):
+        for v in r:
+            if v >= mean:
+                cands[nc] = v
+                nc += 1
+    cands = np.sort(cands[:nc])
+    p0 = np.full((U, R), x0.shape[2], dtype=np.int64)  # entries above the current time, per row
+    p1 = np.full((U, R), x1.shape[2], dtype=np.int64)
+    hmin = heads_k.min()
+    best = np.inf
+    for c in range(nc):
+        T = cands[c]
+        Tp = T * (1 + 1e-12)  # the slack keeps the bound below
+        feasible = True
+        worst = 0.0
+        for k in range(U):
+            m0, m1 = 0, 0
+            for i in range(R):
+                while p0[k, i] > 0 and x0[k, i, p0[k, i] - 1] <= Tp:
+                    p0[k, i] -= 1
+                while p1[k, i] > 0 and x1[k, i, p1[k, i] - 1] <= Tp:
+                    p1[k, i] -= 1
+                if p0[k, i] == x0.shape[2] or p1[k, i] == x1.shape[2]:
+                    feasible = False  # even sending every movable unit leaves this rank above T
+                m0, m1 = max(m0, p0[k, i]), max(m1, p1[k, i])
+            worst = max(worst, (m0 + m1) * heads_k[k])
+        if feasible:
+            total = T + 2 * lat + max(worst, hmin) * coarse * block_ms
+            if total < best:
+                best = total
+    return best
+
+
 _LOCK = threading.Lock()
-_ORDER = ("_rest", "_lightest", "_top", "_swap_loop", "_greedy_loop", "_refine_loop", "_timed_swap_loop", "_lpt_loop")
+_ORDER = ("_rest", "_lightest", "_top", "_swap_loop", "_greedy_loop", "_refine_loop", "_timed_swap_loop", "_lpt_loop",
+          "_moved_loop")
 """Every function above, compiled in place in this order: callees before their callers."""
-_LOOPS = {"greedy": "_greedy_loop", "refine": "_refine_loop", "lpt": "_lpt_loop", "timed_swap": "_timed_swap_loop"}
+_LOOPS = {"greedy": "_greedy_loop", "refine": "_refine_loop", "lpt": "_lpt_loop", "timed_swap": "_timed_swap_loop",
+          "moved": "_moved_loop"}
 _compiled: dict | None = None
 
 
 def loop(name: str):
-    """The compiled loop ``name`` (``greedy``, ``refine``, ``lpt`` or ``timed_swap``), or None
+    """The compiled loop ``name`` (``greedy``, ``refine``, ``lpt``, ``timed_swap`` or ``moved``), or None
     where :data:`ENABLED` is False. Imports numba and wraps the loops at the first call."""
     global _compiled, ENABLED
     if _compiled is None:
@@ -391,4 +440,6 @@ def warm_up() -> bool:
     sizes = np.array([2, 2], dtype=np.int64)
     loop("timed_swap")(G.copy(), w[G], w[G] * 0, G >= 0, w[G].sum(1), sizes * 0, sizes, sizes, w, w * 0, 1, 0)
     loop("lpt")(w, sizes, 1)
+    x = np.zeros((1, 2, 3))
+    loop("moved")(x, x, 0.0, np.ones(1), 8, 0.0, 1.0)
     return True

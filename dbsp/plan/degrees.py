@@ -18,6 +18,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..mask import SparseMask
+from . import _jit
 from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
                       _layouts, _moved, _ring_key)
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _stats, _steps,
@@ -342,6 +343,9 @@ def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix
         lefts.append(start[:, :, None] - np.concatenate([np.zeros((U, R, 1)), sent], 2))  # (U, R, n + 1)
     # A plan's ring time T is at least every rank's load, so rank (k, i) sent at least
     # count(left > T) units; T ranges over the group mean and the loads where a count drops.
+    sweep = _jit.loop("moved")
+    if sweep is not None:  # the same bound, compiled
+        return sweep(lefts[0], lefts[1], mean, heads_k, s.coarse, lat, block_ms), mean
     cands = np.concatenate([[mean]] + [x.reshape(-1) for x in lefts])
     cands = cands[cands >= mean]  # (repeated values only repeat a total: no need to sort them out)
     need = np.zeros((len(cands), U))
