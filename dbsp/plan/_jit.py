@@ -65,15 +65,28 @@ def _rest(D, t, e1, e2):  # pragma: no cover - compiled
     return best
 
 
-def _lightest(sums, skip, partners):  # pragma: no cover - compiled
-    """The ``partners`` ranks of least ``sums`` (ties: lower rank), rank ``skip`` counted last:
-    ``np.argsort(np.where(ii == skip, BIG, sums), kind="stable")[:partners]``."""
-    R = sums.shape[0]
+def _sides(owner, rank, sums, partners, mov):  # pragma: no cover - compiled
+    """``(mine, others)``: the movable blocks (``mov``) that ``owner`` puts on ``rank``, and those
+    on the ``partners`` ranks of least ``sums`` (ties: lower rank; ``rank`` counted last, as
+    ``np.argsort(np.where(ii == rank, BIG, sums), kind="stable")[:partners]``), by block id."""
+    R, NB = sums.shape[0], owner.shape[0]
     key = sums.copy()
-    big = np.iinfo(np.int64).max
-    key[skip] = big
-    order = np.argsort(key, kind="mergesort")
-    return order[: min(partners, R)]
+    key[rank] = np.iinfo(np.int64).max
+    light = np.zeros(R, dtype=np.bool_)
+    for i in np.argsort(key, kind="mergesort")[: min(partners, R)]:
+        light[i] = True
+    mine = np.empty(NB, dtype=np.int64)
+    others = np.empty(NB, dtype=np.int64)
+    nm, no = 0, 0
+    for r in range(NB):
+        if mov[r]:
+            if owner[r] == rank:
+                mine[nm] = r
+                nm += 1
+            if light[owner[r]]:
+                others[no] = r
+                no += 1
+    return mine[:nm], others[:no]
 
 
 def _top(weight, candidates):  # pragma: no cover - compiled
@@ -81,11 +94,61 @@ def _top(weight, candidates):  # pragma: no cover - compiled
     return np.argsort(-weight, kind="mergesort")[:candidates]
 
 
+def _best_swap(side, owner, own, sums, D, arg, Y, Z, cols, meet, rest, home, mov, candidates, partners):  # pragma: no cover - compiled
+    """One side of :func:`_refine_loop`'s round: ``(new T, homes, x, o)`` of the best swap of one
+    of rank ``own``'s ``candidates`` heaviest movable blocks ``x`` with a block ``o`` of the
+    ``partners`` lightest ranks (first minimum of ``3 T - homes`` in ``(x, o)`` order; ``x = -1``:
+    none). ``side`` 0: query blocks, ``own`` a ring rank; 1: key blocks, ``own`` a key rank.
+
+    Block ``x`` on rank (or key rank) ``r`` adds ``F(x, r, t)`` to one entry of step ``t``: for
+    query blocks ``Y[x, cols[r, t]]`` to rank ``r``'s, for key blocks ``Z[meet[r, t], x]`` to that
+    of the rank meeting ``r`` (``row(r, t)``). A swap changes the two entries of ``own`` and of
+    ``o``'s rank at every step; the others keep their largest, ``rest``."""
+    R = D.shape[0]
+    mine, others = _sides(owner, own, sums, partners, mov)
+    weight = np.zeros(mine.shape[0], dtype=np.int64)  # x's work where own sets the step's maximum
+    for t in range(R):
+        r1 = own if side == 0 else meet[own, t]
+        if arg[t] == r1:
+            for n in range(mine.shape[0]):
+                weight[n] += Y[mine[n], cols[own, t]] if side == 0 else Z[r1, mine[n]]
+    xs = mine[_top(weight, candidates)]
+    if xs.shape[0] == 0 or others.shape[0] == 0:
+        return 0, 0, -1, -1
+    for r2 in range(R):  # rest[r2, t]: the largest entry at step t but own's and r2's
+        for t in range(R):
+            rest[r2, t] = _rest(D, t, own if side == 0 else meet[own, t], r2 if side == 0 else meet[r2, t])
+    sT, sh, sx, so = 0, 0, -1, -1
+    for xi in range(xs.shape[0]):
+        x = xs[xi]
+        for oi in range(others.shape[0]):
+            o = others[oi]
+            r2 = owner[o]
+            new = 0
+            for t in range(R):
+                if side == 0:
+                    c1, c2 = cols[own, t], cols[r2, t]
+                    v = D[own, t] - Y[x, c1] + Y[o, c1]
+                    v2 = D[r2, t] + Y[x, c2] - Y[o, c2]
+                else:
+                    p, q = meet[own, t], meet[r2, t]
+                    v = D[p, t] - Z[p, x] + Z[p, o]
+                    v2 = D[q, t] + Z[q, x] - Z[q, o]
+                if v2 > v:
+                    v = v2
+                if rest[r2, t] > v:
+                    v = rest[r2, t]
+                new += v
+            homes = np.int64(home[x] == r2) + np.int64(home[o] == own)
+            if sx < 0 or new * 3 - homes < sT * 3 - sh:
+                sT, sh, sx, so = new, homes, x, o
+    return sT, sh, sx, so
+
+
 def _refine_loop(A, Y, Z, W, qo, ko, home, mov, goal, max_swaps, candidates, partners):  # pragma: no cover - compiled
     """:func:`dbsp.plan.balance._refine`'s swap search (which documents it) on its prepared
     ``Y``, ``Z`` and ``W`` (int64), updating ``qo``, ``ko``, ``W``, ``Y`` and ``Z`` in place."""
     R = W.shape[0]
-    NB = qo.shape[0]
     D = np.empty((R, R), dtype=np.int64)
     arg = np.empty(R, dtype=np.int64)
     excess = np.empty(R, dtype=np.float64)
@@ -114,143 +177,49 @@ def _refine_loop(A, Y, Z, W, qo, ko, home, mov, goal, max_swaps, candidates, par
             for i in range(R):
                 s += np.float64(D[i, t])
             excess[t] = np.float64(D[arg[t], t]) - s / R
-        have = False
-        bT, bh, bk, bx, bo = 0, 0, 0, 0, 0
 
-        # Query side: rank a's heavy query blocks against the blocks of the lightest ranks.
+        # Query side: rank a's heavy query blocks against the blocks of the lightest ranks;
+        # key side: key rank j's heavy key blocks against those of the lightest key ranks.
         acc = np.zeros(R, dtype=np.float64)
         for t in range(R):
             acc[arg[t]] += excess[t]
         a = int(np.argmax(acc))
-        light = _lightest(W.sum(1), a, partners)
-        in_light = np.zeros(R, dtype=np.bool_)
-        for i in light:
-            in_light[i] = True
-        mine = np.empty(NB, dtype=np.int64)
-        others = np.empty(NB, dtype=np.int64)
-        nm, no = 0, 0
-        for r in range(NB):
-            if mov[r]:
-                if qo[r] == a:
-                    mine[nm] = r
-                    nm += 1
-                if in_light[qo[r]]:
-                    others[no] = r
-                    no += 1
-        mine, others = mine[:nm], others[:no]
-        weight = np.zeros(nm, dtype=np.int64)
-        for t in range(R):
-            if arg[t] == a:
-                c = cols[a, t]
-                for n in range(nm):
-                    weight[n] += Y[mine[n], c]
-        xs = mine[_top(weight, candidates)]
-        if xs.shape[0] and no:
-            for b in range(R):  # rest[b, t]: the largest other rank at step t when a and b swap
-                for t in range(R):
-                    rest[b, t] = _rest(D, t, a, b)
-            sT, sh, sx, so = 0, 0, -1, -1
-            for xi in range(xs.shape[0]):
-                x = xs[xi]
-                for oi in range(no):
-                    o = others[oi]
-                    b = qo[o]
-                    new = 0
-                    for t in range(R):
-                        ca, cb = cols[a, t], cols[b, t]
-                        v = D[a, t] - Y[x, ca] + Y[o, ca]
-                        vb = D[b, t] + Y[x, cb] - Y[o, cb]
-                        if vb > v:
-                            v = vb
-                        if rest[b, t] > v:
-                            v = rest[b, t]
-                        new += v
-                    homes = np.int64(home[x] == b) + np.int64(home[o] == a)
-                    if sx < 0 or new * 3 - homes < sT * 3 - sh:
-                        sT, sh, sx, so = new, homes, x, o
-            have = True
-            bT, bh, bk, bx, bo = sT, -sh, 0, sx, so
-
-        # Key side: key rank j's heavy key blocks against the blocks of the lightest key ranks.
+        sT, sh, sx, so = _best_swap(0, qo, a, W.sum(1), D, arg, Y, Z, cols, meet, rest, home, mov, candidates, partners)
+        have = sx >= 0
+        bT, bh, bk, bx, bo = sT, -sh, 0, sx, so
         acc[:] = 0.0
         for t in range(R):
             acc[cols[arg[t], t]] += excess[t]
         j = int(np.argmax(acc))
-        light = _lightest(W.sum(0), j, partners)
-        in_light[:] = False
-        for i in light:
-            in_light[i] = True
-        mine = np.empty(NB, dtype=np.int64)
-        others = np.empty(NB, dtype=np.int64)
-        nm, no = 0, 0
-        for r in range(NB):
-            if mov[r]:
-                if ko[r] == j:
-                    mine[nm] = r
-                    nm += 1
-                if in_light[ko[r]]:
-                    others[no] = r
-                    no += 1
-        mine, others = mine[:nm], others[:no]
-        weight = np.zeros(nm, dtype=np.int64)
-        for t in range(R):
-            if cols[arg[t], t] == j:
-                p = meet[j, t]
-                for n in range(nm):
-                    weight[n] += Z[p, mine[n]]
-        xs = mine[_top(weight, candidates)]
-        if xs.shape[0] and no:
-            for js in range(R):  # rest[js, t]: the largest rank at step t other than those meeting j and js
-                for t in range(R):
-                    rest[js, t] = _rest(D, t, meet[j, t], meet[js, t])
-            sT, sh, sx, so = 0, 0, -1, -1
-            for xi in range(xs.shape[0]):
-                x = xs[xi]
-                for oi in range(no):
-                    o = others[oi]
-                    js = ko[o]
-                    new = 0
-                    for t in range(R):
-                        p, q = meet[j, t], meet[js, t]
-                        v = D[p, t] - Z[p, x] + Z[p, o]
-                        vq = D[q, t] - Z[q, o] + Z[q, x]
-                        if vq > v:
-                            v = vq
-                        if rest[js, t] > v:
-                            v = rest[js, t]
-                        new += v
-                    homes = np.int64(home[x] == js) + np.int64(home[o] == j)
-                    if sx < 0 or new * 3 - homes < sT * 3 - sh:
-                        sT, sh, sx, so = new, homes, x, o
-            if not have or (sT, -sh, 1, sx, so) < (bT, bh, bk, bx, bo):
-                bT, bh, bk, bx, bo = sT, -sh, 1, sx, so
+        sT, sh, sx, so = _best_swap(1, ko, j, W.sum(0), D, arg, Y, Z, cols, meet, rest, home, mov, candidates, partners)
+        if sx >= 0 and (not have or (sT, -sh, 1, sx, so) < (bT, bh, bk, bx, bo)):
+            bT, bh, bk, bx, bo = sT, -sh, 1, sx, so
             have = True
 
         if not have or bT >= T:
             break
-        x, o = bx, bo
-        if bk == 0:  # query block x: a -> b, o: b -> a
-            a, b = qo[x], qo[o]
-            for c in range(R):
-                d = Y[o, c] - Y[x, c]
-                W[a, c] += d
-                W[b, c] -= d
-            for c in range(A.shape[1]):
-                d = A[o, c] - A[x, c]
-                Z[a, c] += d
-                Z[b, c] -= d
-            qo[x], qo[o] = b, a
-        else:  # key block x: j -> j2, o: j2 -> j
-            j, j2 = ko[x], ko[o]
-            for r in range(R):
-                d = Z[r, o] - Z[r, x]
-                W[r, j] += d
-                W[r, j2] -= d
-            for r in range(A.shape[0]):
-                d = A[r, o] - A[r, x]
-                Y[r, j] += d
-                Y[r, j2] -= d
-            ko[x], ko[o] = j2, j
+        if bk == 0:  # query block bx: rank a -> b, bo: b -> a
+            a, b = qo[bx], qo[bo]
+            _move(W, Y, Z, A, bx, bo, a, b)
+            qo[bx], qo[bo] = b, a
+        else:  # key block bx: key rank j -> j2, bo: j2 -> j (the same on the transposes)
+            j, j2 = ko[bx], ko[bo]
+            _move(W.T, Z.T, Y.T, A.T, bx, bo, j, j2)
+            ko[bx], ko[bo] = j2, j
+
+
+def _move(W, S, P, A, x, o, a, b):  # pragma: no cover - compiled
+    """Query block ``x`` moves from rank ``a`` to ``b`` and ``o`` from ``b`` to ``a``: rows ``a``
+    and ``b`` of ``W`` change by rows ``x``, ``o`` of ``S`` (the blocks' work per key rank), those
+    of ``P`` (per rank, per block) by rows of ``A``. A key-block swap is this on the transposes."""
+    for c in range(W.shape[1]):
+        d = S[o, c] - S[x, c]
+        W[a, c] += d
+        W[b, c] -= d
+    for c in range(A.shape[1]):
+        d = A[o, c] - A[x, c]
+        P[a, c] += d
+        P[b, c] -= d
 
 
 def _swap_loop(G, TG, lv, sizes, tot, rounds):  # pragma: no cover - compiled
@@ -386,7 +355,7 @@ def _moved_loop(x0, x1, mean, heads_k, coarse, lat, block_ms):  # pragma: no cov
 
 
 _LOCK = threading.Lock()
-_ORDER = ("_rest", "_lightest", "_top", "_swap_loop", "_greedy_loop", "_refine_loop", "_timed_swap_loop", "_lpt_loop",
+_ORDER = ("_rest", "_sides", "_top", "_best_swap", "_move", "_swap_loop", "_greedy_loop", "_refine_loop", "_timed_swap_loop", "_lpt_loop",
           "_moved_loop")
 """Every function above, compiled in place in this order: callees before their callers."""
 _LOOPS = {"greedy": "_greedy_loop", "refine": "_refine_loop", "lpt": "_lpt_loop", "timed_swap": "_timed_swap_loop",
