@@ -1,6 +1,6 @@
 """The planner's compiled loops (``dbsp.plan._jit``, numba) against its numpy code.
 
-Oracle: the numpy implementation of the same rule in ``dbsp.plan.balance``, run in the same
+Oracle: the numpy implementation of the same rule (``dbsp.plan.balance``, ``.degrees``), run in the same
 process with the compiled loops switched off. Every output must be identical (owners, groups,
 tile matrices, plan fingerprints), on inputs drawn with many ties, zero weights and unmovable
 blocks, where a different tie rule or summation order would show.
@@ -36,7 +36,7 @@ def both(fn, monkeypatch):
 def test_the_compiled_loops_are_the_ones_that_run():
     """Guards the tests below: with numba installed, the planner's calls reach compiled code."""
     assert _jit.warm_up()
-    for name in ("greedy", "refine", "lpt", "timed_swap"):
+    for name in ("greedy", "refine", "lpt", "timed_swap", "moved"):
         assert hasattr(_jit.loop(name), "py_func"), name
 
 
@@ -73,12 +73,11 @@ def test_block_refinement_matches_numpy(seed, monkeypatch):
     movable = rng.random(nb) < 0.8 if seed % 3 == 0 else None
     if movable is not None:
         qo[~movable], ko[~movable] = home[~movable], home[~movable]
-    target = [1.0, 1.001, 1.05][seed % 3]
+    target, swaps = [1.0, 1.001, 1.05][seed % 3], [1, 4, 32][seed % 3]
 
     def run():
-        return _refine(A, A.astype(np.float64), qo, ko, home, R, target=target, max_swaps=int(rng_swaps), movable=movable)
+        return _refine(A, A.astype(np.float64), qo, ko, home, R, target=target, max_swaps=swaps, movable=movable)
 
-    rng_swaps = [1, 4, 32][seed % 3]
     (q1, k1, W1), (q2, k2, W2) = both(run, monkeypatch)
     np.testing.assert_array_equal(q1, q2)
     np.testing.assert_array_equal(k1, k2)

@@ -1,10 +1,12 @@
 """Compiled inner loops of the planner (numba), with the same results as the numpy code in
-:mod:`dbsp.plan.balance`.
+:mod:`dbsp.plan.balance` and :mod:`dbsp.plan.degrees`.
 
 The planner's hot loops -- the biased greedy over a ring's blocks, the block refinement's swap
-search and the head-swap rounds -- are sequential or run on arrays of a few hundred entries, where
-numpy's per-call overhead, not arithmetic, sets their time. Compiled with numba they run several
-times faster (a degree choice at Wan2.1-14B 720p: ~3.8 -> ~2.5 ms on a 2-core CPU). Numba is
+search, LPT and the head-swap rounds, and the end of the degree choice's moved-units bound
+(:func:`dbsp.plan.degrees._moved_bound_ms`) -- are sequential or run on arrays of a few hundred
+entries, where numpy's per-call overhead, not arithmetic, sets their time. Compiled with numba
+they run several times faster (a degree choice at Wan2.1-14B 720p: 4.1 -> 2.9 ms on a 2-core
+CPU; ``benchmarks/compare_planners.py``). Numba is
 optional (``pip install "dbsp[fast]"``): without it, or with ``DBSP_NUMBA=0`` in the environment
 when :mod:`dbsp.plan` is imported, the planner runs its numpy code. Both give bit-identical
 plans: every quantity the loops compare is an int64 (tile entries) or a float64 computed by the
@@ -30,6 +32,7 @@ ENABLED = (os.environ.get("DBSP_NUMBA", "1").strip().lower() not in {"0", "false
            and importlib.util.find_spec("numba") is not None)
 """Whether the planner uses the compiled loops: numba is installed and ``DBSP_NUMBA`` is not
 ``0``. Set to False (the numpy path) if numba fails to import."""
+
 
 def _greedy_loop(weights, home, order, room, load, reward):  # pragma: no cover - compiled
     """The biased greedy's loop (:func:`dbsp.plan.balance._biased_greedy`, which documents the
