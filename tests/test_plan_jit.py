@@ -40,6 +40,16 @@ def test_the_compiled_loops_are_the_ones_that_run():
         assert hasattr(_jit.loop(name), "py_func"), name
 
 
+def test_plan_cache_compiles_the_loops_when_built(monkeypatch):
+    """A PlanCache warms the compiled loops up in its constructor, not at its first get."""
+    from dbsp.plan import PlanCache
+
+    calls = []
+    monkeypatch.setattr(_jit, "warm_up", lambda: calls.append(1) or True)
+    PlanCache()
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_biased_greedy_matches_numpy(seed, monkeypatch):
     rng = np.random.default_rng(seed)

@@ -364,6 +364,7 @@ _ORDER = ("_rest", "_sides", "_top", "_best_swap", "_move", "_swap_loop", "_gree
 _LOOPS = {"greedy": "_greedy_loop", "refine": "_refine_loop", "lpt": "_lpt_loop", "timed_swap": "_timed_swap_loop",
           "moved": "_moved_loop"}
 _compiled: dict | None = None
+_warm = False  # every loop compiled for the signatures the planner uses
 
 
 def loop(name: str):
@@ -399,9 +400,10 @@ def writable(a: np.ndarray, dtype=np.int64) -> np.ndarray:
 
 def warm_up() -> bool:
     """Import numba and compile (or load from its cache) every loop now rather than at the
-    first plan. Returns :data:`ENABLED`."""
-    if not ENABLED or loop("greedy") is None:
-        return False
+    first plan; at once where that is done. Returns :data:`ENABLED`."""
+    global _warm
+    if _warm or not ENABLED or loop("greedy") is None:
+        return _warm
     w = np.array([3, 1, 0, 2], dtype=np.int64)
     home = np.array([0, 0, 1, 1], dtype=np.int64)
     loop("greedy")(w, home, np.argsort(-w, kind="stable"), np.array([2, 2], dtype=np.int64), np.zeros(2, dtype=np.int64), 2.0)
@@ -414,4 +416,5 @@ def warm_up() -> bool:
     loop("lpt")(w, sizes, 1)
     x = np.zeros((1, 2, 3))
     loop("moved")(x, x, 0.0, np.ones(1), 8, 0.0, 1.0)
+    _warm = True
     return True

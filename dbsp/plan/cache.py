@@ -17,6 +17,7 @@ import torch
 
 from .._checks import check_positive_int
 from ..mask import SparseMask
+from . import _jit
 from .balance import DEFAULT_REWARD, _build_plan, _check_reward, _dense_first, _plan_from
 from .core import Plan, WorkSummary, _Work, _as_work, _full_heads, _home, _onehot, _rho, _tile_work, _unit_owners
 from .cost import CostModel
@@ -278,8 +279,12 @@ class PlanCache:
     21% to 4% of the predicted attention time (``benchmarks/bench_plan.py``). Where the check is
     cheaper than the hand-off (a plan with ``R = 1`` and a summary: ``O(H)``), ``get`` makes it on
     the caller's thread and sends only misses to the background; the decisions are the same. With
-    ``incremental=True`` as well the caller's share is 0.4% there (background: 1.4%, mostly the
+    ``incremental=True`` as well the caller's share is 0.6% there (background: 1.2%, mostly the
     first degree choice of each layer; ``results/cpu/plan.log``).
+
+    **Compiled loops**: where numba is installed (``dbsp[fast]``), the constructor compiles the
+    planner's loops or loads them from numba's cache (:func:`dbsp.plan._jit.warm_up`: ~1 s, ~5 s
+    once after an install), so that no ``get`` pays for it in the middle of a run.
 
     Args:
         threshold: P_s >= 1. Default: ``DEFAULT_REUSE_THRESHOLD`` (1.05).
@@ -345,6 +350,7 @@ class PlanCache:
         self.misses = 0
         self.repairs = 0
         self.last_imbalance = float("nan")
+        _jit.warm_up()  # numba's import and compilation now, not at the first plan
 
     def __len__(self) -> int:
         return len(self._plans)
