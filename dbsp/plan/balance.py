@@ -24,8 +24,8 @@ charged the mixed-call overhead. The candidates of both weightings are scored by
 ``Plan.imbalance``) keeps its tile-entry meaning; the time-based ratio of the same formula is
 ``Prediction.compute_imbalance``.
 
-The sequential loops (the biased greedy, the block refinement's swap search, the head swaps) run
-compiled where numba is installed (:mod:`dbsp.plan._jit`), with bit-identical results.
+The sequential loops (the biased greedy, the block refinement's swap search, LPT and the head
+swaps) run compiled where numba is installed (:mod:`dbsp.plan._jit`), with bit-identical results.
 """
 
 from __future__ import annotations
