@@ -13,10 +13,11 @@ plans: every quantity the loops compare is an int64 (tile entries) or a float64 
 same operations in the same order, and ties break the same way (``tests/test_plan_jit.py`` checks
 this against the numpy code).
 
-Numba is imported at the first plan, not with :mod:`dbsp` (about 1 s); each loop is compiled at
-its first call (about 5 s in all) and kept in numba's on-disk cache (``cache=True``; next to this
-file, or where ``NUMBA_CACHE_DIR`` says), from which later processes load it in a fraction of a
-second. :func:`warm_up` does all of that ahead of time.
+Numba is imported at the first plan or :class:`~dbsp.plan.PlanCache`, not with :mod:`dbsp` (about
+1 s); each loop is compiled at its first call (about 5 s in all) and kept in numba's on-disk cache
+(``cache=True``; next to this file, or where ``NUMBA_CACHE_DIR`` says), from which later processes
+load it in a fraction of a second. :func:`warm_up` (which a ``PlanCache`` calls when built) does
+all of that ahead of time.
 """
 
 from __future__ import annotations
