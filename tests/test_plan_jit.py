@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("numba")
 
@@ -38,6 +39,21 @@ def test_the_compiled_loops_are_the_ones_that_run():
     assert _jit.warm_up()
     for name in ("greedy", "refine", "lpt", "timed_swap", "moved"):
         assert hasattr(_jit.loop(name), "py_func"), name
+
+
+def test_a_numba_that_fails_to_import_warns_and_leaves_the_numpy_path(monkeypatch):
+    """A broken numba install: one RuntimeWarning, then the planner's numpy code (same plans)."""
+    import sys
+
+    monkeypatch.setattr(_jit, "_compiled", None)
+    monkeypatch.setattr(_jit, "_warm", False)
+    monkeypatch.setattr(_jit, "ENABLED", True)
+    monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" raises ImportError
+    with pytest.warns(RuntimeWarning, match="numba failed to import"):
+        assert _jit.loop("greedy") is None
+    assert not _jit.ENABLED and _jit.loop("refine") is None and not _jit.warm_up()
+    plan = make_plan(torch.full((1, 4, 8, 8), 64), ulysses=2, ring=2, q_block=8, seq_len=64)
+    plan.validate()
 
 
 def test_plan_cache_compiles_the_loops_when_built(monkeypatch):
