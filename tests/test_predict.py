@@ -415,6 +415,76 @@ def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
     assert _known_full_heads(b) == tuple(h for h in range(2) if bool((counts[:, h] == b.num_kv_tiles).all()))
 
 
+def clustered_qk(S=512, span=128, h=1, d=16, strength=5.0, seed=3):
+    """q/k where every token belongs to the ``span``-token stretch it sits in and scores
+    ``~strength**2 / sqrt(d)`` with the keys of its own stretch only, so that key chunks far from
+    a program's query blocks hold no kept tile."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, S, h, d, generator=g)
+    k = torch.randn(1, S, h, d, generator=g)
+    code = torch.nn.functional.one_hot(torch.arange(S) // span, d).float() * strength
+    return q + code[None, :, None], k + code[None, :, None]
+
+
+@triton_only
+@pytest.mark.parametrize("kv_tile,text_tokens,budget", [(1, 40, {}), (4, 0, {"max_keep": 12})])
+def test_triton_skip_modes_and_word_packings_agree(monkeypatch, kv_tile, text_tokens, budget):
+    """The per-key Triton passes give one mask under every group-skip mode (0 none, 1 per group,
+    2 per chunk of groups) and both bit-word packings (64-bit, 32-bit halves), with and without
+    the budget search (its counts pass skips by the same modes). On inputs whose far
+    chunks hold no kept tile, the skipping modes leave groups unwritten (a poisoned count survives
+    the emit kernel), and those are exactly groups that the unskipped kernel finds empty.
+    Programs of 16 query blocks of 8 tokens and chunks of 2 groups of 64 keys make a program
+    see one 128-token stretch of queries and 4 chunks."""
+    from dbsp import predict as P
+    from dbsp.kernels import predict_select as S
+
+    dev = _backend_or_skip("triton")
+    monkeypatch.setattr(S, "BLOCK_M", 16)
+    monkeypatch.setattr(S, "GROUPS_PER_PROG", 2)
+    q, k = (t.to(dev) for t in clustered_qk())
+    M = 8
+    kw = dict(q_block=M, kv_tile=kv_tile, top_p=0.9, text_tokens=text_tokens, backend="triton", **budget)
+    masks = {}
+    for mode, w32 in ((1, False), (0, True), (2, True)):
+        monkeypatch.setattr(S, "SKIP_MODE", mode)
+        monkeypatch.setattr(S, "WORDS32", w32)
+        masks[mode, w32] = predict_mask(q, k, **kw)
+    ref = masks[1, False]  # the kernels as they were before the other modes existed
+    ref.validate()
+    assert 0.05 < ref.density() < 0.5
+    if budget:  # the cap binds somewhere (the search ran), and holds beside the forced diagonal
+        counts = ref.row_counts()
+        assert int(counts.max()) <= budget["max_keep"] + M // kv_tile and bool((counts >= budget["max_keep"]).any())
+    for key, m in masks.items():
+        assert torch.equal(m.offsets, ref.offsets) and torch.equal(m.indices, ref.indices), key
+
+    # The emit kernel alone, its counts poisoned with -1 (never a real count).
+    B, Sq, H, D = q.shape
+    cfg = P.PredictConfig(q_block=M, kv_tile=kv_tile, text_tokens=text_tokens)
+    qbar = P.block_pool(q, M).permute(0, 2, 1, 3).reshape(B * H, -1, D)
+    passes = S.TritonPasses(qbar, k, H, kv_tile, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(M, kv_tile))
+    gs, ng, n_g = P._group_layout(passes.nt, M, kv_tile, q.device)
+    gmax, gsum = passes.stats(gs, ng)
+    lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
+    mass, _ = passes.candidates(lse, theta, count=False)
+    theta_row = theta.gather(1, P._select(mass, theta, cfg.top_p)[:, None]).squeeze(1)
+    out = {}
+    for mode in (0, 1, 2):
+        monkeypatch.setattr(S, "SKIP_MODE", mode)
+        out[mode] = passes._emit_words(theta_row, P._forced(cfg, Sq, Sq), fill=-1)
+    words0, counts0, kept0 = out[0]
+    assert not bool((counts0 == -1).any())  # without skipping every group is written
+    assert torch.equal(kept0, counts0.reshape(-1, ng).sum(dim=1, dtype=torch.int32))
+    for mode in (1, 2):
+        words, counts, kept = out[mode]
+        skipped = counts == -1
+        assert int(skipped.sum()) > 0, f"mode {mode} skipped nothing"
+        assert not bool(counts0[skipped].any()) and not bool(words0[skipped].any())
+        assert torch.equal(counts[~skipped], counts0[~skipped]) and torch.equal(words[~skipped], words0[~skipped])
+        assert torch.equal(kept, kept0)
+
+
 @pytest.mark.parametrize("area", [1, 7, 190 * 190, 32760 * 32760, 118800 * 118800])
 @pytest.mark.parametrize("dense_above", [0.0, 1e-9, 0.1, 0.6, 0.675, 0.73, 1 / 3, 0.999999, 1.0])
 def test_dense_limit_decides_as_dense_heads_does(area, dense_above):
@@ -799,17 +869,18 @@ cases = [
 ] + [
     (S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
-     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, COUNT=count))
-    for n in (1, 16) for count in (False, True)
+     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, COUNT=count, SKIP=skip))
+    for n in (1, 16) for count in (False, True) for skip in (0, 1, 2)
 ] + [
     (S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
-     dict(BW=512 // gt, GT=gt))
-    for gt in (64, 4)
+     dict(BW=512 // gt, GT=gt, WORDS32=w32))
+    for gt in (64, 4) for w32 in (False, True)
 ] + [
     (S._counts_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA": "*fp32", "CNT": "*i32",
                         "scale": "fp32", "margin": "fp32"},
-     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WIDE=64 // n * 16 > S.COUNT_3D_PAIRS))
-    for n in (1, 16)
+     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WIDE=64 // n * 16 > S.COUNT_3D_PAIRS,
+          SKIP=skip))
+    for n in (1, 16) for skip in (0, 1, 2)
 ]
 for kernel, types, const in cases:
     try:
@@ -826,12 +897,13 @@ from triton.compiler import ASTSource
 from dbsp.kernels import predict_select as S
 
 cases = [(S._emit_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA_ROW": "*fp32", "WORDS": "*i64",
-                           "COUNTS": "*i32", "scale": "fp32", "margin": "fp32"},
-          dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False)) for n in (1, 16)]
+                           "COUNTS": "*i32", "ROW_KEPT": "*i32", "scale": "fp32", "margin": "fp32"},
+          dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False, SKIP=skip, WORDS32=w32))
+         for n, skip, w32 in ((1, 2, True), (16, 2, True), (1, 1, False), (16, 0, True))]
 cases += [(S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
-           dict(BW=512 // gt, GT=gt)) for gt in (64, 4)]
-cases += [(S._head_rows_kernel, {"WORDS": "*i64", "COUNTS": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
-                                 "HEAD_DENSE": "*i8", "HOST": "*i64", "limit": "i64"}, dict(ROUND=rnd, RB=16, CB=512))
+           dict(BW=512 // gt, GT=gt, WORDS32=True)) for gt in (64, 4)]
+cases += [(S._head_rows_kernel, {"WORDS": "*i64", "ROW_KEPT": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
+                                 "HEAD_DENSE": "*i8", "HOST": "*i64", "limit": "i64"}, dict(ROUND=rnd, RB=256))
           for rnd in (False, True)]
 cases += [(S._row_starts_kernel, {"COUNTS": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
                                   "HEAD_DENSE": "*i8", "STARTS": "*i64", "FULL": "*i8", "OFFS": "*i64", "FINAL": "*i64",
@@ -848,11 +920,11 @@ print(len(cases))
 def test_per_key_emit_offsets_and_expand_compile_to_sm90_binaries():
     """The per-key emit, row-offset and expand kernels go all the way through Triton's pipeline to
     an sm_90 binary (ptxas included) on the CPU, past the front end that the test below checks."""
-    assert build_for_hopper(_CUBIN_SCRIPT).split()[-1] == "7"
+    assert build_for_hopper(_CUBIN_SCRIPT).split()[-1] == "9"
 
 
 @triton_only
 def test_fused_kernels_compile_for_hopper():
     """The compiler front end accepts the fused kernels and the per-key thresholds, candidates, expand and
     counts kernels for sm_90 (the interpreter checks no types)."""
-    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "20"
+    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "34"

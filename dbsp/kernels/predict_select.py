@@ -44,12 +44,23 @@ EXPAND_BITS = 512
 # Warps per expand program: at 512 bits, 2 warps took 0.324 ms against 0.378 ms with Triton's
 # default 4 (H100, 64x1, the fastest of 19 equal variants in benchmarks/sweep_expand.py).
 EXPAND_WARPS = 2
+# Rows per step of the head-rows kernel (a program per head).
+HEAD_ROWS_BLOCK = 256
 # Tiles x thresholds per row up to which the counts kernel compares all pairs at once (a
 # (BLOCK_M, tiles, thresholds) block in registers); above it, one threshold at a time.
 COUNT_3D_PAIRS = 128
 # Skip margin in log-mass: a group is skipped only if its pass-1 max is below the threshold by
 # more than this, so float differences between passes can never drop a kept tile.
 SKIP_MARGIN = 1e-3
+# How the candidates, counts and emit passes skip groups that cannot hold a kept tile: 0 never, 1 per group
+# (a branch around each group's key load, which keeps Triton from pipelining the loads), 2 per
+# program chunk of GROUPS_PER_PROG groups (one branch outside the group loop). WORDS32: build and
+# unpack the bit words from 32-bit halves. All of these change speed only, never a result; read at
+# call time for sweeps.
+SKIP_MODE = 2
+WORDS32 = True
+# Software-pipeline stages of the candidates and emit passes' key loads (H100: 2 beat 1, 3 and 4).
+PASS_STAGES = 2
 
 
 @triton.jit
@@ -118,11 +129,40 @@ def _stats_kernel(QBAR, K, GMAX, GSUM, mq, H, Skv, ng, scale, s_kb, s_ks, s_kh,
 
 
 @triton.jit
+def _chunk_needed(GMAX, grow, rvalid, pid_g, ng, floor, GPP: tl.constexpr):
+    """Whether any row of the program has a group of chunk ``pid_g`` whose pass-1 max reaches
+    ``floor (BM,)`` (the chunk-level skip test: one branch outside the group loop, which Triton
+    can then pipeline)."""
+    gc = pid_g * GPP + tl.arange(0, GPP)
+    gm = tl.load(GMAX + grow[:, None] * ng + gc[None, :], mask=rvalid[:, None] & (gc[None, :] < ng),
+                 other=float("-inf"))
+    return tl.max(tl.max((gm >= floor[:, None]).to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def _candidates_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow, rvalid, cols, acc_m,
+                      acc_c, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, T: tl.constexpr,
+                      IEEE: tl.constexpr, COUNT: tl.constexpr):
+    """Group ``g``'s tile masses (and counts) at each row's ``T`` thresholds, added to the accumulators."""
+    t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
+    p = tl.exp(t - lse[:, None])
+    for i in tl.static_range(T):
+        th = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
+        sel = t >= th[:, None]
+        m_i = tl.sum(tl.where(sel, p, 0.0), axis=1)
+        acc_m += tl.where(cols[None, :] == i, m_i[:, None], 0.0)
+        if COUNT:
+            c_i = tl.sum(sel.to(tl.int32), axis=1)
+            acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
+    return acc_m, acc_c
+
+
+@triton.jit
 def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nchunk, scale,
                        s_kb, s_ks, s_kh, margin,
                        BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
-                       IEEE: tl.constexpr, COUNT: tl.constexpr):
+                       IEEE: tl.constexpr, COUNT: tl.constexpr, SKIP: tl.constexpr):
     pid_g = tl.program_id(2)
     rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     cols = tl.arange(0, T_P)
@@ -131,20 +171,21 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
     lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
     acc_m = tl.zeros((BM, T_P), dtype=tl.float32)
     acc_c = tl.zeros((BM, T_P), dtype=tl.int32)
-    for gi in range(GPP):
-        g = pid_g * GPP + gi
-        gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
-        if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
-            t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
-            p = tl.exp(t - lse[:, None])
-            for i in tl.static_range(T):
-                th = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
-                sel = t >= th[:, None]
-                m_i = tl.sum(tl.where(sel, p, 0.0), axis=1)
-                acc_m += tl.where(cols[None, :] == i, m_i[:, None], 0.0)
-                if COUNT:
-                    c_i = tl.sum(sel.to(tl.int32), axis=1)
-                    acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
+    if SKIP == 1:
+        for gi in range(GPP):
+            g = pid_g * GPP + gi
+            gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
+            if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
+                acc_m, acc_c = _candidates_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow,
+                                                 rvalid, cols, acc_m, acc_c, BM, GK, N, T, IEEE, COUNT)
+    else:
+        need = True
+        if SKIP == 2:
+            need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, lowest - margin, GPP)
+        if need:
+            for gi in range(GPP):
+                acc_m, acc_c = _candidates_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse,
+                                                 THETA, grow, rvalid, cols, acc_m, acc_c, BM, GK, N, T, IEEE, COUNT)
     out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
     ok = rvalid[:, None] & (cols[None, :] < T)
     tl.store(MASS + out, acc_m, mask=ok)
@@ -153,70 +194,144 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
 
 
 @triton.jit
+def _counts_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, THETA, grow, rvalid, cols, th, acc,
+                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, T: tl.constexpr, IEEE: tl.constexpr,
+                  WIDE: tl.constexpr):
+    """Group ``g``'s tile counts at each row's ``T`` thresholds, added to ``acc``."""
+    t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
+    if WIDE:
+        # Many tiles per group: one threshold at a time keeps the compare in registers.
+        for i in tl.static_range(T):
+            th_i = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
+            c_i = tl.sum((t >= th_i[:, None]).to(tl.int32), axis=1)
+            acc += tl.where(cols[None, :] == i, c_i[:, None], 0)
+    else:
+        # Few tiles per group (wide kv tiles): every (tile, threshold) pair at once.
+        acc += tl.sum((t[:, :, None] >= th[:, None, :]).to(tl.int32), axis=1)
+    return acc
+
+
+@triton.jit
 def _counts_kernel(QBAR, K, GMAX, THETA, CNT, mq, H, Skv, ng, nchunk, scale, s_kb, s_ks, s_kh, margin,
                    BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
-                   IEEE: tl.constexpr, WIDE: tl.constexpr):
+                   IEEE: tl.constexpr, WIDE: tl.constexpr, SKIP: tl.constexpr):
     """The candidates kernel's counts alone (no exp, no mass): the budget search's passes."""
     pid_g = tl.program_id(2)
     rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     cols = tl.arange(0, T_P)
-    # Rows that need no search have thresholds of +inf: a program of such rows skips every group.
+    # Rows that need no search have thresholds of +inf: a program of such rows skips every group
+    # (in every mode but 0).
     lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
     th = tl.load(THETA + grow[:, None] * T + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < T),
                  other=float("inf"))
     acc = tl.zeros((BM, T_P), dtype=tl.int32)
-    for gi in range(GPP):
-        g = pid_g * GPP + gi
-        gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
-        if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
-            t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
-            if WIDE:
-                # Many tiles per group: one threshold at a time keeps the compare in registers.
-                for i in tl.static_range(T):
-                    th_i = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
-                    c_i = tl.sum((t >= th_i[:, None]).to(tl.int32), axis=1)
-                    acc += tl.where(cols[None, :] == i, c_i[:, None], 0)
-            else:
-                # Few tiles per group (wide kv tiles): every (tile, threshold) pair at once.
-                acc += tl.sum((t[:, :, None] >= th[:, None, :]).to(tl.int32), axis=1)
+    if SKIP == 1:
+        for gi in range(GPP):
+            g = pid_g * GPP + gi
+            gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
+            if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
+                acc = _counts_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, THETA, grow, rvalid, cols, th,
+                                    acc, BM, GK, N, T, IEEE, WIDE)
+    else:
+        need = True
+        if SKIP == 2:
+            need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, lowest - margin, GPP)
+        if need:
+            for gi in range(GPP):
+                acc = _counts_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok, THETA, grow,
+                                    rvalid, cols, th, acc, BM, GK, N, T, IEEE, WIDE)
     out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
     tl.store(CNT + out, acc, mask=rvalid[:, None] & (cols[None, :] < T))
 
 
 @triton.jit
-def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, mq, H, Sq, Skv, ng, nt, scale,
+def _bit_word(keep, jl, GT: tl.constexpr, WORDS32: tl.constexpr):
+    """``(BM,)`` int64 words of the ``(BM, GT)`` keep flags (bit ``j`` = tile ``j``) and their
+    ``(BM,)`` int32 popcounts. With ``WORDS32`` the words are built from 32-bit halves (int32
+    shifts and sums, cheaper than int64 ones on GPUs)."""
+    cnt = tl.sum(keep.to(tl.int32), axis=1)
+    if WORDS32:
+        bits = keep.to(tl.int32) << (jl[None, :] % 32)
+        if GT > 32:
+            halves = tl.sum(tl.reshape(bits, (bits.shape[0], GT // 32, 32)), axis=2)
+            lo, hi = tl.split(tl.reshape(halves, (bits.shape[0], 2)))  # GT == 64 (a word holds <= 64)
+            word = (lo.to(tl.int64) & 0xFFFFFFFF) | (hi.to(tl.int64) << 32)
+        else:
+            word = tl.sum(bits, axis=1).to(tl.int64) & 0xFFFFFFFF
+    else:
+        word = tl.sum(keep.to(tl.int64) << jl[None, :].to(tl.int64), axis=1)
+    return word, cnt
+
+
+@triton.jit
+def _emit_group(q, k_base, g, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows, rvalid, grow, jl, nt, ng, M,
+                TXT, WORDS, COUNTS, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, GT: tl.constexpr,
+                KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr, WORDS32: tl.constexpr):
+    """Group ``g``'s bit word and count per row (kept: log-mass >= theta, or forced), stored;
+    returns the counts."""
+    t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
+    j = g * GT + jl  # global tile ids of the group
+    keep = t >= theta[:, None]
+    if KEEP_DIAG:
+        keep = keep | ((j[None, :] * N < (rows[:, None] + 1) * M) & ((j[None, :] + 1) * N > rows[:, None] * M))
+    if TXT > 0:
+        keep = keep | ((j[None, :] + 1) * N > Skv - TXT) | ((rows[:, None] + 1) * M > Sq - TXT)
+    keep = keep & (j[None, :] < nt) & rvalid[:, None]
+    word, cnt = _bit_word(keep, jl, GT, WORDS32)
+    ok = rvalid & (g < ng)
+    tl.store(WORDS + grow * ng + g, word, mask=ok)
+    tl.store(COUNTS + grow * ng + g, cnt, mask=ok)
+    return cnt
+
+
+@triton.jit
+def _forced_in(k0, k1, i0, Sq, Skv, M, TXT, BM: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """Whether keys ``[k0, k1)`` may hold a forced tile of the program's query blocks
+    ``[i0, i0 + BM)``: a diagonal one, a text key, or any key of a text query row."""
+    forced = k0 < 0  # False, as a tensor (the text test below is a run-time branch)
+    if KEEP_DIAG:
+        forced = (k0 < (i0 + BM) * M) & (k1 > i0 * M)
+    if TXT > 0:
+        forced = forced | (k1 > Skv - TXT) | ((i0 + BM) * M > Sq - TXT)
+    return forced
+
+
+@triton.jit
+def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, ROW_KEPT, mq, H, Sq, Skv, ng, nt, scale,
                  s_kb, s_ks, s_kh, margin, M, TXT,
                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, GPP: tl.constexpr, KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_D: tl.constexpr, GPP: tl.constexpr, KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr,
+                 SKIP: tl.constexpr, WORDS32: tl.constexpr):
     pid_g = tl.program_id(2)
     rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     GT: tl.constexpr = GK // N
     jl = tl.arange(0, GT)
     theta = tl.load(THETA_ROW + grow, mask=rvalid, other=float("inf"))
     i0 = tl.program_id(0) * BM
-    for gi in range(GPP):
-        g = pid_g * GPP + gi
-        gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
-        need = tl.max((gmax >= theta - margin).to(tl.int32), axis=0) > 0
-        # Forced tiles (diagonal, text keys, text query rows) may sit in any group.
-        if KEEP_DIAG:
-            need = need | (((g * GK) < (i0 + BM) * M) & ((g + 1) * GK > i0 * M))
-        if TXT > 0:
-            need = need | ((g + 1) * GK > Skv - TXT) | ((i0 + BM) * M > Sq - TXT)
-        if need & (g < ng):
-            t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
-            j = g * GT + jl  # global tile ids of the group
-            keep = t >= theta[:, None]
-            if KEEP_DIAG:
-                keep = keep | ((j[None, :] * N < (rows[:, None] + 1) * M) & ((j[None, :] + 1) * N > rows[:, None] * M))
-            if TXT > 0:
-                keep = keep | ((j[None, :] + 1) * N > Skv - TXT) | ((rows[:, None] + 1) * M > Sq - TXT)
-            keep = keep & (j[None, :] < nt) & rvalid[:, None]
-            word = tl.sum(keep.to(tl.int64) << jl[None, :].to(tl.int64), axis=1)
-            cnt = tl.sum(keep.to(tl.int32), axis=1)
-            tl.store(WORDS + grow * ng + g, word, mask=rvalid)
-            tl.store(COUNTS + grow * ng + g, cnt, mask=rvalid)
+    kept = tl.zeros((BM,), dtype=tl.int32)
+    if SKIP == 1:
+        for gi in range(GPP):
+            g = pid_g * GPP + gi
+            gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
+            need = tl.max((gmax >= theta - margin).to(tl.int32), axis=0) > 0
+            # Forced tiles (diagonal, text keys, text query rows) may sit in any group.
+            need = need | _forced_in(g * GK, (g + 1) * GK, i0, Sq, Skv, M, TXT, BM, KEEP_DIAG)
+            if need & (g < ng):
+                kept += _emit_group(q, k_base, g, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows, rvalid, grow,
+                                    jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE, WORDS32)
+    else:
+        need = True
+        if SKIP == 2:
+            need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, theta - margin, GPP)
+            need = need | _forced_in(pid_g * GPP * GK, (pid_g + 1) * GPP * GK, i0, Sq, Skv, M, TXT, BM, KEEP_DIAG)
+        if need:
+            for gi in range(GPP):
+                kept += _emit_group(q, k_base, pid_g * GPP + gi, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows,
+                                    rvalid, grow, jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE,
+                                    WORDS32)
+    # Row totals for the offsets (integer atomics: the same sums in any order).
+    tl.atomic_add(ROW_KEPT + grow, kept, mask=rvalid & (kept > 0))
 
 
 @triton.jit
@@ -270,14 +385,14 @@ def _thresholds_kernel(GMAX, GSUM, NG_KEYS, LSE, THETA, ng, top_p, nudge, T: tl.
 
 
 @triton.jit
-def _head_rows_kernel(WORDS, COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOST, mq, ng, nt, N, short, last_word,
-                      last_bit, M, Sq, limit, ROUND: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr):
-    """Per head (a program each): every row's kept tiles (the sum of its group counts) and their
+def _head_rows_kernel(WORDS, ROW_KEPT, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOST, mq, ng, nt, N, short, last_word,
+                      last_bit, M, Sq, limit, ROUND: tl.constexpr, RB: tl.constexpr):
+    """Per head (a program each): every row's kept tiles (``ROW_KEPT``, which the emit kernel
+    summed over the row's groups) and their
     running sum within the head, the head's tile total, whether it is rounded up to full
     (``ROUND``: its score entries, ``sum(keys x query rows)``, reach ``limit``; see
     :func:`_dense_limit`) and whether it keeps every tile (``HOST[1 + head]``)."""
     h = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, CB)
     run = tl.full((), 0, dtype=tl.int64)
     entries = tl.full((), 0, dtype=tl.int64)
     fewest = tl.full((), nt, dtype=tl.int64)
@@ -285,11 +400,7 @@ def _head_rows_kernel(WORDS, COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOST,
         r = r0 + tl.arange(0, RB)
         ok = r < mq
         row = h * mq + r
-        kept = tl.zeros((RB,), dtype=tl.int64)
-        for c0 in range(0, ng, CB):
-            c = c0 + cols
-            cnt = tl.load(COUNTS + row[:, None] * ng + c[None, :], mask=ok[:, None] & (c[None, :] < ng), other=0)
-            kept += tl.sum(cnt.to(tl.int64), axis=1)
+        kept = tl.load(ROW_KEPT + row, mask=ok, other=0).to(tl.int64)
         tl.store(ROWS + row, kept, mask=ok)
         tl.store(PREFIX + row, run + tl.cumsum(kept, 0) - kept, mask=ok)
         run += tl.sum(kept, 0)
@@ -355,11 +466,16 @@ def _expand_words(WORDS, STARTS, FULL, n_words, ng, BW: tl.constexpr, GT: tl.con
 
 
 @triton.jit
-def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
+def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr,
+                   WORDS32: tl.constexpr):
     """Bit words -> sorted tile ids from each word's output offset ``STARTS``; a word of a row
     flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
     ok, word, start, full, jl, tile = _expand_words(WORDS, STARTS, FULL, n_words, ng, BW, GT)
-    bits = ((word[:, None] >> jl[None, :].to(tl.int64)) & 1).to(tl.int32)
+    if WORDS32:
+        half = tl.where(jl[None, :] < 32, word[:, None].to(tl.int32), (word >> 32)[:, None].to(tl.int32))
+        bits = (half >> (jl[None, :] % 32)) & 1
+    else:
+        bits = ((word[:, None] >> jl[None, :].to(tl.int64)) & 1).to(tl.int32)
     bits = tl.where(full[:, None], (tile < nt).to(tl.int32), bits)
     pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
     tl.store(OUT + pos, tile.to(tl.int32), mask=(bits > 0) & ok[:, None])
@@ -403,6 +519,8 @@ class TritonPasses:
         # Read the module settings at call time so benchmarks can sweep them.
         self.BM = BLOCK_M if block_m is None else block_m
         self.GPP = GROUPS_PER_PROG if groups_per_prog is None else groups_per_prog
+        if self.GPP < 1 or self.GPP & (self.GPP - 1):
+            raise ValueError(f"groups per program must be a power of two, got {self.GPP}")  # the chunk skip test
         self.nchunk = -(-self.ng // self.GPP)
         self.BLOCK_D = max(16, triton.next_power_of_2(self.D))
         self.IEEE = k.dtype == torch.float32 or k.dtype == torch.float64
@@ -451,7 +569,8 @@ class TritonPasses:
         _candidates_kernel[self._grid()](
             self.qbar, self.k, self._gmax, lse.contiguous(), theta.float().contiguous(), mass, cnt,
             self.mq, self.H, self.Skv, self.ng, self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN,
-            T=T, T_P=triton.next_power_of_2(T), COUNT=count, **meta)
+            T=T, T_P=triton.next_power_of_2(T), COUNT=count, SKIP=SKIP_MODE,
+            num_stages=PASS_STAGES, **meta)
         return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64) if count else None
 
     def counts(self, theta: torch.Tensor) -> torch.Tensor:
@@ -464,7 +583,7 @@ class TritonPasses:
         _counts_kernel[self._grid()](
             self.qbar, self.k, self._gmax, theta.float().contiguous(), cnt, self.mq, self.H, self.Skv, self.ng,
             self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN, T=T, T_P=T_P, WIDE=self.gs * T_P > COUNT_3D_PAIRS,
-            **meta)
+            SKIP=SKIP_MODE, num_stages=PASS_STAGES, **meta)
         return cnt.sum(dim=1, dtype=torch.int64)
 
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
@@ -472,17 +591,25 @@ class TritonPasses:
         row: a list of ``B * H`` bools, read with the tile count in one device read), and the
         chained row offsets ``(1, B * H, Mq + 1)``; with ``dense_above``, heads whose density
         exceeds it come back full (as ``predict._round_up_dense_heads`` does, on the device)."""
+        return self._expand(*self._emit_words(theta_row, forced), forced, dense_above)
+
+    def _emit_words(self, theta_row: torch.Tensor, forced, fill: int = 0):
+        """The emit kernel's outputs: ``words`` and ``counts`` ``(R * ng,)`` per (row, group) and
+        ``row_kept (R,)``. Groups the kernel skips keep ``fill``; anything but 0 is for tests
+        (the expand kernel reads skipped groups as empty)."""
         R = self.BH * self.mq
-        words = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int64)
-        counts = torch.zeros(R * self.ng, device=theta_row.device, dtype=torch.int32)
+        words = torch.full((R * self.ng,), fill, device=theta_row.device, dtype=torch.int64)
+        counts = torch.full((R * self.ng,), fill, device=theta_row.device, dtype=torch.int32)
+        row_kept = torch.zeros(R, device=theta_row.device, dtype=torch.int32)
         meta, (sb, ss, sh) = self._common()
         _emit_kernel[self._grid()](
-            self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts,
+            self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts, row_kept,
             self.mq, self.H, forced.seq_len_q, self.Skv, self.ng, self.nt, self.scale, sb, ss, sh,
-            SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, **meta)
-        return self._expand(words, counts, forced, dense_above)
+            SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, SKIP=SKIP_MODE,
+            WORDS32=WORDS32, num_stages=PASS_STAGES, **meta)
+        return words, counts, row_kept
 
-    def _expand(self, words, counts, forced, dense_above):
+    def _expand(self, words, counts, row_kept, forced, dense_above):
         """:meth:`emit`'s result from the bit words and group counts: two small kernels for the row
         counts, the dense-head round-up and every offset (a handful of launches: on a slow host,
         each torch operation here would cost the GPU tens of microseconds of waiting), one
@@ -497,14 +624,15 @@ class TritonPasses:
         last = nt - 1  # the partial last tile holds only Skv - (nt - 1) * N keys
         CB = min(1024, max(16, triton.next_power_of_2(ng)))
         _head_rows_kernel[(BH,)](
-            words, counts, rows, prefix, head_tiles, head_dense, host, mq, ng, nt, N, nt * N - self.Skv, last // gs,
+            words, row_kept, rows, prefix, head_tiles, head_dense, host, mq, ng, nt, N, nt * N - self.Skv, last // gs,
             last % gs, forced.q_block, forced.seq_len_q, _dense_limit(dense_above, forced.seq_len_q * self.Skv),
-            ROUND=dense_above is not None, RB=16, CB=CB)
+            ROUND=dense_above is not None, RB=HEAD_ROWS_BLOCK)
         _row_starts_kernel[(R,)](counts, rows, prefix, head_tiles, head_dense, starts, full_rows, offsets, final, host,
                                  BH, mq, ng, nt, gs, BHP=max(16, triton.next_power_of_2(BH)), CB=CB)
         host = host.tolist()  # the one device read: the tile total and which heads are full
         out = torch.empty(host[0], device=dev, dtype=torch.int32)
         BW = max(1, EXPAND_BITS // gs)
         _expand_kernel[(triton.cdiv(R * ng, BW),)](words, starts, full_rows, out, R * ng, ng, nt, BW=BW, GT=gs,
+                                                   WORDS32=WORDS32,
                                                    num_warps=EXPAND_WARPS)
         return final, out, [bool(x) for x in host[1:]], offsets
