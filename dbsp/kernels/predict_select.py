@@ -17,11 +17,12 @@ writes a score to memory::
     expand      bit words + output offsets -> sorted int32 tile ids (the CSR indices); rows of heads
                 rounded up to full (dense_above) are written whole from a row flag
 
-Groups that cannot hold a tile above the smallest threshold of any query block of the program
-(their pass-1 max is below it) are skipped, which is exact: the skip test has a margin, so it
-never drops a group that the comparison itself would keep. Grid: ``(query-block tiles, B * H,
-group chunks)``, query-block tiles fastest so that programs reading one key chunk run together
-(the key chunk stays in L2).
+A program's chunk of groups is skipped when none of its groups can hold a tile above the smallest
+threshold of any query block of the program (their pass-1 maxima are below it; ``SKIP_MODE``),
+which is exact: the skip test has a margin, so it never drops a group that the comparison itself
+would keep. The test sits outside the group loop, so Triton pipelines the loop's key loads.
+Grid: ``(query-block tiles, B * H, group chunks)``, query-block tiles fastest so that programs
+reading one key chunk run together (the key chunk stays in L2).
 """
 
 from __future__ import annotations
