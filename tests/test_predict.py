@@ -869,17 +869,18 @@ cases = [
 ] + [
     (S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
-     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, COUNT=count, SKIP=skip))
+     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, WITH_MASS=True, COUNT=count,
+          WIDE=True, SKIP=skip))
     for n in (1, 16) for count in (False, True) for skip in (0, 1, 2)
 ] + [
     (S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
      dict(BW=512 // gt, GT=gt, WORDS32=w32))
     for gt in (64, 4) for w32 in (False, True)
 ] + [
-    (S._counts_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA": "*fp32", "CNT": "*i32",
-                        "scale": "fp32", "margin": "fp32"},
-     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WIDE=64 // n * 16 > S.COUNT_3D_PAIRS,
-          SKIP=skip))
+    (S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
+                            "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
+     dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WITH_MASS=False, COUNT=True,
+          WIDE=64 // n * 16 > S.COUNT_3D_PAIRS, SKIP=skip))
     for n in (1, 16) for skip in (0, 1, 2)
 ]
 for kernel, types, const in cases:
@@ -925,6 +926,7 @@ def test_per_key_emit_offsets_and_expand_compile_to_sm90_binaries():
 
 @triton_only
 def test_fused_kernels_compile_for_hopper():
-    """The compiler front end accepts the fused kernels and the per-key thresholds, candidates, expand and
-    counts kernels for sm_90 (the interpreter checks no types)."""
+    """The compiler front end accepts the fused kernels and the per-key thresholds, candidates (also
+    as the budget search's counts pass) and expand kernels for sm_90 (the interpreter checks no
+    types)."""
     assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "34"

@@ -9,7 +9,7 @@ writes a score to memory::
     thresholds  per query block, from the stats in registers: lse, the bracket (two sorts) and the
                 candidate thresholds
     candidates  per (query block, program chunk): mass (and, for budgets, count) of tiles >= each threshold
-    counts      the same counts alone, no exp and no mass (the min_keep / max_keep search)
+    counts      the candidates kernel without the mass (no exp): the min_keep / max_keep search
     emit        per (query block, group): a bit word of kept tiles and its popcount
     head rows   per head: row counts, their running sum, the dense_above round-up decision
     row starts  per row: its CSR offsets and every group's output offset (no torch operations
@@ -141,20 +141,28 @@ def _chunk_needed(GMAX, grow, rvalid, pid_g, ng, floor, GPP: tl.constexpr):
 
 
 @triton.jit
-def _candidates_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow, rvalid, cols, acc_m,
-                      acc_c, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, T: tl.constexpr,
-                      IEEE: tl.constexpr, COUNT: tl.constexpr):
-    """Group ``g``'s tile masses (and counts) at each row's ``T`` thresholds, added to the accumulators."""
+def _threshold_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow, rvalid, cols, th, acc_m,
+                     acc_c, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, T: tl.constexpr, IEEE: tl.constexpr,
+                     WITH_MASS: tl.constexpr, COUNT: tl.constexpr, WIDE: tl.constexpr):
+    """Group ``g``'s tile masses (``WITH_MASS``) and counts (``COUNT``) at each row's ``T``
+    thresholds, added to the accumulators."""
     t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
-    p = tl.exp(t - lse[:, None])
-    for i in tl.static_range(T):
-        th = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
-        sel = t >= th[:, None]
-        m_i = tl.sum(tl.where(sel, p, 0.0), axis=1)
-        acc_m += tl.where(cols[None, :] == i, m_i[:, None], 0.0)
-        if COUNT:
-            c_i = tl.sum(sel.to(tl.int32), axis=1)
-            acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
+    if WITH_MASS or WIDE:
+        # One threshold at a time keeps the compare in registers.
+        if WITH_MASS:
+            p = tl.exp(t - lse[:, None])
+        for i in tl.static_range(T):
+            th_i = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
+            sel = t >= th_i[:, None]
+            if WITH_MASS:
+                m_i = tl.sum(tl.where(sel, p, 0.0), axis=1)
+                acc_m += tl.where(cols[None, :] == i, m_i[:, None], 0.0)
+            if COUNT:
+                c_i = tl.sum(sel.to(tl.int32), axis=1)
+                acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
+    else:
+        # Counts alone with few tiles per group (wide kv tiles): every (tile, threshold) pair at once.
+        acc_c += tl.sum((t[:, :, None] >= th[:, None, :]).to(tl.int32), axis=1)
     return acc_m, acc_c
 
 
@@ -163,13 +171,25 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
                        s_kb, s_ks, s_kh, margin,
                        BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
-                       IEEE: tl.constexpr, COUNT: tl.constexpr, SKIP: tl.constexpr):
+                       IEEE: tl.constexpr, WITH_MASS: tl.constexpr, COUNT: tl.constexpr, WIDE: tl.constexpr,
+                       SKIP: tl.constexpr):
+    """Per (query-block row, program chunk): the mass (``WITH_MASS``) and count (``COUNT``) of
+    tiles at or above each of the row's ``T`` thresholds. Without the mass it is the budget
+    search's counts pass (no exp); ``LSE`` and ``MASS`` are then not touched."""
     pid_g = tl.program_id(2)
     rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     cols = tl.arange(0, T_P)
-    lse = tl.load(LSE + grow, mask=rvalid, other=0.0)
-    # The smallest threshold of each row (candidates ascend); invalid rows never need a group.
+    lse = rows  # unused without the mass
+    if WITH_MASS:
+        lse = tl.load(LSE + grow, mask=rvalid, other=0.0)
+    # The smallest threshold of each row (candidates ascend); invalid rows never need a group. Rows
+    # that need no budget search have thresholds of +inf, so a program of such rows skips every
+    # group (in every skip mode but 0).
     lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
+    th = lowest
+    if not (WITH_MASS or WIDE):
+        th = tl.load(THETA + grow[:, None] * T + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < T),
+                     other=float("inf"))
     acc_m = tl.zeros((BM, T_P), dtype=tl.float32)
     acc_c = tl.zeros((BM, T_P), dtype=tl.int32)
     if SKIP == 1:
@@ -177,73 +197,24 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
             g = pid_g * GPP + gi
             gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
             if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
-                acc_m, acc_c = _candidates_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow,
-                                                 rvalid, cols, acc_m, acc_c, BM, GK, N, T, IEEE, COUNT)
+                acc_m, acc_c = _threshold_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow,
+                                                rvalid, cols, th, acc_m, acc_c, BM, GK, N, T, IEEE, WITH_MASS, COUNT,
+                                                WIDE)
     else:
         need = True
         if SKIP == 2:
             need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, lowest - margin, GPP)
         if need:
             for gi in range(GPP):
-                acc_m, acc_c = _candidates_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse,
-                                                 THETA, grow, rvalid, cols, acc_m, acc_c, BM, GK, N, T, IEEE, COUNT)
+                acc_m, acc_c = _threshold_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok,
+                                                lse, THETA, grow, rvalid, cols, th, acc_m, acc_c, BM, GK, N, T, IEEE,
+                                                WITH_MASS, COUNT, WIDE)
     out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
     ok = rvalid[:, None] & (cols[None, :] < T)
-    tl.store(MASS + out, acc_m, mask=ok)
+    if WITH_MASS:
+        tl.store(MASS + out, acc_m, mask=ok)
     if COUNT:
         tl.store(CNT + out, acc_c, mask=ok)
-
-
-@triton.jit
-def _counts_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, THETA, grow, rvalid, cols, th, acc,
-                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, T: tl.constexpr, IEEE: tl.constexpr,
-                  WIDE: tl.constexpr):
-    """Group ``g``'s tile counts at each row's ``T`` thresholds, added to ``acc``."""
-    t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
-    if WIDE:
-        # Many tiles per group: one threshold at a time keeps the compare in registers.
-        for i in tl.static_range(T):
-            th_i = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
-            c_i = tl.sum((t >= th_i[:, None]).to(tl.int32), axis=1)
-            acc += tl.where(cols[None, :] == i, c_i[:, None], 0)
-    else:
-        # Few tiles per group (wide kv tiles): every (tile, threshold) pair at once.
-        acc += tl.sum((t[:, :, None] >= th[:, None, :]).to(tl.int32), axis=1)
-    return acc
-
-
-@triton.jit
-def _counts_kernel(QBAR, K, GMAX, THETA, CNT, mq, H, Skv, ng, nchunk, scale, s_kb, s_ks, s_kh, margin,
-                   BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
-                   BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
-                   IEEE: tl.constexpr, WIDE: tl.constexpr, SKIP: tl.constexpr):
-    """The candidates kernel's counts alone (no exp, no mass): the budget search's passes."""
-    pid_g = tl.program_id(2)
-    rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
-    cols = tl.arange(0, T_P)
-    # Rows that need no search have thresholds of +inf: a program of such rows skips every group
-    # (in every mode but 0).
-    lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
-    th = tl.load(THETA + grow[:, None] * T + cols[None, :], mask=rvalid[:, None] & (cols[None, :] < T),
-                 other=float("inf"))
-    acc = tl.zeros((BM, T_P), dtype=tl.int32)
-    if SKIP == 1:
-        for gi in range(GPP):
-            g = pid_g * GPP + gi
-            gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
-            if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
-                acc = _counts_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, THETA, grow, rvalid, cols, th,
-                                    acc, BM, GK, N, T, IEEE, WIDE)
-    else:
-        need = True
-        if SKIP == 2:
-            need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, lowest - margin, GPP)
-        if need:
-            for gi in range(GPP):
-                acc = _counts_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok, THETA, grow,
-                                    rvalid, cols, th, acc, BM, GK, N, T, IEEE, WIDE)
-    out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
-    tl.store(CNT + out, acc, mask=rvalid[:, None] & (cols[None, :] < T))
 
 
 @triton.jit
@@ -570,7 +541,7 @@ class TritonPasses:
         _candidates_kernel[self._grid()](
             self.qbar, self.k, self._gmax, lse.contiguous(), theta.float().contiguous(), mass, cnt,
             self.mq, self.H, self.Skv, self.ng, self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN,
-            T=T, T_P=triton.next_power_of_2(T), COUNT=count, SKIP=SKIP_MODE,
+            T=T, T_P=triton.next_power_of_2(T), WITH_MASS=True, COUNT=count, WIDE=True, SKIP=SKIP_MODE,
             num_stages=PASS_STAGES, **meta)
         return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64) if count else None
 
@@ -581,10 +552,11 @@ class TritonPasses:
         cnt = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.int32)
         meta, (sb, ss, sh) = self._common()
         T_P = triton.next_power_of_2(T)
-        _counts_kernel[self._grid()](
-            self.qbar, self.k, self._gmax, theta.float().contiguous(), cnt, self.mq, self.H, self.Skv, self.ng,
-            self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN, T=T, T_P=T_P, WIDE=self.gs * T_P > COUNT_3D_PAIRS,
-            SKIP=SKIP_MODE, num_stages=PASS_STAGES, **meta)
+        theta = theta.float().contiguous()
+        _candidates_kernel[self._grid()](
+            self.qbar, self.k, self._gmax, theta, theta, theta, cnt, self.mq, self.H, self.Skv, self.ng,
+            self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN, T=T, T_P=T_P, WITH_MASS=False, COUNT=True,
+            WIDE=self.gs * T_P > COUNT_3D_PAIRS, SKIP=SKIP_MODE, num_stages=PASS_STAGES, **meta)
         return cnt.sum(dim=1, dtype=torch.int64)
 
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
