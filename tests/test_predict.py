@@ -428,14 +428,13 @@ def clustered_qk(S=512, span=128, h=1, d=16, strength=5.0, seed=3):
 
 @triton_only
 @pytest.mark.parametrize("kv_tile,text_tokens,budget", [(1, 40, {}), (4, 0, {"max_keep": 12})])
-def test_triton_skip_modes_and_word_packings_agree(monkeypatch, kv_tile, text_tokens, budget):
-    """The per-key Triton passes give one mask under every group-skip mode (0 none, 1 per group,
-    2 per chunk of groups) and both bit-word packings (64-bit, 32-bit halves), with and without
-    the budget search (its counts pass skips by the same modes). On inputs whose far
-    chunks hold no kept tile, the skipping modes leave groups unwritten (a poisoned count survives
-    the emit kernel), and those are exactly groups that the unskipped kernel finds empty.
-    Programs of 16 query blocks of 8 tokens and chunks of 2 groups of 64 keys make a program
-    see one 128-token stretch of queries and 4 chunks."""
+def test_triton_chunk_skip_and_word_packings_change_no_mask(monkeypatch, kv_tile, text_tokens, budget):
+    """The per-key Triton passes give one mask with and without the chunk-level group skip and with
+    either bit-word packing (64-bit, 32-bit halves), with and without the budget search (its
+    counts pass skips the same way). On inputs whose far chunks hold no kept tile, the skip leaves
+    groups unwritten (a poisoned count survives the emit kernel), and those are exactly groups
+    that the unskipped kernel finds empty. Programs of 16 query blocks of 8 tokens and chunks of
+    2 groups of 64 keys make a program see one 128-token stretch of queries and 4 chunks."""
     from dbsp import predict as P
     from dbsp.kernels import predict_select as S
 
@@ -446,11 +445,11 @@ def test_triton_skip_modes_and_word_packings_agree(monkeypatch, kv_tile, text_to
     M = 8
     kw = dict(q_block=M, kv_tile=kv_tile, top_p=0.9, text_tokens=text_tokens, backend="triton", **budget)
     masks = {}
-    for mode, w32 in ((1, False), (0, True), (2, True)):
-        monkeypatch.setattr(S, "SKIP_MODE", mode)
+    for skip, w32 in ((False, False), (False, True), (True, True)):
+        monkeypatch.setattr(S, "SKIP_CHUNKS", skip)
         monkeypatch.setattr(S, "WORDS32", w32)
-        masks[mode, w32] = predict_mask(q, k, **kw)
-    ref = masks[1, False]  # the kernels as they were before the other modes existed
+        masks[skip, w32] = predict_mask(q, k, **kw)
+    ref = masks[False, False]  # every group scored, 64-bit words
     ref.validate()
     assert 0.05 < ref.density() < 0.5
     if budget:  # the cap binds somewhere (the search ran), and holds beside the forced diagonal
@@ -470,19 +469,18 @@ def test_triton_skip_modes_and_word_packings_agree(monkeypatch, kv_tile, text_to
     mass, _ = passes.candidates(lse, theta, count=False)
     theta_row = theta.gather(1, P._select(mass, theta, cfg.top_p)[:, None]).squeeze(1)
     out = {}
-    for mode in (0, 1, 2):
-        monkeypatch.setattr(S, "SKIP_MODE", mode)
-        out[mode] = passes._emit_words(theta_row, P._forced(cfg, Sq, Sq), fill=-1)
-    words0, counts0, kept0 = out[0]
+    for skip in (False, True):
+        monkeypatch.setattr(S, "SKIP_CHUNKS", skip)
+        out[skip] = passes._emit_words(theta_row, P._forced(cfg, Sq, Sq), fill=-1)
+    words0, counts0, kept0 = out[False]
     assert not bool((counts0 == -1).any())  # without skipping every group is written
     assert torch.equal(kept0, counts0.reshape(-1, ng).sum(dim=1, dtype=torch.int32))
-    for mode in (1, 2):
-        words, counts, kept = out[mode]
-        skipped = counts == -1
-        assert int(skipped.sum()) > 0, f"mode {mode} skipped nothing"
-        assert not bool(counts0[skipped].any()) and not bool(words0[skipped].any())
-        assert torch.equal(counts[~skipped], counts0[~skipped]) and torch.equal(words[~skipped], words0[~skipped])
-        assert torch.equal(kept, kept0)
+    words, counts, kept = out[True]
+    skipped = counts == -1
+    assert int(skipped.sum()) > 0, "the chunk test skipped nothing"
+    assert not bool(counts0[skipped].any()) and not bool(words0[skipped].any())
+    assert torch.equal(counts[~skipped], counts0[~skipped]) and torch.equal(words[~skipped], words0[~skipped])
+    assert torch.equal(kept, kept0)
 
 
 @pytest.mark.parametrize("area", [1, 7, 190 * 190, 32760 * 32760, 118800 * 118800])
@@ -871,7 +869,7 @@ cases = [
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, WITH_MASS=True, COUNT=count,
           WIDE=True, SKIP=skip))
-    for n in (1, 16) for count in (False, True) for skip in (0, 1, 2)
+    for n in (1, 16) for count in (False, True) for skip in (False, True)
 ] + [
     (S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
      dict(BW=512 // gt, GT=gt, WORDS32=w32))
@@ -881,7 +879,7 @@ cases = [
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WITH_MASS=False, COUNT=True,
           WIDE=64 // n * 16 > S.COUNT_3D_PAIRS, SKIP=skip))
-    for n in (1, 16) for skip in (0, 1, 2)
+    for n in (1, 16) for skip in (False, True)
 ]
 for kernel, types, const in cases:
     try:
@@ -900,7 +898,7 @@ from dbsp.kernels import predict_select as S
 cases = [(S._emit_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA_ROW": "*fp32", "WORDS": "*i64",
                            "COUNTS": "*i32", "ROW_KEPT": "*i32", "scale": "fp32", "margin": "fp32"},
           dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False, SKIP=skip, WORDS32=w32))
-         for n, skip, w32 in ((1, 2, True), (16, 2, True), (1, 1, False), (16, 0, True))]
+         for n, skip, w32 in ((1, True, True), (16, True, True), (1, False, False), (16, False, True))]
 cases += [(S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
            dict(BW=512 // gt, GT=gt, WORDS32=True)) for gt in (64, 4)]
 cases += [(S._head_rows_kernel, {"WORDS": "*i64", "ROW_KEPT": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
@@ -929,4 +927,4 @@ def test_fused_kernels_compile_for_hopper():
     """The compiler front end accepts the fused kernels and the per-key thresholds, candidates (also
     as the budget search's counts pass) and expand kernels for sm_90 (the interpreter checks no
     types)."""
-    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "34"
+    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "28"

@@ -18,7 +18,7 @@ writes a score to memory::
                 rounded up to full (dense_above) are written whole from a row flag
 
 A program's chunk of groups is skipped when none of its groups can hold a tile above the smallest
-threshold of any query block of the program (their pass-1 maxima are below it; ``SKIP_MODE``),
+threshold of any query block of the program (their pass-1 maxima are below it; ``SKIP_CHUNKS``),
 which is exact: the skip test has a margin, so it never drops a group that the comparison itself
 would keep. The test sits outside the group loop, so Triton pipelines the loop's key loads.
 Grid: ``(query-block tiles, B * H, group chunks)``, query-block tiles fastest so that programs
@@ -53,12 +53,12 @@ COUNT_3D_PAIRS = 128
 # Skip margin in log-mass: a group is skipped only if its pass-1 max is below the threshold by
 # more than this, so float differences between passes can never drop a kept tile.
 SKIP_MARGIN = 1e-3
-# How the candidates, counts and emit passes skip groups that cannot hold a kept tile: 0 never, 1 per group
-# (a branch around each group's key load, which keeps Triton from pipelining the loads), 2 per
-# program chunk of GROUPS_PER_PROG groups (one branch outside the group loop). WORDS32: build and
-# unpack the bit words from 32-bit halves. All of these change speed only, never a result; read at
-# call time for sweeps.
-SKIP_MODE = 2
+# SKIP_CHUNKS: the candidates, counts and emit passes skip a program's chunk of GROUPS_PER_PROG
+# groups when none can hold a kept tile (one test outside the group loop; a test per group, around
+# each group's key load, kept Triton from pipelining the loads: H100, 64x1, one call 2.64 -> 2.22 ms).
+# WORDS32: build and unpack the bit words from 32-bit halves. Both change speed only, never a
+# result; read at call time for sweeps and tests.
+SKIP_CHUNKS = True
 WORDS32 = True
 # Software-pipeline stages of the candidates and emit passes' key loads (H100: 2 beat 1, 3 and 4).
 PASS_STAGES = 2
@@ -184,7 +184,7 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
         lse = tl.load(LSE + grow, mask=rvalid, other=0.0)
     # The smallest threshold of each row (candidates ascend); invalid rows never need a group. Rows
     # that need no budget search have thresholds of +inf, so a program of such rows skips every
-    # group (in every skip mode but 0).
+    # chunk (with SKIP).
     lowest = tl.load(THETA + grow * T, mask=rvalid, other=float("inf"))
     th = lowest
     if not (WITH_MASS or WIDE):
@@ -192,23 +192,14 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
                      other=float("inf"))
     acc_m = tl.zeros((BM, T_P), dtype=tl.float32)
     acc_c = tl.zeros((BM, T_P), dtype=tl.int32)
-    if SKIP == 1:
+    need = True
+    if SKIP:
+        need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, lowest - margin, GPP)
+    if need:
         for gi in range(GPP):
-            g = pid_g * GPP + gi
-            gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
-            if tl.max((gmax >= lowest - margin).to(tl.int32), axis=0) > 0:
-                acc_m, acc_c = _threshold_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow,
-                                                rvalid, cols, th, acc_m, acc_c, BM, GK, N, T, IEEE, WITH_MASS, COUNT,
-                                                WIDE)
-    else:
-        need = True
-        if SKIP == 2:
-            need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, lowest - margin, GPP)
-        if need:
-            for gi in range(GPP):
-                acc_m, acc_c = _threshold_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok,
-                                                lse, THETA, grow, rvalid, cols, th, acc_m, acc_c, BM, GK, N, T, IEEE,
-                                                WITH_MASS, COUNT, WIDE)
+            acc_m, acc_c = _threshold_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse,
+                                            THETA, grow, rvalid, cols, th, acc_m, acc_c, BM, GK, N, T, IEEE, WITH_MASS,
+                                            COUNT, WIDE)
     out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
     ok = rvalid[:, None] & (cols[None, :] < T)
     if WITH_MASS:
@@ -282,26 +273,15 @@ def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, ROW_KEPT, mq, H, Sq, S
     theta = tl.load(THETA_ROW + grow, mask=rvalid, other=float("inf"))
     i0 = tl.program_id(0) * BM
     kept = tl.zeros((BM,), dtype=tl.int32)
-    if SKIP == 1:
+    need = True
+    if SKIP:
+        need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, theta - margin, GPP)
+        # Forced tiles (diagonal, text keys, text query rows) may sit in any chunk.
+        need = need | _forced_in(pid_g * GPP * GK, (pid_g + 1) * GPP * GK, i0, Sq, Skv, M, TXT, BM, KEEP_DIAG)
+    if need:
         for gi in range(GPP):
-            g = pid_g * GPP + gi
-            gmax = tl.load(GMAX + grow * ng + g, mask=rvalid & (g < ng), other=float("-inf"))
-            need = tl.max((gmax >= theta - margin).to(tl.int32), axis=0) > 0
-            # Forced tiles (diagonal, text keys, text query rows) may sit in any group.
-            need = need | _forced_in(g * GK, (g + 1) * GK, i0, Sq, Skv, M, TXT, BM, KEEP_DIAG)
-            if need & (g < ng):
-                kept += _emit_group(q, k_base, g, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows, rvalid, grow,
-                                    jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE, WORDS32)
-    else:
-        need = True
-        if SKIP == 2:
-            need = _chunk_needed(GMAX, grow, rvalid, pid_g, ng, theta - margin, GPP)
-            need = need | _forced_in(pid_g * GPP * GK, (pid_g + 1) * GPP * GK, i0, Sq, Skv, M, TXT, BM, KEEP_DIAG)
-        if need:
-            for gi in range(GPP):
-                kept += _emit_group(q, k_base, pid_g * GPP + gi, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows,
-                                    rvalid, grow, jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE,
-                                    WORDS32)
+            kept += _emit_group(q, k_base, pid_g * GPP + gi, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows,
+                                rvalid, grow, jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE, WORDS32)
     # Row totals for the offsets (integer atomics: the same sums in any order).
     tl.atomic_add(ROW_KEPT + grow, kept, mask=rvalid & (kept > 0))
 
@@ -541,7 +521,7 @@ class TritonPasses:
         _candidates_kernel[self._grid()](
             self.qbar, self.k, self._gmax, lse.contiguous(), theta.float().contiguous(), mass, cnt,
             self.mq, self.H, self.Skv, self.ng, self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN,
-            T=T, T_P=triton.next_power_of_2(T), WITH_MASS=True, COUNT=count, WIDE=True, SKIP=SKIP_MODE,
+            T=T, T_P=triton.next_power_of_2(T), WITH_MASS=True, COUNT=count, WIDE=True, SKIP=SKIP_CHUNKS,
             num_stages=PASS_STAGES, **meta)
         return mass.sum(dim=1), cnt.sum(dim=1).to(torch.int64) if count else None
 
@@ -556,7 +536,7 @@ class TritonPasses:
         _candidates_kernel[self._grid()](
             self.qbar, self.k, self._gmax, theta, theta, theta, cnt, self.mq, self.H, self.Skv, self.ng,
             self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN, T=T, T_P=T_P, WITH_MASS=False, COUNT=True,
-            WIDE=self.gs * T_P > COUNT_3D_PAIRS, SKIP=SKIP_MODE, num_stages=PASS_STAGES, **meta)
+            WIDE=self.gs * T_P > COUNT_3D_PAIRS, SKIP=SKIP_CHUNKS, num_stages=PASS_STAGES, **meta)
         return cnt.sum(dim=1, dtype=torch.int64)
 
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
@@ -578,7 +558,7 @@ class TritonPasses:
         _emit_kernel[self._grid()](
             self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts, row_kept,
             self.mq, self.H, forced.seq_len_q, self.Skv, self.ng, self.nt, self.scale, sb, ss, sh,
-            SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, SKIP=SKIP_MODE,
+            SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, SKIP=SKIP_CHUNKS,
             WORDS32=WORDS32, num_stages=PASS_STAGES, **meta)
         return words, counts, row_kept
 
