@@ -428,10 +428,10 @@ def clustered_qk(S=512, span=128, h=1, d=16, strength=5.0, seed=3):
 
 @triton_only
 @pytest.mark.parametrize("kv_tile,text_tokens,budget", [(1, 40, {}), (4, 0, {"max_keep": 12})])
-def test_triton_chunk_skip_and_word_packings_change_no_mask(monkeypatch, kv_tile, text_tokens, budget):
-    """The per-key Triton passes give one mask with and without the chunk-level group skip and with
-    either bit-word packing (64-bit, 32-bit halves), with and without the budget search (its
-    counts pass skips the same way). On inputs whose far chunks hold no kept tile, the skip leaves
+def test_triton_chunk_skip_changes_no_mask(monkeypatch, kv_tile, text_tokens, budget):
+    """The per-key Triton passes give one mask with and without the chunk-level group skip, with
+    and without the budget search (its counts pass skips the same way), and the torch passes'
+    mask. On inputs whose far chunks hold no kept tile, the skip leaves
     groups unwritten (a poisoned count survives the emit kernel), and those are exactly groups
     that the unskipped kernel finds empty. Programs of 16 query blocks of 8 tokens and chunks of
     2 groups of 64 keys make a program see one 128-token stretch of queries and 4 chunks."""
@@ -445,16 +445,16 @@ def test_triton_chunk_skip_and_word_packings_change_no_mask(monkeypatch, kv_tile
     M = 8
     kw = dict(q_block=M, kv_tile=kv_tile, top_p=0.9, text_tokens=text_tokens, backend="triton", **budget)
     masks = {}
-    for skip, w32 in ((False, False), (False, True), (True, True)):
+    for skip in (False, True):
         monkeypatch.setattr(S, "SKIP_CHUNKS", skip)
-        monkeypatch.setattr(S, "WORDS32", w32)
-        masks[skip, w32] = predict_mask(q, k, **kw)
-    ref = masks[False, False]  # every group scored, 64-bit words
+        masks[skip] = predict_mask(q, k, **kw)
+    ref = masks[False]  # every group scored
     ref.validate()
     assert 0.05 < ref.density() < 0.5
     if budget:  # the cap binds somewhere (the search ran), and holds beside the forced diagonal
         counts = ref.row_counts()
         assert int(counts.max()) <= budget["max_keep"] + M // kv_tile and bool((counts >= budget["max_keep"]).any())
+    masks["torch"] = predict_mask(q, k, **{**kw, "backend": "torch"})
     for key, m in masks.items():
         assert torch.equal(m.offsets, ref.offsets) and torch.equal(m.indices, ref.indices), key
 
@@ -872,8 +872,8 @@ cases = [
     for n in (1, 16) for count in (False, True) for skip in (False, True)
 ] + [
     (S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
-     dict(BW=512 // gt, GT=gt, WORDS32=w32))
-    for gt in (64, 4) for w32 in (False, True)
+     dict(BW=512 // gt, GT=gt))
+    for gt in (64, 4)
 ] + [
     (S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
@@ -897,14 +897,14 @@ from dbsp.kernels import predict_select as S
 
 cases = [(S._emit_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THETA_ROW": "*fp32", "WORDS": "*i64",
                            "COUNTS": "*i32", "ROW_KEPT": "*i32", "scale": "fp32", "margin": "fp32"},
-          dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False, SKIP=skip, WORDS32=w32))
-         for n, skip, w32 in ((1, True, True), (16, True, True), (1, False, False), (16, False, True))]
+          dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, KEEP_DIAG=True, IEEE=False, SKIP=skip))
+         for n in (1, 16) for skip in (False, True)]
 cases += [(S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
-           dict(BW=512 // gt, GT=gt, WORDS32=True)) for gt in (64, 4)]
-cases += [(S._head_rows_kernel, {"WORDS": "*i64", "ROW_KEPT": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
+           dict(BW=512 // gt, GT=gt)) for gt in (64, 4)]
+cases += [(S._head_rows_kernel, {"WORDS": "*i64", "ROW_KEPT": "*i32", "PREFIX": "*i64", "HEAD_TILES": "*i64",
                                  "HEAD_DENSE": "*i8", "HOST": "*i64", "limit": "i64"}, dict(ROUND=rnd, RB=256))
           for rnd in (False, True)]
-cases += [(S._row_starts_kernel, {"COUNTS": "*i32", "ROWS": "*i64", "PREFIX": "*i64", "HEAD_TILES": "*i64",
+cases += [(S._row_starts_kernel, {"COUNTS": "*i32", "ROW_KEPT": "*i32", "PREFIX": "*i64", "HEAD_TILES": "*i64",
                                   "HEAD_DENSE": "*i8", "STARTS": "*i64", "FULL": "*i8", "OFFS": "*i64", "FINAL": "*i64",
                                   "HOST": "*i64"}, dict(BHP=16, CB=512))]
 for kernel, types, const in cases:
@@ -927,4 +927,4 @@ def test_fused_kernels_compile_for_hopper():
     """The compiler front end accepts the fused kernels and the per-key thresholds, candidates (also
     as the budget search's counts pass) and expand kernels for sm_90 (the interpreter checks no
     types)."""
-    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "28"
+    assert build_for_hopper(_TTIR_SCRIPT).split()[-1] == "26"

@@ -56,10 +56,8 @@ SKIP_MARGIN = 1e-3
 # SKIP_CHUNKS: the candidates, counts and emit passes skip a program's chunk of GROUPS_PER_PROG
 # groups when none can hold a kept tile (one test outside the group loop; a test per group, around
 # each group's key load, kept Triton from pipelining the loads: H100, 64x1, one call 2.64 -> 2.22 ms).
-# WORDS32: build and unpack the bit words from 32-bit halves. Both change speed only, never a
-# result; read at call time for sweeps and tests.
+# It changes speed only, never a result; read at call time for sweeps and tests.
 SKIP_CHUNKS = True
-WORDS32 = True
 # Software-pipeline stages of the candidates and emit passes' key loads (H100: 2 beat 1, 3 and 4).
 PASS_STAGES = 2
 
@@ -209,28 +207,25 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
 
 
 @triton.jit
-def _bit_word(keep, jl, GT: tl.constexpr, WORDS32: tl.constexpr):
+def _bit_word(keep, jl, GT: tl.constexpr):
     """``(BM,)`` int64 words of the ``(BM, GT)`` keep flags (bit ``j`` = tile ``j``) and their
-    ``(BM,)`` int32 popcounts. With ``WORDS32`` the words are built from 32-bit halves (int32
-    shifts and sums, cheaper than int64 ones on GPUs)."""
+    ``(BM,)`` int32 popcounts. The words are built from 32-bit halves: int32 shifts and sums are
+    cheaper than int64 ones (H100, 64x1: emit + expand 0.85 -> 0.78 ms)."""
     cnt = tl.sum(keep.to(tl.int32), axis=1)
-    if WORDS32:
-        bits = keep.to(tl.int32) << (jl[None, :] % 32)
-        if GT > 32:
-            halves = tl.sum(tl.reshape(bits, (bits.shape[0], GT // 32, 32)), axis=2)
-            lo, hi = tl.split(tl.reshape(halves, (bits.shape[0], 2)))  # GT == 64 (a word holds <= 64)
-            word = (lo.to(tl.int64) & 0xFFFFFFFF) | (hi.to(tl.int64) << 32)
-        else:
-            word = tl.sum(bits, axis=1).to(tl.int64) & 0xFFFFFFFF
+    bits = keep.to(tl.int32) << (jl[None, :] % 32)
+    if GT > 32:
+        halves = tl.sum(tl.reshape(bits, (bits.shape[0], GT // 32, 32)), axis=2)
+        lo, hi = tl.split(tl.reshape(halves, (bits.shape[0], 2)))  # GT == 64 (a word holds <= 64)
+        word = (lo.to(tl.int64) & 0xFFFFFFFF) | (hi.to(tl.int64) << 32)
     else:
-        word = tl.sum(keep.to(tl.int64) << jl[None, :].to(tl.int64), axis=1)
+        word = tl.sum(bits, axis=1).to(tl.int64) & 0xFFFFFFFF
     return word, cnt
 
 
 @triton.jit
 def _emit_group(q, k_base, g, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows, rvalid, grow, jl, nt, ng, M,
                 TXT, WORDS, COUNTS, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, GT: tl.constexpr,
-                KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr, WORDS32: tl.constexpr):
+                KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr):
     """Group ``g``'s bit word and count per row (kept: log-mass >= theta, or forced), stored;
     returns the counts."""
     t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
@@ -241,7 +236,7 @@ def _emit_group(q, k_base, g, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta,
     if TXT > 0:
         keep = keep | ((j[None, :] + 1) * N > Skv - TXT) | ((rows[:, None] + 1) * M > Sq - TXT)
     keep = keep & (j[None, :] < nt) & rvalid[:, None]
-    word, cnt = _bit_word(keep, jl, GT, WORDS32)
+    word, cnt = _bit_word(keep, jl, GT)
     ok = rvalid & (g < ng)
     tl.store(WORDS + grow * ng + g, word, mask=ok)
     tl.store(COUNTS + grow * ng + g, cnt, mask=ok)
@@ -265,7 +260,7 @@ def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, ROW_KEPT, mq, H, Sq, S
                  s_kb, s_ks, s_kh, margin, M, TXT,
                  BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                  BLOCK_D: tl.constexpr, GPP: tl.constexpr, KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr,
-                 SKIP: tl.constexpr, WORDS32: tl.constexpr):
+                 SKIP: tl.constexpr):
     pid_g = tl.program_id(2)
     rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     GT: tl.constexpr = GK // N
@@ -281,7 +276,7 @@ def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, ROW_KEPT, mq, H, Sq, S
     if need:
         for gi in range(GPP):
             kept += _emit_group(q, k_base, pid_g * GPP + gi, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows,
-                                rvalid, grow, jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE, WORDS32)
+                                rvalid, grow, jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE)
     # Row totals for the offsets (integer atomics: the same sums in any order).
     tl.atomic_add(ROW_KEPT + grow, kept, mask=rvalid & (kept > 0))
 
@@ -337,11 +332,10 @@ def _thresholds_kernel(GMAX, GSUM, NG_KEYS, LSE, THETA, ng, top_p, nudge, T: tl.
 
 
 @triton.jit
-def _head_rows_kernel(WORDS, ROW_KEPT, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOST, mq, ng, nt, N, short, last_word,
+def _head_rows_kernel(WORDS, ROW_KEPT, PREFIX, HEAD_TILES, HEAD_DENSE, HOST, mq, ng, nt, N, short, last_word,
                       last_bit, M, Sq, limit, ROUND: tl.constexpr, RB: tl.constexpr):
-    """Per head (a program each): every row's kept tiles (``ROW_KEPT``, which the emit kernel
-    summed over the row's groups) and their
-    running sum within the head, the head's tile total, whether it is rounded up to full
+    """Per head (a program each): the running sum of its rows' kept tiles (``ROW_KEPT``, which the
+    emit kernel summed over each row's groups), the head's tile total, whether it is rounded up to full
     (``ROUND``: its score entries, ``sum(keys x query rows)``, reach ``limit``; see
     :func:`_dense_limit`) and whether it keeps every tile (``HOST[1 + head]``)."""
     h = tl.program_id(0).to(tl.int64)
@@ -353,7 +347,6 @@ def _head_rows_kernel(WORDS, ROW_KEPT, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOS
         ok = r < mq
         row = h * mq + r
         kept = tl.load(ROW_KEPT + row, mask=ok, other=0).to(tl.int64)
-        tl.store(ROWS + row, kept, mask=ok)
         tl.store(PREFIX + row, run + tl.cumsum(kept, 0) - kept, mask=ok)
         run += tl.sum(kept, 0)
         fewest = tl.minimum(fewest, tl.min(tl.where(ok, kept, nt), 0))
@@ -370,7 +363,7 @@ def _head_rows_kernel(WORDS, ROW_KEPT, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, HOS
 
 
 @triton.jit
-def _row_starts_kernel(COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, STARTS, FULL, OFFS, FINAL, HOST, BH, mq, ng, nt,
+def _row_starts_kernel(COUNTS, ROW_KEPT, PREFIX, HEAD_TILES, HEAD_DENSE, STARTS, FULL, OFFS, FINAL, HOST, BH, mq, ng, nt,
                        gs, BHP: tl.constexpr, CB: tl.constexpr):
     """Per row (a program each): its offset in the indices (the heads before it, then its head's
     rows before it), every group's output offset (``STARTS``, for the expand kernel), its chained
@@ -384,7 +377,7 @@ def _row_starts_kernel(COUNTS, ROWS, PREFIX, HEAD_TILES, HEAD_DENSE, STARTS, FUL
     base = tl.sum(before, 0)
     dense = tl.load(HEAD_DENSE + h) != 0
     start = base + tl.where(dense, i * nt, tl.load(PREFIX + r))
-    kept = tl.where(dense, nt, tl.load(ROWS + r))
+    kept = tl.where(dense, nt, tl.load(ROW_KEPT + r).to(tl.int64))
     tl.store(FINAL + r, kept)
     tl.store(FULL + r, dense.to(tl.int8))
     tl.store(OFFS + h * (mq + 1) + i, start)
@@ -418,16 +411,12 @@ def _expand_words(WORDS, STARTS, FULL, n_words, ng, BW: tl.constexpr, GT: tl.con
 
 
 @triton.jit
-def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr,
-                   WORDS32: tl.constexpr):
+def _expand_kernel(WORDS, STARTS, FULL, OUT, n_words, ng, nt, BW: tl.constexpr, GT: tl.constexpr):
     """Bit words -> sorted tile ids from each word's output offset ``STARTS``; a word of a row
     flagged in ``FULL`` stands for every tile of its group (the dense-head round-up)."""
     ok, word, start, full, jl, tile = _expand_words(WORDS, STARTS, FULL, n_words, ng, BW, GT)
-    if WORDS32:
-        half = tl.where(jl[None, :] < 32, word[:, None].to(tl.int32), (word >> 32)[:, None].to(tl.int32))
-        bits = (half >> (jl[None, :] % 32)) & 1
-    else:
-        bits = ((word[:, None] >> jl[None, :].to(tl.int64)) & 1).to(tl.int32)
+    half = tl.where(jl[None, :] < 32, word[:, None].to(tl.int32), (word >> 32)[:, None].to(tl.int32))  # int32 shifts
+    bits = (half >> (jl[None, :] % 32)) & 1
     bits = tl.where(full[:, None], (tile < nt).to(tl.int32), bits)
     pos = start[:, None] + tl.cumsum(bits, axis=1) - 1
     tl.store(OUT + pos, tile.to(tl.int32), mask=(bits > 0) & ok[:, None])
@@ -559,7 +548,7 @@ class TritonPasses:
             self.qbar, self.k, self._gmax, theta_row.float().contiguous(), words, counts, row_kept,
             self.mq, self.H, forced.seq_len_q, self.Skv, self.ng, self.nt, self.scale, sb, ss, sh,
             SKIP_MARGIN, forced.q_block, forced.text_tokens, KEEP_DIAG=forced.keep_diagonal, SKIP=SKIP_CHUNKS,
-            WORDS32=WORDS32, num_stages=PASS_STAGES, **meta)
+            num_stages=PASS_STAGES, **meta)
         return words, counts, row_kept
 
     def _expand(self, words, counts, row_kept, forced, dense_above):
@@ -569,7 +558,7 @@ class TritonPasses:
         device read, then the expand kernel."""
         R, BH, mq, ng, nt, gs, N, dev = self.BH * self.mq, self.BH, self.mq, self.ng, self.nt, self.gs, self.N, words.device
         i64 = dict(device=dev, dtype=torch.int64)
-        rows, prefix, final = torch.empty(R, **i64), torch.empty(R, **i64), torch.empty(R, **i64)
+        prefix, final = torch.empty(R, **i64), torch.empty(R, **i64)
         starts = torch.empty(R * ng, **i64)
         offsets = torch.empty(1, BH, mq + 1, **i64)
         head_tiles, host = torch.empty(BH, **i64), torch.empty(1 + BH, **i64)
@@ -577,15 +566,14 @@ class TritonPasses:
         last = nt - 1  # the partial last tile holds only Skv - (nt - 1) * N keys
         CB = min(1024, max(16, triton.next_power_of_2(ng)))
         _head_rows_kernel[(BH,)](
-            words, row_kept, rows, prefix, head_tiles, head_dense, host, mq, ng, nt, N, nt * N - self.Skv, last // gs,
+            words, row_kept, prefix, head_tiles, head_dense, host, mq, ng, nt, N, nt * N - self.Skv, last // gs,
             last % gs, forced.q_block, forced.seq_len_q, _dense_limit(dense_above, forced.seq_len_q * self.Skv),
             ROUND=dense_above is not None, RB=HEAD_ROWS_BLOCK)
-        _row_starts_kernel[(R,)](counts, rows, prefix, head_tiles, head_dense, starts, full_rows, offsets, final, host,
+        _row_starts_kernel[(R,)](counts, row_kept, prefix, head_tiles, head_dense, starts, full_rows, offsets, final, host,
                                  BH, mq, ng, nt, gs, BHP=max(16, triton.next_power_of_2(BH)), CB=CB)
         host = host.tolist()  # the one device read: the tile total and which heads are full
         out = torch.empty(host[0], device=dev, dtype=torch.int32)
         BW = max(1, EXPAND_BITS // gs)
         _expand_kernel[(triton.cdiv(R * ng, BW),)](words, starts, full_rows, out, R * ng, ng, nt, BW=BW, GT=gs,
-                                                   WORDS32=WORDS32,
                                                    num_warps=EXPAND_WARPS)
         return final, out, [bool(x) for x in host[1:]], offsets
