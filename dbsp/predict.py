@@ -25,7 +25,8 @@ same as keeping every tile whose mass is at least the largest threshold tau with
                        f(tau) >= sum_{g: m_g >= tau} m_g          (lower bracket, always valid)
     pass 2  exact f at `candidates` thresholds spaced evenly in log(tau) over [tau_lo, tau_hi];
             keep the largest one with f >= top_p; repeated `refine` times inside the winning gap
-    pass 3  emit every tile with mass >= tau (plus the forced tiles)
+    pass 3  emit every tile with mass >= tau (plus the forced tiles); without budgets the Triton
+            passes fold this into the last pass 2, which stores each tile's threshold count
 
 The result is a superset of the exact smallest set: it contains every tile of mass above tau* and
 possibly some of mass in [tau, tau*), where tau is within a factor ``(tau_hi / tau_lo) **
@@ -829,21 +830,27 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
     T = cfg.candidates
     lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, T)
     budgets = cfg.min_keep > 1 or cfg.max_keep is not None  # only budgets need the counts
-    mass, cnt = passes.candidates(lse, theta, count=budgets and cfg.refine == 0)
-    pick = _select(mass, theta, cfg.top_p)
-    for r in range(cfg.refine):
-        lo = theta.gather(1, pick[:, None]).squeeze(1)
-        hi = theta.gather(1, (pick + 1).clamp(max=T - 1)[:, None]).squeeze(1)
-        theta = lo[:, None] + (hi - lo)[:, None] * (torch.arange(T, device=qbar.device) / T)
-        mass, cnt = passes.candidates(lse, theta, count=budgets and r == cfg.refine - 1)
+    forced = _forced(cfg, Sq, Skv)
+    torch_passes = isinstance(passes, _TorchPasses)
+    # Without budgets the Triton passes pick and emit in the last candidates pass (same mask).
+    fused = not budgets and not torch_passes and passes.fuses(T)
+    for r in range(cfg.refine + 1):
+        last = r == cfg.refine
+        if last and fused:
+            return passes.select_emit(lse, theta, cfg.top_p, forced, dense_above=cfg.dense_above)
+        mass, cnt = passes.candidates(lse, theta, count=budgets and last)
         pick = _select(mass, theta, cfg.top_p)
+        if not last:  # the next pass searches the winning gap
+            lo = theta.gather(1, pick[:, None]).squeeze(1)
+            hi = theta.gather(1, (pick + 1).clamp(max=T - 1)[:, None]).squeeze(1)
+            theta = lo[:, None] + (hi - lo)[:, None] * (torch.arange(T, device=qbar.device) / T)
     theta_row = theta.gather(1, pick[:, None]).squeeze(1)
     if budgets:
         theta_row = _budget_thresholds(passes, gmax, theta_row, cnt.gather(1, pick[:, None]).squeeze(1), nt, cfg)
 
-    if isinstance(passes, _TorchPasses):
-        return (*passes.emit(theta_row, _forced(cfg, Sq, Skv)), None, None)
-    return passes.emit(theta_row, _forced(cfg, Sq, Skv), dense_above=cfg.dense_above)
+    if torch_passes:
+        return (*passes.emit(theta_row, forced), None, None)
+    return passes.emit(theta_row, forced, dense_above=cfg.dense_above)
 
 
 # ------------------------------------------------------------------------------ oracle

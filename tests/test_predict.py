@@ -483,6 +483,54 @@ def test_triton_chunk_skip_changes_no_mask(monkeypatch, kv_tile, text_tokens, bu
     assert torch.equal(kept, kept0)
 
 
+@triton_only
+@pytest.mark.parametrize("M,kv_tile,text_tokens,refine", [(8, 1, 40, 1), (16, 16, 0, 0), (8, 4, 24, 1)])
+def test_triton_fused_emit_gives_the_unfused_mask(monkeypatch, M, kv_tile, text_tokens, refine):
+    """The last candidates pass fused with the pick and the emit (``FUSED_EMIT``) gives the mask of
+    the separate passes and of the torch passes. Its words kernel writes the bit words, counts and
+    row totals that the emit kernel writes at the picked thresholds, with its code buffer poisoned
+    (-1: every code 15, which keeps every tile where read): codes of skipped chunks stay unwritten
+    and are never read. Shapes as in the chunk-skip test above (16-token query blocks: a program
+    sees two stretches); kv_tile 1, 4 and 16 store 64, 16 and 4 codes per group."""
+    from dbsp import predict as P
+    from dbsp.kernels import predict_select as S
+
+    dev = _backend_or_skip("triton")
+    monkeypatch.setattr(S, "BLOCK_M", 16)
+    monkeypatch.setattr(S, "GROUPS_PER_PROG", 2)
+    q, k = (t.to(dev) for t in clustered_qk())
+    kw = dict(q_block=M, kv_tile=kv_tile, top_p=0.9, text_tokens=text_tokens, refine=refine, dense_above=0.3)
+    masks = {}
+    for fused in (False, True):
+        monkeypatch.setattr(S, "FUSED_EMIT", fused)
+        masks[fused] = predict_mask(q, k, backend="triton", **kw)
+    masks["torch"] = predict_mask(q, k, backend="torch", **kw)
+    ref = masks[False]
+    ref.validate()
+    assert 0.05 < ref.density() < 0.5
+    for key, m in masks.items():
+        assert torch.equal(m.offsets, ref.offsets) and torch.equal(m.indices, ref.indices), key
+
+    B, Sq, H, D = q.shape
+    cfg = P.PredictConfig(q_block=M, kv_tile=kv_tile, text_tokens=text_tokens)
+    forced = P._forced(cfg, Sq, Sq)
+    qbar = P.block_pool(q, M).permute(0, 2, 1, 3).reshape(B * H, -1, D)
+    passes = S.TritonPasses(qbar, k, H, kv_tile, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(M, kv_tile))
+    gs, ng, n_g = P._group_layout(passes.nt, M, kv_tile, q.device)
+    gmax, gsum = passes.stats(gs, ng)
+    lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
+    mass, _ = passes.candidates(lse, theta, count=False)
+    theta_row = theta.gather(1, P._select(mass, theta, cfg.top_p)[:, None]).squeeze(1)
+    monkeypatch.setattr(S, "SKIP_CHUNKS", False)
+    words0, counts0, kept0 = passes._emit_words(theta_row, forced, fill=-1)
+    monkeypatch.setattr(S, "FUSED_EMIT", True)
+    monkeypatch.setattr(S, "SKIP_CHUNKS", True)
+    words, counts, kept, codes = passes._select_words(lse, theta, cfg.top_p, forced, fill=-1)
+    assert int((codes == -1).sum()) > 0, "the candidates kernel skipped no chunk"
+    assert int((codes != -1).sum()) > 0
+    assert torch.equal(words, words0) and torch.equal(counts, counts0) and torch.equal(kept, kept0)
+
+
 @pytest.mark.parametrize("area", [1, 7, 190 * 190, 32760 * 32760, 118800 * 118800])
 @pytest.mark.parametrize("dense_above", [0.0, 1e-9, 0.1, 0.6, 0.675, 0.73, 1 / 3, 0.999999, 1.0])
 def test_dense_limit_decides_as_dense_heads_does(area, dense_above):
@@ -868,7 +916,7 @@ cases = [
     (S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, WITH_MASS=True, COUNT=count,
-          WIDE=True, SKIP=skip))
+          WIDE=True, SKIP=skip, CODE=False))
     for n in (1, 16) for count in (False, True) for skip in (False, True)
 ] + [
     (S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
@@ -878,7 +926,7 @@ cases = [
     (S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
                             "MASS": "*fp32", "CNT": "*i32", "scale": "fp32", "margin": "fp32"},
      dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=16, T_P=16, IEEE=False, WITH_MASS=False, COUNT=True,
-          WIDE=64 // n * 16 > S.COUNT_3D_PAIRS, SKIP=skip))
+          WIDE=64 // n * 16 > S.COUNT_3D_PAIRS, SKIP=skip, CODE=False))
     for n in (1, 16) for skip in (False, True)
 ]
 for kernel, types, const in cases:
@@ -901,6 +949,13 @@ cases = [(S._emit_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "THET
          for n in (1, 16) for skip in (False, True)]
 cases += [(S._expand_kernel, {"WORDS": "*i64", "STARTS": "*i64", "FULL": "*i8", "OUT": "*i32"},
            dict(BW=512 // gt, GT=gt)) for gt in (64, 4)]
+cases += [(S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32", "LSE": "*fp32", "THETA": "*fp32",
+                                  "MASS": "*fp32", "CNT": "*fp32", "CODES": "*i32", "scale": "fp32", "margin": "fp32"},
+           dict(BM=64, GK=64, N=n, D=128, BLOCK_D=128, GPP=8, T=8, T_P=8, IEEE=False, WITH_MASS=True, COUNT=False,
+                WIDE=True, SKIP=True, CODE=True)) for n in (1, 16)]
+cases += [(S._words_kernel, {"MASS": "*fp32", "THETA": "*fp32", "GMAX": "*fp32", "CODES": "*i32", "WORDS": "*i64",
+                             "COUNTS": "*i32", "ROW_KEPT": "*i32", "top_p": "fp32", "margin": "fp32"},
+           dict(T=8, T_P=8, N=n, GT=64 // n, GW=16, CB=64, KEEP_DIAG=True)) for n in (1, 16)]
 cases += [(S._head_rows_kernel, {"WORDS": "*i64", "ROW_KEPT": "*i32", "PREFIX": "*i64", "HEAD_TILES": "*i64",
                                  "HEAD_DENSE": "*i8", "HOST": "*i64", "limit": "i64"}, dict(ROUND=rnd, RB=256))
           for rnd in (False, True)]
@@ -917,9 +972,10 @@ print(len(cases))
 
 @triton_only
 def test_per_key_emit_offsets_and_expand_compile_to_sm90_binaries():
-    """The per-key emit, row-offset and expand kernels go all the way through Triton's pipeline to
-    an sm_90 binary (ptxas included) on the CPU, past the front end that the test below checks."""
-    assert build_for_hopper(_CUBIN_SCRIPT).split()[-1] == "9"
+    """The per-key emit, row-offset and expand kernels, and the candidates and words kernels of the
+    fused emit, go all the way through Triton's pipeline to an sm_90 binary (ptxas included) on
+    the CPU, past the front end that the test below checks."""
+    assert build_for_hopper(_CUBIN_SCRIPT).split()[-1] == "13"
 
 
 @triton_only

@@ -11,6 +11,9 @@ writes a score to memory::
     candidates  per (query block, program chunk): mass (and, for budgets, count) of tiles >= each threshold
     counts      the candidates kernel without the mass (no exp): the min_keep / max_keep search
     emit        per (query block, group): a bit word of kept tiles and its popcount
+    words       (FUSED_EMIT, no budgets) instead of emit: the last candidates pass also stores each
+                tile's code (how many thresholds it reaches, 4 bits); per query block, the pick
+                from the chunk masses, then the bit words and popcounts from the codes
     head rows   per head: row counts, their running sum, the dense_above round-up decision
     row starts  per row: its CSR offsets and every group's output offset (no torch operations
                 between emit and expand: on a slow host each would keep the GPU waiting)
@@ -60,6 +63,13 @@ SKIP_MARGIN = 1e-3
 SKIP_CHUNKS = True
 # Software-pipeline stages of the candidates and emit passes' key loads (H100: 2 beat 1, 3 and 4).
 PASS_STAGES = 2
+# FUSED_EMIT: without a budget search, the last candidates pass also stores every scored tile's
+# code (how many of the row's thresholds its log-mass reaches, 4 bits), and a light kernel a
+# program per row picks the threshold and writes the bit words from the codes: one pass over the
+# keys (the emit kernel's) fewer, the same mask. Read at call time, for sweeps and tests.
+FUSED_EMIT = True
+# Groups per step of the words kernel (its program loops over the row's groups).
+WORDS_GROUPS = 16
 
 
 @triton.jit
@@ -139,16 +149,33 @@ def _chunk_needed(GMAX, grow, rvalid, pid_g, ng, floor, GPP: tl.constexpr):
 
 
 @triton.jit
+def _store_codes(CODES, code, grow, ok, g, ng, BM: tl.constexpr, GT: tl.constexpr):
+    """Store the ``(BM, GT)`` tile codes (each < 16) of group ``g``, 8 to an int32, low bits first:
+    ``CODES[(row * ng + g) * CW + w]``, ``CW = max(1, GT // 8)``."""
+    CPW: tl.constexpr = 8 if GT >= 8 else GT  # codes per int32
+    CW: tl.constexpr = GT // CPW
+    jl = tl.arange(0, GT)
+    packed = code << (4 * (jl % 8))[None, :]
+    words = tl.sum(tl.reshape(packed, (BM, CW, CPW)), axis=2)  # disjoint bit fields: the sum is an or
+    w = tl.arange(0, CW)
+    tl.store(CODES + (grow * ng + g)[:, None] * CW + w[None, :], words, mask=ok[:, None])
+
+
+@triton.jit
 def _threshold_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, THETA, grow, rvalid, cols, th, acc_m,
-                     acc_c, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, T: tl.constexpr, IEEE: tl.constexpr,
-                     WITH_MASS: tl.constexpr, COUNT: tl.constexpr, WIDE: tl.constexpr):
+                     acc_c, CODES, ng, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, T: tl.constexpr,
+                     IEEE: tl.constexpr, WITH_MASS: tl.constexpr, COUNT: tl.constexpr, WIDE: tl.constexpr,
+                     CODE: tl.constexpr):
     """Group ``g``'s tile masses (``WITH_MASS``) and counts (``COUNT``) at each row's ``T``
-    thresholds, added to the accumulators."""
+    thresholds, added to the accumulators; with ``CODE``, each tile's code (how many of the
+    thresholds it reaches) is stored in 4 bits (:func:`_store_codes`)."""
     t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
     if WITH_MASS or WIDE:
         # One threshold at a time keeps the compare in registers.
         if WITH_MASS:
             p = tl.exp(t - lse[:, None])
+        if CODE:
+            code = tl.zeros((BM, GK // N), dtype=tl.int32)
         for i in tl.static_range(T):
             th_i = tl.load(THETA + grow * T + i, mask=rvalid, other=float("inf"))
             sel = t >= th_i[:, None]
@@ -158,6 +185,10 @@ def _threshold_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, 
             if COUNT:
                 c_i = tl.sum(sel.to(tl.int32), axis=1)
                 acc_c += tl.where(cols[None, :] == i, c_i[:, None], 0)
+            if CODE:
+                code += sel.to(tl.int32)
+        if CODE:
+            _store_codes(CODES, code, grow, rvalid & (g < ng), g, ng, BM, GK // N)
     else:
         # Counts alone with few tiles per group (wide kv tiles): every (tile, threshold) pair at once.
         acc_c += tl.sum((t[:, :, None] >= th[:, None, :]).to(tl.int32), axis=1)
@@ -165,15 +196,17 @@ def _threshold_group(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse, 
 
 
 @triton.jit
-def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nchunk, scale,
+def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, CODES, mq, H, Skv, ng, nchunk, scale,
                        s_kb, s_ks, s_kh, margin,
                        BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, D: tl.constexpr,
                        BLOCK_D: tl.constexpr, GPP: tl.constexpr, T: tl.constexpr, T_P: tl.constexpr,
                        IEEE: tl.constexpr, WITH_MASS: tl.constexpr, COUNT: tl.constexpr, WIDE: tl.constexpr,
-                       SKIP: tl.constexpr):
+                       SKIP: tl.constexpr, CODE: tl.constexpr = False):
     """Per (query-block row, program chunk): the mass (``WITH_MASS``) and count (``COUNT``) of
     tiles at or above each of the row's ``T`` thresholds. Without the mass it is the budget
-    search's counts pass (no exp); ``LSE`` and ``MASS`` are then not touched."""
+    search's counts pass (no exp); ``LSE`` and ``MASS`` are then not touched. With ``CODE`` (and
+    the mass) it also stores every scored tile's code for :func:`_words_kernel`; skipped chunks
+    store none."""
     pid_g = tl.program_id(2)
     rows, rvalid, grow, offs_d, d_ok, offs_k, q, k_base = _program_tile(QBAR, K, mq, H, s_kb, s_kh, BM, GK, D, BLOCK_D)
     cols = tl.arange(0, T_P)
@@ -196,8 +229,8 @@ def _candidates_kernel(QBAR, K, GMAX, LSE, THETA, MASS, CNT, mq, H, Skv, ng, nch
     if need:
         for gi in range(GPP):
             acc_m, acc_c = _threshold_group(q, k_base, pid_g * GPP + gi, Skv, scale, s_ks, offs_k, offs_d, d_ok, lse,
-                                            THETA, grow, rvalid, cols, th, acc_m, acc_c, BM, GK, N, T, IEEE, WITH_MASS,
-                                            COUNT, WIDE)
+                                            THETA, grow, rvalid, cols, th, acc_m, acc_c, CODES, ng, BM, GK, N, T, IEEE,
+                                            WITH_MASS, COUNT, WIDE, CODE)
     out = (grow * nchunk + pid_g)[:, None] * T + cols[None, :]
     ok = rvalid[:, None] & (cols[None, :] < T)
     if WITH_MASS:
@@ -223,6 +256,18 @@ def _bit_word(keep, jl, GT: tl.constexpr):
 
 
 @triton.jit
+def _forced_tiles(i, j, Sq, Skv, M, TXT, N: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """Whether tile ``j`` of query block ``i`` is forced (broadcast shapes): a diagonal tile (keys
+    at the block's own positions), a text key tile, or any tile of a block holding text queries."""
+    forced = (i < 0) | (j < 0)  # False, in the broadcast shape (the text test is a run-time branch)
+    if KEEP_DIAG:
+        forced = forced | ((j * N < (i + 1) * M) & ((j + 1) * N > i * M))
+    if TXT > 0:
+        forced = forced | ((j + 1) * N > Skv - TXT) | ((i + 1) * M > Sq - TXT)
+    return forced
+
+
+@triton.jit
 def _emit_group(q, k_base, g, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta, rows, rvalid, grow, jl, nt, ng, M,
                 TXT, WORDS, COUNTS, BM: tl.constexpr, GK: tl.constexpr, N: tl.constexpr, GT: tl.constexpr,
                 KEEP_DIAG: tl.constexpr, IEEE: tl.constexpr):
@@ -230,11 +275,7 @@ def _emit_group(q, k_base, g, Skv, Sq, scale, s_ks, offs_k, offs_d, d_ok, theta,
     returns the counts."""
     t = _group_logmass(q, k_base, g, Skv, scale, s_ks, offs_k, offs_d, d_ok, BM, GK, N, IEEE)
     j = g * GT + jl  # global tile ids of the group
-    keep = t >= theta[:, None]
-    if KEEP_DIAG:
-        keep = keep | ((j[None, :] * N < (rows[:, None] + 1) * M) & ((j[None, :] + 1) * N > rows[:, None] * M))
-    if TXT > 0:
-        keep = keep | ((j[None, :] + 1) * N > Skv - TXT) | ((rows[:, None] + 1) * M > Sq - TXT)
+    keep = (t >= theta[:, None]) | _forced_tiles(rows[:, None], j[None, :], Sq, Skv, M, TXT, N, KEEP_DIAG)
     keep = keep & (j[None, :] < nt) & rvalid[:, None]
     word, cnt = _bit_word(keep, jl, GT)
     ok = rvalid & (g < ng)
@@ -279,6 +320,47 @@ def _emit_kernel(QBAR, K, GMAX, THETA_ROW, WORDS, COUNTS, ROW_KEPT, mq, H, Sq, S
                                 rvalid, grow, jl, nt, ng, M, TXT, WORDS, COUNTS, BM, GK, N, GT, KEEP_DIAG, IEEE)
     # Row totals for the offsets (integer atomics: the same sums in any order).
     tl.atomic_add(ROW_KEPT + grow, kept, mask=rvalid & (kept > 0))
+
+
+@triton.jit
+def _words_kernel(MASS, THETA, GMAX, CODES, WORDS, COUNTS, ROW_KEPT, mq, Sq, Skv, ng, nt, nchunk, top_p, margin, M, TXT,
+                  T: tl.constexpr, T_P: tl.constexpr, N: tl.constexpr, GT: tl.constexpr, GW: tl.constexpr,
+                  CB: tl.constexpr, KEEP_DIAG: tl.constexpr):
+    """Per row (a program each), after the candidates kernel stored the tile codes: the row's kept
+    mass at each threshold (its chunks' sums), the pick (the largest threshold whose mass reaches
+    ``top_p``, else the first: ``predict._select``), and then, as the emit kernel would write them
+    at the picked threshold, every group's bit word and count and the row's total. A tile is kept
+    when its code exceeds the pick (its log-mass reaches the picked threshold) or it is forced.
+    Groups whose pass-1 max is below the picked threshold (by the skip margin) hold no kept tile,
+    and their codes are not read: those of chunks the candidates kernel skipped were never written."""
+    r = tl.program_id(0).to(tl.int64)
+    i = r % mq
+    cols = tl.arange(0, T_P)
+    mass = tl.zeros((T_P,), dtype=tl.float32)
+    for c0 in range(0, nchunk, CB):
+        c = c0 + tl.arange(0, CB)
+        m = tl.load(MASS + (r * nchunk + c)[:, None] * T + cols[None, :],
+                    mask=(c[:, None] < nchunk) & (cols[None, :] < T), other=0.0)
+        mass += tl.sum(m, axis=0)
+    pick = tl.max(tl.where((mass >= top_p) & (cols < T), cols, 0), axis=0)
+    floor = tl.load(THETA + r * T + pick) - margin
+    CPW: tl.constexpr = 8 if GT >= 8 else GT
+    CW: tl.constexpr = GT // CPW
+    jl = tl.arange(0, GT)
+    total = tl.full((), 0, dtype=tl.int32)
+    for g0 in range(0, ng, GW):
+        g = g0 + tl.arange(0, GW)
+        gin = g < ng
+        scored = tl.load(GMAX + r * ng + g, mask=gin, other=float("-inf")) >= floor
+        cw = tl.load(CODES + (r * ng + g)[:, None] * CW + (jl // CPW)[None, :], mask=scored[:, None], other=0)
+        code = (cw >> (4 * (jl % CPW))[None, :]) & 15
+        j = g[:, None] * GT + jl[None, :]
+        keep = ((code > pick) | _forced_tiles(i, j, Sq, Skv, M, TXT, N, KEEP_DIAG)) & (j < nt)
+        word, cnt = _bit_word(keep, jl, GT)
+        tl.store(WORDS + r * ng + g, word, mask=gin)
+        tl.store(COUNTS + r * ng + g, cnt, mask=gin)
+        total += tl.sum(tl.where(gin, cnt, 0), axis=0)
+    tl.store(ROW_KEPT + r, total)
 
 
 @triton.jit
@@ -508,7 +590,7 @@ class TritonPasses:
         cnt = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.int32) if count else mass
         meta, (sb, ss, sh) = self._common()
         _candidates_kernel[self._grid()](
-            self.qbar, self.k, self._gmax, lse.contiguous(), theta.float().contiguous(), mass, cnt,
+            self.qbar, self.k, self._gmax, lse.contiguous(), theta.float().contiguous(), mass, cnt, cnt,
             self.mq, self.H, self.Skv, self.ng, self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN,
             T=T, T_P=triton.next_power_of_2(T), WITH_MASS=True, COUNT=count, WIDE=True, SKIP=SKIP_CHUNKS,
             num_stages=PASS_STAGES, **meta)
@@ -523,10 +605,53 @@ class TritonPasses:
         T_P = triton.next_power_of_2(T)
         theta = theta.float().contiguous()
         _candidates_kernel[self._grid()](
-            self.qbar, self.k, self._gmax, theta, theta, theta, cnt, self.mq, self.H, self.Skv, self.ng,
+            self.qbar, self.k, self._gmax, theta, theta, theta, cnt, cnt, self.mq, self.H, self.Skv, self.ng,
             self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN, T=T, T_P=T_P, WITH_MASS=False, COUNT=True,
             WIDE=self.gs * T_P > COUNT_3D_PAIRS, SKIP=SKIP_CHUNKS, num_stages=PASS_STAGES, **meta)
         return cnt.sum(dim=1, dtype=torch.int64)
+
+    def fuses(self, T: int) -> bool:
+        """Whether :meth:`select_emit` can stand for the last candidates pass, the pick and the
+        emit pass (``FUSED_EMIT`` on, and a tile's code, ``0..T``, fits in 4 bits)."""
+        return FUSED_EMIT and T <= 15
+
+    def select_emit(self, lse: torch.Tensor, theta: torch.Tensor, top_p: float, forced,
+                    dense_above: float | None = None, fill: int | None = None):
+        """:meth:`candidates` at ``theta (R, T)``, ``predict._select``'s pick, and :meth:`emit` at
+        the picked thresholds, with one pass over the keys: the candidates kernel stores each
+        tile's code, and the words kernel picks and writes the bit words from the codes. Same
+        result as :meth:`emit`; ``fill`` (tests only) poisons the code buffer before the pass."""
+        return self._expand(*self._select_words(lse, theta, top_p, forced, fill)[:3], forced, dense_above)
+
+    def _select_words(self, lse, theta, top_p, forced, fill=None):
+        """:meth:`select_emit`'s two kernels: ``words``, ``counts``, ``row_kept`` as
+        :meth:`_emit_words` gives them, and the code buffer (entries of chunks that the candidates
+        kernel skipped keep ``fill``)."""
+        R, T = theta.shape
+        if not self.fuses(T):
+            raise ValueError(f"select_emit needs FUSED_EMIT and at most 15 thresholds, got {T}")
+        dev = theta.device
+        mass = torch.empty(R, self.nchunk, T, device=dev, dtype=torch.float32)
+        CW = max(1, self.gs // 8)
+        codes = torch.empty(R * self.ng * CW, device=dev, dtype=torch.int32)
+        if fill is not None:
+            codes.fill_(fill)
+        theta = theta.float().contiguous()
+        meta, (sb, ss, sh) = self._common()
+        _candidates_kernel[self._grid()](
+            self.qbar, self.k, self._gmax, lse.contiguous(), theta, mass, mass, codes,
+            self.mq, self.H, self.Skv, self.ng, self.nchunk, self.scale, sb, ss, sh, SKIP_MARGIN,
+            T=T, T_P=triton.next_power_of_2(T), WITH_MASS=True, COUNT=False, WIDE=True, SKIP=SKIP_CHUNKS, CODE=True,
+            num_stages=PASS_STAGES, **meta)
+        words = torch.empty(R * self.ng, device=dev, dtype=torch.int64)
+        counts = torch.empty(R * self.ng, device=dev, dtype=torch.int32)
+        row_kept = torch.empty(R, device=dev, dtype=torch.int32)
+        _words_kernel[(R,)](
+            mass, theta, self._gmax, codes, words, counts, row_kept, self.mq, forced.seq_len_q, self.Skv, self.ng,
+            self.nt, self.nchunk, float(top_p), SKIP_MARGIN, forced.q_block, forced.text_tokens,
+            T=T, T_P=triton.next_power_of_2(T), N=self.N, GT=self.gs, GW=WORDS_GROUPS,
+            CB=min(64, max(16, triton.next_power_of_2(self.nchunk))), KEEP_DIAG=forced.keep_diagonal)
+        return words, counts, row_kept, codes
 
     def emit(self, theta_row: torch.Tensor, forced, dense_above: float | None = None):
         """Kept tiles per row, their sorted ids, per head whether it is full (every tile of every
