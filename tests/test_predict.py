@@ -2,6 +2,7 @@
 
 import math
 from importlib.util import find_spec
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -426,6 +427,25 @@ def clustered_qk(S=512, span=128, h=1, d=16, strength=5.0, seed=3):
     return q + code[None, :, None], k + code[None, :, None]
 
 
+def _rule_passes(q, k, M, kv_tile, text_tokens, top_p=0.9):
+    """The per-key Triton passes of ``q, k`` up to the rule's pick (one candidates pass, 8
+    thresholds): ``passes, forced, lse, theta`` and the picked ``theta_row``."""
+    from dbsp import predict as P
+    from dbsp.kernels import predict_select as S
+
+    B, Sq, H, D = q.shape
+    cfg = P.PredictConfig(q_block=M, kv_tile=kv_tile, text_tokens=text_tokens, top_p=top_p)
+    qbar = P.block_pool(q, M).permute(0, 2, 1, 3).reshape(B * H, -1, D)
+    passes = S.TritonPasses(qbar, k, H, kv_tile, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(M, kv_tile))
+    gs, ng, n_g = P._group_layout(passes.nt, M, kv_tile, q.device)
+    gmax, gsum = passes.stats(gs, ng)
+    lse, theta = passes.thresholds(gmax, gsum, n_g, top_p, 8)
+    mass, _ = passes.candidates(lse, theta, count=False)
+    theta_row = theta.gather(1, P._select(mass, theta, top_p)[:, None]).squeeze(1)
+    return SimpleNamespace(passes=passes, forced=P._forced(cfg, Sq, k.shape[1]), lse=lse, theta=theta,
+                           theta_row=theta_row)
+
+
 @triton_only
 @pytest.mark.parametrize("kv_tile,text_tokens,budget", [(1, 40, {}), (4, 0, {"max_keep": 12})])
 def test_triton_chunk_skip_changes_no_mask(monkeypatch, kv_tile, text_tokens, budget):
@@ -435,7 +455,6 @@ def test_triton_chunk_skip_changes_no_mask(monkeypatch, kv_tile, text_tokens, bu
     groups unwritten (a poisoned count survives the emit kernel), and those are exactly groups
     that the unskipped kernel finds empty. Programs of 16 query blocks of 8 tokens and chunks of
     2 groups of 64 keys make a program see one 128-token stretch of queries and 4 chunks."""
-    from dbsp import predict as P
     from dbsp.kernels import predict_select as S
 
     dev = _backend_or_skip("triton")
@@ -459,20 +478,13 @@ def test_triton_chunk_skip_changes_no_mask(monkeypatch, kv_tile, text_tokens, bu
         assert torch.equal(m.offsets, ref.offsets) and torch.equal(m.indices, ref.indices), key
 
     # The emit kernel alone, its counts poisoned with -1 (never a real count).
-    B, Sq, H, D = q.shape
-    cfg = P.PredictConfig(q_block=M, kv_tile=kv_tile, text_tokens=text_tokens)
-    qbar = P.block_pool(q, M).permute(0, 2, 1, 3).reshape(B * H, -1, D)
-    passes = S.TritonPasses(qbar, k, H, kv_tile, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(M, kv_tile))
-    gs, ng, n_g = P._group_layout(passes.nt, M, kv_tile, q.device)
-    gmax, gsum = passes.stats(gs, ng)
-    lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
-    mass, _ = passes.candidates(lse, theta, count=False)
-    theta_row = theta.gather(1, P._select(mass, theta, cfg.top_p)[:, None]).squeeze(1)
+    x = _rule_passes(q, k, M, kv_tile, text_tokens)
     out = {}
     for skip in (False, True):
         monkeypatch.setattr(S, "SKIP_CHUNKS", skip)
-        out[skip] = passes._emit_words(theta_row, P._forced(cfg, Sq, Sq), fill=-1)
+        out[skip] = x.passes._emit_words(x.theta_row, x.forced, fill=-1)
     words0, counts0, kept0 = out[False]
+    ng = x.passes.ng
     assert not bool((counts0 == -1).any())  # without skipping every group is written
     assert torch.equal(kept0, counts0.reshape(-1, ng).sum(dim=1, dtype=torch.int32))
     words, counts, kept = out[True]
@@ -492,7 +504,6 @@ def test_triton_fused_emit_gives_the_unfused_mask(monkeypatch, M, kv_tile, text_
     (-1: every code 15, which keeps every tile where read): codes of skipped chunks stay unwritten
     and are never read. Shapes as in the chunk-skip test above (16-token query blocks: a program
     sees two stretches); kv_tile 1, 4 and 16 store 64, 16 and 4 codes per group."""
-    from dbsp import predict as P
     from dbsp.kernels import predict_select as S
 
     dev = _backend_or_skip("triton")
@@ -511,21 +522,12 @@ def test_triton_fused_emit_gives_the_unfused_mask(monkeypatch, M, kv_tile, text_
     for key, m in masks.items():
         assert torch.equal(m.offsets, ref.offsets) and torch.equal(m.indices, ref.indices), key
 
-    B, Sq, H, D = q.shape
-    cfg = P.PredictConfig(q_block=M, kv_tile=kv_tile, text_tokens=text_tokens)
-    forced = P._forced(cfg, Sq, Sq)
-    qbar = P.block_pool(q, M).permute(0, 2, 1, 3).reshape(B * H, -1, D)
-    passes = S.TritonPasses(qbar, k, H, kv_tile, 1.0 / math.sqrt(D), group_tiles=P.group_tiles(M, kv_tile))
-    gs, ng, n_g = P._group_layout(passes.nt, M, kv_tile, q.device)
-    gmax, gsum = passes.stats(gs, ng)
-    lse, theta = passes.thresholds(gmax, gsum, n_g, cfg.top_p, 8)
-    mass, _ = passes.candidates(lse, theta, count=False)
-    theta_row = theta.gather(1, P._select(mass, theta, cfg.top_p)[:, None]).squeeze(1)
+    x = _rule_passes(q, k, M, kv_tile, text_tokens)
     monkeypatch.setattr(S, "SKIP_CHUNKS", False)
-    words0, counts0, kept0 = passes._emit_words(theta_row, forced, fill=-1)
+    words0, counts0, kept0 = x.passes._emit_words(x.theta_row, x.forced, fill=-1)
     monkeypatch.setattr(S, "FUSED_EMIT", True)
     monkeypatch.setattr(S, "SKIP_CHUNKS", True)
-    words, counts, kept, codes = passes._select_words(lse, theta, cfg.top_p, forced, fill=-1)
+    words, counts, kept, codes = x.passes._select_words(x.lse, x.theta, 0.9, x.forced, fill=-1)
     assert int((codes == -1).sum()) > 0, "the candidates kernel skipped no chunk"
     assert int((codes != -1).sum()) > 0
     assert torch.equal(words, words0) and torch.equal(counts, counts0) and torch.equal(kept, kept0)
