@@ -6,7 +6,7 @@ Wan2.1-1.3B 480p).
 Times the candidates pass, the last pass (the candidates pass, the pick and the emit + expand
 kernels: fused with ``FUSED_EMIT``, three steps without) and whole ``predict_mask`` calls (64x1 and
 64x16 per key at top_p 0.9, 64x1 at top_p 0.5; ``triton.testing.do_bench``, median, L2 flushed)
-for settings of ``FUSED_EMIT``, ``SKIP_CHUNKS`` and ``PASS_STAGES``, two rounds. The first
+for settings of ``FUSED_EMIT``, ``SKIP_CHUNKS``, ``PASS_STAGES`` and ``WORDS_GROUPS``, two rounds. The first
 variant is the shipped one. Every variant's output is checked against the first one's: the
 settings change speed only. Changes nothing. (``results/h100/sweep_predict_flags.log`` also timed
 the per-group skip that the chunk test replaced, as ``skip_mode=1``, and 64-bit word packing, as
@@ -29,9 +29,9 @@ def bench(f):
     return triton.testing.do_bench(f, warmup=10, rep=80)
 
 
-def run(fused, skip, stages):
-    saved = S.FUSED_EMIT, S.SKIP_CHUNKS, S.PASS_STAGES
-    S.FUSED_EMIT, S.SKIP_CHUNKS, S.PASS_STAGES = fused, skip, stages
+def run(fused, skip, stages, gw):
+    saved = S.FUSED_EMIT, S.SKIP_CHUNKS, S.PASS_STAGES, S.WORDS_GROUPS
+    S.FUSED_EMIT, S.SKIP_CHUNKS, S.PASS_STAGES, S.WORDS_GROUPS = fused, skip, stages, gw
     try:
         cand = lambda: passes.candidates(lse, theta, count=False)  # noqa: E731
         if fused:
@@ -48,17 +48,18 @@ def run(fused, skip, stages):
             times.append(bench(call))
         return times, outs
     finally:
-        S.FUSED_EMIT, S.SKIP_CHUNKS, S.PASS_STAGES = saved
+        S.FUSED_EMIT, S.SKIP_CHUNKS, S.PASS_STAGES, S.WORDS_GROUPS = saved
 
 
 ref = None
-variants = [(True, True, 2), (False, True, 2), (True, False, 2), (True, True, 3)]
+variants = [(True, True, 2, S.WORDS_GROUPS), (False, True, 2, S.WORDS_GROUPS), (True, False, 2, S.WORDS_GROUPS),
+            (True, True, 3, S.WORDS_GROUPS), (True, True, 2, 8), (True, True, 2, 32)]
 for rnd in range(2):
-    for fused, skip, stages in variants:
-        times, outs = run(fused, skip, stages)
+    for fused, skip, stages, gw in variants:
+        times, outs = run(fused, skip, stages, gw)
         if ref is None:
             ref = outs
         same = all(torch.equal(a, b) for a, b in zip(outs, ref))
-        print(f"round {rnd} fused_emit={fused!s:5} skip_chunks={skip!s:5} stages={stages}: candidates {times[0]:.3f} ms, "
+        print(f"round {rnd} fused_emit={fused!s:5} skip_chunks={skip!s:5} stages={stages} words_groups={gw}: candidates {times[0]:.3f} ms, "
               f"last pass (candidates, pick, emit+expand) {times[1]:.3f} ms, 64x1 call {times[2]:.3f} ms, "
               f"64x16 per-key call {times[3]:.3f} ms, 64x1 top_p 0.5 call {times[4]:.3f} ms, same={same}", flush=True)
