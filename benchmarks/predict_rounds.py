@@ -1,7 +1,7 @@
 """Predictor time vs dense cuDNN SDPA at Wan2.1-1.3B 480p (GPU), in three rounds of alternating
 order, to tell run-to-run spread from real differences (bench_predict.py times each variant once).
 
-    python benchmarks/predict_rounds.py [--budget] [--search 16x3,32x2] [--refine0]
+    python benchmarks/predict_rounds.py [--budget] [--search 16x3,32x2] [--refine0] [--only "64x1 per-key,..."]
 
 Two figures per predictor:
 
@@ -36,6 +36,7 @@ parser.add_argument("--budget", action="store_true", help="also time 64x16 and 6
 parser.add_argument("--search", default="", help="budget search settings TxR, comma-separated (implies --budget)")
 parser.add_argument("--refine0", action="store_true",
                     help="also time the per-key predictors with refine=0 (one candidates pass; coarser threshold, more tiles)")
+parser.add_argument("--only", default="", help="time only these predictors (names as printed, comma-separated)")
 args = parser.parse_args()
 
 w = make_workload("wan1.3b-480p", device=torch.device("cuda"), dtype=torch.bfloat16)
@@ -55,6 +56,12 @@ if args.budget or args.search:
             kw = dict(q_block=64, kv_tile=N, max_keep=math.ceil(0.2 * -(-S // N)))
             BUDGET[f"64x{N} per-key max_keep 20%{tag}"] = (kw, tr)
             V[f"64x{N} per-key max_keep 20%{tag}"] = kw
+if args.only:
+    keep = [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in keep if n not in V]
+    if unknown:
+        raise SystemExit(f"--only: unknown predictors {unknown}; known: {list(V)}")
+    V = {n: V[n] for n in keep}
 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
 
 
