@@ -25,8 +25,9 @@ same as keeping every tile whose mass is at least the largest threshold tau with
                        f(tau) >= sum_{g: m_g >= tau} m_g          (lower bracket, always valid)
     pass 2  exact f at `candidates` thresholds spaced evenly in log(tau) over [tau_lo, tau_hi];
             keep the largest one with f >= top_p; repeated `refine` times inside the winning gap
-    pass 3  emit every tile with mass >= tau (plus the forced tiles); without budgets the Triton
-            passes fold this into the last pass 2, which stores each tile's threshold count
+    pass 3  emit every tile with mass >= tau (plus the forced tiles); without budgets, for groups
+            of a few tiles (64x16), the Triton passes fold this into the last pass 2, which
+            stores each tile's threshold count
 
 The result is a superset of the exact smallest set: it contains every tile of mass above tau* and
 possibly some of mass in [tau, tau*), where tau is within a factor ``(tau_hi / tau_lo) **
@@ -832,11 +833,11 @@ def _predict_per_key(qbar, k, Sq, Skv, scale, cfg):
     budgets = cfg.min_keep > 1 or cfg.max_keep is not None  # only budgets need the counts
     forced = _forced(cfg, Sq, Skv)
     torch_passes = isinstance(passes, _TorchPasses)
-    # Without budgets the Triton passes pick and emit in the last candidates pass (same mask).
-    fused = not budgets and not torch_passes and passes.fuses(T)
+    # Without budgets the Triton passes may pick and emit in the last candidates pass (same mask).
+    emit_in_last_pass = not budgets and not torch_passes and passes.fuses(T)
     for r in range(cfg.refine + 1):
         last = r == cfg.refine
-        if last and fused:
+        if last and emit_in_last_pass:
             return passes.select_emit(lse, theta, cfg.top_p, forced, dense_above=cfg.dense_above)
         mass, cnt = passes.candidates(lse, theta, count=budgets and last)
         pick = _select(mass, theta, cfg.top_p)

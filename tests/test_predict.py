@@ -509,6 +509,7 @@ def test_triton_fused_emit_gives_the_unfused_mask(monkeypatch, M, kv_tile, text_
     dev = _backend_or_skip("triton")
     monkeypatch.setattr(S, "BLOCK_M", 16)
     monkeypatch.setattr(S, "GROUPS_PER_PROG", 2)
+    monkeypatch.setattr(S, "FUSED_MAX_TILES", 64)  # the library fuses only groups of few tiles (speed)
     q, k = (t.to(dev) for t in clustered_qk())
     kw = dict(q_block=M, kv_tile=kv_tile, top_p=0.9, text_tokens=text_tokens, refine=refine, dense_above=0.3)
     masks = {}

@@ -11,9 +11,10 @@ writes a score to memory::
     candidates  per (query block, program chunk): mass (and, for budgets, count) of tiles >= each threshold
     counts      the candidates kernel without the mass (no exp): the min_keep / max_keep search
     emit        per (query block, group): a bit word of kept tiles and its popcount
-    words       (FUSED_EMIT, no budgets) instead of emit: the last candidates pass also stores each
-                tile's code (how many thresholds it reaches, 4 bits); per query block, the pick
-                from the chunk masses, then the bit words and popcounts from the codes
+    words       (FUSED_EMIT, no budgets, groups of <= 8 tiles) instead of emit: the last
+                candidates pass also stores each tile's code (how many thresholds it reaches,
+                4 bits); per query block, the pick from the chunk masses, then the bit words and
+                popcounts from the codes
     head rows   per head: row counts, their running sum, the dense_above round-up decision
     row starts  per row: its CSR offsets and every group's output offset (no torch operations
                 between emit and expand: on a slow host each would keep the GPU waiting)
@@ -66,8 +67,13 @@ PASS_STAGES = 2
 # FUSED_EMIT: without a budget search, the last candidates pass also stores every scored tile's
 # code (how many of the row's thresholds its log-mass reaches, 4 bits), and a light kernel a
 # program per row picks the threshold and writes the bit words from the codes: one pass over the
-# keys (the emit kernel's) fewer, the same mask. Read at call time, for sweeps and tests.
+# keys (the emit kernel's) fewer, the same mask. Used for groups of at most FUSED_MAX_TILES tiles:
+# on an H100 (Wan2.1-1.3B 480p) 64x16 per key (4 tiles a group) took 1.95-2.03 ms a call fused
+# against 2.25 separate, but 64x1 (64 tiles) 3.02-3.08 against 2.20: packing 64 codes a group
+# slowed its candidates pass from 0.41 to 1.27 ms, and the words kernel took 0.28 ms there.
+# Both read at call time, for sweeps and tests.
 FUSED_EMIT = True
+FUSED_MAX_TILES = 8
 # Groups per step of the words kernel (its program loops over the row's groups).
 WORDS_GROUPS = 16
 
@@ -611,9 +617,10 @@ class TritonPasses:
         return cnt.sum(dim=1, dtype=torch.int64)
 
     def fuses(self, T: int) -> bool:
-        """Whether :meth:`select_emit` can stand for the last candidates pass, the pick and the
-        emit pass (``FUSED_EMIT`` on, and a tile's code, ``0..T``, fits in 4 bits)."""
-        return FUSED_EMIT and T <= 15
+        """Whether :meth:`select_emit` stands for the last candidates pass, the pick and the emit
+        pass: ``FUSED_EMIT`` on, groups of at most ``FUSED_MAX_TILES`` tiles, and a tile's code,
+        ``0..T``, fits in 4 bits."""
+        return FUSED_EMIT and self.gs <= FUSED_MAX_TILES and T <= 15
 
     def select_emit(self, lse: torch.Tensor, theta: torch.Tensor, top_p: float, forced,
                     dense_above: float | None = None, fill: int | None = None):
@@ -629,7 +636,8 @@ class TritonPasses:
         kernel skipped keep ``fill``)."""
         R, T = theta.shape
         if not self.fuses(T):
-            raise ValueError(f"select_emit needs FUSED_EMIT and at most 15 thresholds, got {T}")
+            raise ValueError(f"select_emit needs FUSED_EMIT, groups of at most FUSED_MAX_TILES={FUSED_MAX_TILES} "
+                             f"tiles and at most 15 thresholds; got {self.gs} tiles a group, {T} thresholds")
         dev = theta.device
         mass = torch.empty(R, self.nchunk, T, device=dev, dtype=torch.float32)
         CW = max(1, self.gs // 8)
