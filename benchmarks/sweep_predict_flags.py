@@ -52,7 +52,7 @@ def run(fused, skip, stages, gw):
 
 
 ref = None
-variants = [(True, True, 2, S.WORDS_GROUPS), (False, True, 2, S.WORDS_GROUPS), (True, True, 2, 32)]
+variants = [(True, True, 2, S.WORDS_GROUPS), (False, True, 2, S.WORDS_GROUPS), (True, True, 2, 16)]
 for rnd in range(2):
     for fused, skip, stages, gw in variants:
         times, outs = run(fused, skip, stages, gw)

@@ -958,7 +958,7 @@ cases += [(S._candidates_kernel, {"QBAR": "*fp32", "K": "*bf16", "GMAX": "*fp32"
                 WIDE=True, SKIP=True, CODE=True)) for n in (1, 16)]
 cases += [(S._words_kernel, {"MASS": "*fp32", "THETA": "*fp32", "GMAX": "*fp32", "CODES": "*i32", "WORDS": "*i64",
                              "COUNTS": "*i32", "ROW_KEPT": "*i32", "top_p": "fp32", "margin": "fp32"},
-           dict(T=8, T_P=8, N=n, GT=64 // n, GW=16, CB=64, KEEP_DIAG=True)) for n in (1, 16)]
+           dict(T=8, T_P=8, N=n, GT=64 // n, GW=32, CB=64, KEEP_DIAG=True)) for n in (1, 16)]
 cases += [(S._head_rows_kernel, {"WORDS": "*i64", "ROW_KEPT": "*i32", "PREFIX": "*i64", "HEAD_TILES": "*i64",
                                  "HEAD_DENSE": "*i8", "HOST": "*i64", "limit": "i64"}, dict(ROUND=rnd, RB=256))
           for rnd in (False, True)]

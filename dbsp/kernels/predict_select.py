@@ -74,8 +74,9 @@ PASS_STAGES = 2
 # Both read at call time, for sweeps and tests.
 FUSED_EMIT = True
 FUSED_MAX_TILES = 8
-# Groups per step of the words kernel (its program loops over the row's groups).
-WORDS_GROUPS = 16
+# Groups per step of the words kernel (its program loops over the row's groups). H100, 64x16 per
+# key: 32 groups 1.954-1.962 ms a call, 16 groups 2.029-2.030 (benchmarks/sweep_predict_flags.py).
+WORDS_GROUPS = 32
 
 
 @triton.jit
