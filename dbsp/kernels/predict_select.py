@@ -162,7 +162,7 @@ def _store_codes(CODES, code, grow, ok, g, ng, BM: tl.constexpr, GT: tl.constexp
     CPW: tl.constexpr = 8 if GT >= 8 else GT  # codes per int32
     CW: tl.constexpr = GT // CPW
     jl = tl.arange(0, GT)
-    packed = code << (4 * (jl % 8))[None, :]
+    packed = code << (4 * (jl % CPW))[None, :]
     words = tl.sum(tl.reshape(packed, (BM, CW, CPW)), axis=2)  # disjoint bit fields: the sum is an or
     w = tl.arange(0, CW)
     tl.store(CODES + (grow * ng + g)[:, None] * CW + w[None, :], words, mask=ok[:, None])
