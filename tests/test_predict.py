@@ -392,6 +392,7 @@ def test_workload_masks_are_sparse_where_the_heads_are_sharp():
     (2, 190, 64, 0.8, {"pool_keys": False}),
     (2, 190, 1, 0.8, {"dense_above": 0.675}),  # heads rounded up to full on the device
     (2, 190, 16, 0.8, {"dense_above": 0.73}),
+    (1, 190, 16, 0.8, {"candidates": 16}),  # codes would not fit 4 bits: the separate emit pass
 ])
 def test_triton_passes_match_the_torch_passes(B, S, kv_tile, top_p, extra):
     from dbsp.kernels import predict_select
