@@ -2,7 +2,7 @@
 # One GPU session for issue 5's per-key predictor after fusing the last candidates pass with the
 # pick and the emit (predict_select.FUSED_EMIT): the predictor's GPU tests, the settings sweep
 # (fused vs separate passes, same masks), predict_rounds.py for this tree and, where $OLD names a
-# folder holding an earlier dbsp/, for that one, in alternating order, and one 64x1 call's kernels.
+# folder holding an earlier dbsp/, for that one; with PROFILE=1 also one 64x1 call's kernels.
 # Results under $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
