@@ -539,6 +539,7 @@ def make_workload(
     skew: float = 1.0,
     drift: float = 0.3,
     token_noise: float = 1.0,
+    region_skew: float = 0.0,
     kind_weights: dict[str, float] | None = None,
     head_kinds: tuple[str, ...] | list[str] | None = None,
     order: str | TokenOrder = "row_major",
@@ -596,6 +597,16 @@ def make_workload(
         token_noise: multiplies each head's token-level score noise (std 0.3-0.5 score units at
             1.0). More noise makes the important keys of a region more scattered, which favours
             fine-grained masks over block masks (see benchmarks/bench_predict.py). Default: 1.0.
+        region_skew: spread of attention sharpness across the video. Every video query of every
+            head is scaled by ``exp(region_skew * z)``, with ``z`` a smooth zero-mean, unit-variance
+            random field over (frame, row, column) shared by the heads (a few slow waves, up to 2
+            cycles along time, 1 along each spatial axis; moving with ``drift`` across steps):
+            a query temperature, so regions with ``z > 0`` attend more sharply (sparser mask
+            rows) and those with ``z < 0`` more broadly. Since the field varies along time, the
+            contiguous frame ranges that sequence parallelism gives each rank carry different
+            work: block-level imbalance, on top of the head-level one that ``skew`` sets.
+            0 gives every region the same statistics (and the same tensors as before this
+            option existed). Default: 0.0.
         kind_weights: share of each kind. Default: ``DEFAULT_KIND_WEIGHTS`` (text only with
             text tokens).
         head_kinds: explicit kind per head (overrides ``kind_weights``).
@@ -636,7 +647,7 @@ def make_workload(
         raise ValueError(f"step must lie in [0, num_steps) = [0, {num_steps}), got {step}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    for name, val in (("skew", skew), ("drift", drift), ("token_noise", token_noise)):
+    for name, val in (("skew", skew), ("drift", drift), ("token_noise", token_noise), ("region_skew", region_skew)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not (0 <= val < math.inf):
             raise ValueError(f"{name} must be a finite number >= 0, got {val!r}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -674,7 +685,11 @@ def make_workload(
 
     device = torch.device("cpu") if device is None else torch.device(device)
     u = step / max(num_steps - 1, 1)  # position in the run, 0 .. 1
-    q, k, v = _generate(geometry, params, batch, dim, u, drift, rng, seed * 1_000_003 + layer, device)
+    temperature = None
+    if region_skew > 0:
+        z = region_field(geometry, seed=seed, step=step, num_steps=num_steps, drift=drift, batch=batch)
+        temperature = torch.exp(region_skew * z).to(device)
+    q, k, v = _generate(geometry, params, batch, dim, u, drift, rng, seed * 1_000_003 + layer, device, temperature)
 
     if isinstance(order, TokenOrder):
         tok_order = order
@@ -711,8 +726,37 @@ def _object_membership(
     return torch.softmax(3.0 * logits, dim=1).to(torch.float32).to(device)
 
 
-def _generate(geometry, params, batch, dim, u, drift, rng, dev_seed, device):
-    """Build q, k, v ``(B, S, H, D)`` float32 in row-major order from per-head parameters."""
+def region_field(geometry: VideoGeometry, *, seed: int = 0, step: int = 0, num_steps: int = 50,
+                 drift: float = 0.3, batch: int = 1) -> torch.Tensor:
+    """``(batch, video_tokens)`` float32: the smooth random field ``z`` of ``make_workload``'s
+    ``region_skew`` (zero mean and unit variance over each video's tokens, row-major order).
+
+    Six plane waves ``cos(2 pi (f . x) + phase)`` over ``x = (t, h, w) / (dims - 1)`` with
+    frequencies drawn uniformly in [0.3, 2] cycles along time and [0, 1] along each spatial axis;
+    the phases advance by up to ``pi * drift`` over the run, so the field moves slowly across
+    steps. It has its own generator (seeded by ``seed`` and ``batch`` index only), so it is the
+    same for every layer of a video, as a property of the content would be.
+    """
+    check_positive_int("num_steps", num_steps)
+    u = step / max(num_steps - 1, 1)
+    dims = geometry.dims
+    x = geometry.positions().to(torch.float64) / torch.tensor([max(n - 1, 1) for n in dims], dtype=torch.float64)
+    out = torch.empty(batch, geometry.video_tokens)
+    for b in range(batch):
+        g = torch.Generator().manual_seed(seed * 7_919 + b + 104_729)
+        lo = torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)
+        hi = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
+        freq = lo + (hi - lo) * torch.rand(6, 3, generator=g, dtype=torch.float64)
+        phase = 2 * math.pi * torch.rand(6, generator=g, dtype=torch.float64)
+        speed = torch.rand(6, generator=g, dtype=torch.float64) * 2 - 1
+        z = torch.cos(2 * math.pi * (x @ freq.T) + phase + math.pi * drift * u * speed).sum(dim=1)
+        out[b] = ((z - z.mean()) / z.std().clamp_min(1e-12)).to(torch.float32)
+    return out
+
+
+def _generate(geometry, params, batch, dim, u, drift, rng, dev_seed, device, temperature=None):
+    """Build q, k, v ``(B, S, H, D)`` float32 in row-major order from per-head parameters;
+    ``temperature`` (``(B, Sv)`` or None) scales the video queries."""
     S, Sv, C = geometry.num_tokens, geometry.video_tokens, dim // 2
     freqs, axis = rope_frequencies(dim)
     extent = torch.tensor([n - 1 for n in geometry.dims], dtype=torch.float64)[axis]
@@ -798,6 +842,9 @@ def _generate(geometry, params, batch, dim, u, drift, rng, dev_seed, device):
             v[b, :, h] = ca * v0 + sa * v1
             v[b, :Sv, h] += member @ vf
 
+            if temperature is not None:
+                qr[:Sv] *= temperature[b, :, None]
+                qi[:Sv] *= temperature[b, :, None]
             q[b, :, h] = torch.stack([qr, qi], dim=-1).reshape(S, dim) * s4
             k[b, :, h] = torch.stack([kr, ki], dim=-1).reshape(S, dim) * s4
     return apply_rope(q, angles), apply_rope(k, angles), v
