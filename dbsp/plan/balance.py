@@ -361,6 +361,12 @@ and longer rings hold only a few blocks per rank."""
 _REFINE_MAX_SWAPS = 32
 """At most this many refinement swaps per head group (each costs ~1 ms at NB = 1182, R = 8)."""
 
+
+_LOCAL_SWAPS = 64
+"""Swaps of the local block layout (:func:`_local_blocks`) per head group: at Wan2.1-14B 720p
+(NB = 1182) with regional skew, 64 swaps from the contiguous layout reach a ring time within 2% of
+the mean at U1R8 and U2R4, 128 gain less than 0.1% more (cost model)."""
+
 _BIG = np.iinfo(np.int64).max
 
 
@@ -572,6 +578,32 @@ def _balance_blocks(
     return qo, ko, Wk
 
 
+def _local_blocks(group_sum, groups: list[list[int]], heads_only: np.ndarray, home: np.ndarray, R: int, target: float,
+                  movable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The local block layout: ``(q_owner, kv_owner, W)`` ``(U, NB)``, ``(U, NB)``, ``(U, R, R)``,
+    or None where it moves nothing.
+
+    Each head group's blocks start at home and :func:`_refine` swaps at most ``_LOCAL_SWAPS``
+    pairs on the exact ring time. The balancing of :func:`_balance_blocks` starts from the
+    greedy deal, which can move most blocks: where the imbalance is a smooth drift along the
+    sequence that deal costs more exchange than it saves (1.4 ms of exchange for 1.3 ms of ring
+    time at U1R8 on Wan2.1-14B 720p), while a few dozen swaps of the heaviest blocks take most
+    of the gain. This layout is one more candidate for the cost model to weigh (its exchange is
+    counted), never chosen on ring time alone.
+    """
+    U = len(groups)
+    q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
+    for k, g in enumerate(groups):
+        if _ring_time(heads_only[k]) <= target * int(heads_only[k].sum()) / R:
+            continue
+        A = group_sum(g)
+        q_owner[k], kv_owner[k], W[k] = _refine(A, A.astype(np.float64), home, home, home, R, target=target,
+                                                max_swaps=_LOCAL_SWAPS, movable=movable)
+    if (q_owner == home).all() and (kv_owner == home).all():
+        return None
+    return q_owner, kv_owner, W
+
+
 def make_plan(
     mask_or_work: "SparseMask | torch.Tensor | WorkSummary",
     *,
@@ -701,10 +733,10 @@ def _timed_layouts(w: "_Work | WorkSummary", *, ulysses: int, ring: int, cost_mo
         stats = _stats(w, ring)
     totals = _head_totals(w, stats)
     dense = tuple(int(h) for h in np.nonzero(_full_heads(w, totals))[0])
-    layouts = _layouts(w, ulysses=ulysses, ring=ring, stats=stats, **options)
+    layouts = _layouts(w, ulysses=ulysses, ring=ring, stats=stats, local=True, **options)
     rates = _rates_of(cost_model, w, totals, head_dim)
     if rates is not None:
-        layouts += _layouts(w, ulysses=ulysses, ring=ring, stats=stats, rates=rates, **options)
+        layouts += _layouts(w, ulysses=ulysses, ring=ring, stats=stats, rates=rates, local=True, **options)
     return layouts, dense
 
 
@@ -736,6 +768,7 @@ def _layouts(
     stats: _Stats | None = None,
     rates: _Rates | None = None,
     prune_for=None,
+    local: bool = False,
 ) -> list[Plan]:
     """The candidate plans, fewest moved blocks first: the unplanned layout (contiguous heads,
     blocks at home), balanced heads with blocks at home, and (with ``balance_blocks``) balanced
@@ -747,13 +780,17 @@ def _layouts(
     ``prune_for`` (summaries only; a degree choice): group set -> :func:`_prune_moves`' test,
     which stops the block balancing once this group set's moved plan cannot win: that plan is
     then left out, or, where no other plan of the candidate can win either, :class:`_Pruned` is
-    raised."""
+    raised.
+
+    ``local`` (for callers that score candidates with the cost model): also the local block
+    layout (:func:`_local_blocks`), which moves few blocks, last (not with ``reward=math.inf``,
+    which keeps every block home, nor without ``refine``)."""
     if isinstance(w, WorkSummary):
         prune = None if prune_for is None else prune_for(1 if rates is None else 2)
         return _summary_layouts(w, ulysses=ulysses, ring=ring, reward=reward, balance_heads=balance_heads,
                                 balance_blocks=balance_blocks, per_group_blocks=per_group_blocks,
                                 uneven_heads=uneven_heads, refine=refine, refine_target=refine_target, rates=rates,
-                                prune=prune)
+                                prune=prune, local=local)
     if prune_for is not None:
         raise TypeError("prune_for is for summaries only")
     H, nb, U, R = w.heads, w.num_blocks, ulysses, ring
@@ -812,6 +849,12 @@ def _layouts(
         if (q_owner != homes).any() or (kv_owner != homes).any():
             out.append(_build_plan(groups=ordered, q_owner=q_owner, kv_owner=kv_owner, tile_work=true(W, groups, q_owner, kv_owner),
                                    **common))
+    if local and balance_blocks and refine and reward != math.inf and 1 < R <= _REFINE_MAX_RING:
+        found = _local_blocks(group_sum, groups, heads_only, home, R, refine_target)
+        if found is not None:
+            q_owner, kv_owner, W = found
+            out.append(_build_plan(groups=ordered, q_owner=q_owner, kv_owner=kv_owner, tile_work=true(W, groups, q_owner, kv_owner),
+                                   **common))
     return out
 
 
@@ -829,6 +872,7 @@ def _summary_layouts(
     refine_target: float,
     rates: _Rates | None = None,
     prune=None,
+    local: bool = False,
 ) -> list[Plan]:
     """:func:`_layouts` from a summary: the same candidates, blocks moved in whole units.
 
@@ -873,19 +917,29 @@ def _summary_layouts(
     common = dict(ulysses=U, ring=R, heads=H, q_block=s.q_block, seq_len=s.seq_len, counts=counts)
     ordered = _dense_first(groups, _full_heads(s, s._head_totals))
     moved = None  # the balanced block layout's plan; balanced first, so that a pruned candidate builds no plan
+
+    def exchanged(g: list[int], owners, swaps: int = 0) -> int:
+        """Group ``g``'s ``2 (q + kv) x heads`` (the cost model's exchanged blocks), or a bound on
+        it after ``swaps`` swaps of :func:`_refine` (:func:`_fewest_sent`)."""
+        sent = [np.bincount(home[o != home], weights=sizes[o != home], minlength=R) for o in owners]
+        if not swaps:
+            return 2 * len(g) * int(sum(x.max() for x in sent))
+        return 2 * len(g) * _fewest_sent(sent[0], sent[1], swaps, s.coarse)
+
+    local_plan = None  # the local layout (few moves): built first, as the balancing may stop the candidate
+    if local and balance_blocks and refine and reward != math.inf and 1 < R <= _REFINE_MAX_RING:
+        found = _local_blocks(group_sum, groups, heads_only, home, R, refine_target, movable)
+        if found is not None:
+            lq, lk, lw = found
+            local_sent = max(exchanged(g, (lq[k], lk[k])) for k, g in enumerate(groups))
+            if prune is None or not prune[0](local_sent):  # else it must lose: the same test as the balancing's
+                local_plan = _build_plan(groups=ordered, q_owner=np.repeat(lq, sizes, axis=1), kv_owner=np.repeat(lk, sizes, axis=1),
+                                         tile_work=true(lw, groups, lq, lk), **common)
     try:
         if balance_blocks and R > 1:
             q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
             if per_group_blocks:
                 sent = 0  # the cost model's exchanged blocks so far: max over groups of 2 (q + kv) x heads
-
-                def exchanged(g: list[int], owners, swaps: int = 0) -> int:
-                    """Group ``g``'s ``2 (q + kv) x heads``, or a bound on it after ``swaps`` swaps of
-                    :func:`_refine` (:func:`_fewest_sent`)."""
-                    sent = [np.bincount(home[o != home], weights=sizes[o != home], minlength=R) for o in owners]
-                    if not swaps:
-                        return 2 * len(g) * int(sum(x.max() for x in sent))
-                    return 2 * len(g) * _fewest_sent(sent[0], sent[1], swaps, s.coarse)
 
                 def check(g: list[int], qo: np.ndarray, ko: np.ndarray, swaps: int) -> None:
                     """Stop before refining when even the fewest blocks it could leave moved lose."""
@@ -914,15 +968,15 @@ def _summary_layouts(
                 moved = _build_plan(groups=ordered, q_owner=q_blocks, kv_owner=kv_blocks, tile_work=true(W, groups, q_owner, kv_owner),
                                     **common)
     except _Pruned:
-        if prune[1]:  # every plan of the candidate loses: stop it
+        if prune[1] and local_plan is None:  # every plan of the candidate loses: stop it
             raise
-        moved = None  # only this group set's moved plan loses; its layouts at home still compete
+        moved = None  # only this group set's moved plan loses; its other layouts still compete
     out = [_build_plan(groups=contiguous, q_owner=homes, kv_owner=homes, tile_work=true(unplanned, contiguous, unit_homes, unit_homes),
                        **common)]
     if groups is not contiguous or ordered != contiguous:  # (the contiguous groups, dense heads first)
         out.append(_build_plan(groups=ordered, q_owner=homes, kv_owner=homes, tile_work=true(heads_only, groups, unit_homes, unit_homes),
                                **common))
-    return out if moved is None else out + [moved]
+    return out + [p for p in (moved, local_plan) if p is not None]
 
 
 def _build_plan(*, ulysses, ring, heads, q_block, seq_len, groups, counts, q_owner, kv_owner, tile_work) -> Plan:

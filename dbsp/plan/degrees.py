@@ -20,7 +20,7 @@ from .._checks import check_positive_int
 from ..mask import SparseMask
 from . import _jit
 from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
-                      _layouts, _moved, _ring_key)
+                      _layouts, _ring_key)
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _stats, _steps,
                    _sum_groups, _summary_home_tiles, _unit_chunks, _unit_starts, _work_per_head)
 from .cost import CostModel, Prediction, _predictor, _rates_of
@@ -386,8 +386,9 @@ def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_head
     """``(unbalanced, balanced)`` DegreeChoices of one ``(U, R)`` from one set of passes.
 
     The unbalanced one exists where ``U`` divides the heads. The balanced one (with ``balance``)
-    is the faster, by the cost model, of the planner's choice and the layouts that move no
-    blocks, so blocks move only where the exchange pays for itself. With ``cost`` (the cost
+    is the faster, by the cost model, of the planner's choice, the layouts that move no blocks
+    and the local layout that moves few (:func:`_local_blocks`), so blocks move only where the
+    exchange pays for itself. With ``cost`` (the cost
     model and head_dim) and a mask where time and tile entries differ (dense heads), the
     time-weighted candidates (:func:`_timed_layouts`) compete too. ``prune_for``: as in
     :func:`_layouts` (then :class:`_Pruned` may be raised).
@@ -397,17 +398,18 @@ def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_head
         return DegreeChoice(u, r, plan, predict(plan)), None
     memo: dict[int, Prediction] = {}  # plan id -> prediction: the contiguous layout is scored twice
     predict = lambda p, f=predict: memo[id(p)] if id(p) in memo else memo.setdefault(id(p), f(p))  # noqa: E731
-    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for)
+    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for,
+                       local=True)
     plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
     chosen = min(layouts, key=_ring_key)
-    options = [chosen] + [p for p in layouts if p is not chosen and _moved(p) == 0]
+    options = [chosen] + [p for p in layouts if p is not chosen]
     if cost is not None:
         if not isinstance(w, WorkSummary) and stats is None:
             stats = _stats(w, r)
         rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1])
         if rates is not None:
             options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates,
-                                prune_for=prune_for)
+                                prune_for=prune_for, local=True)
     pred, _, plan = min(((predict(p), n, p) for n, p in enumerate(options)), key=lambda x: (x[0].total_ms, x[0].imbalance, x[1]))
     return plain, DegreeChoice(u, r, plan, pred)
 
