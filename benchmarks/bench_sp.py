@@ -103,7 +103,8 @@ def degrees(world: int, heads: int, num_blocks: int) -> list[tuple[int, int]]:
 
 def make_configs(mask: SparseMask, work: torch.Tensor, world: int, cost: CostModel, *, head_dim: int) -> list[Config]:
     """Every configuration of the comparison for this layer's mask (``work = mask.work()``); dbsp
-    plans balance the cost model's predicted time (``make_plan(cost_model=cost)``)."""
+    plans balance the cost model's predicted time (``make_plan(cost_model=cost)``) and weigh the
+    local block layout too (``local_blocks=True``)."""
     H, S, M = mask.heads, mask.seq_len_q, mask.q_block
     pairs = degrees(world, H, mask.num_q_blocks)
     out = []
@@ -120,9 +121,9 @@ def make_configs(mask: SparseMask, work: torch.Tensor, world: int, cost: CostMod
         if u > 1 and r > 1:
             levels.append(("dbsp-both", {}))
         for family, options in levels:
-            plan = make_plan(work, ulysses=u, ring=r, **options, **common, cost_model=cost, head_dim=head_dim)
+            plan = make_plan(work, ulysses=u, ring=r, **options, **common, cost_model=cost, head_dim=head_dim, local_blocks=True)
             out.append(Config(f"{family} U{u}R{r}", family, u, r, plan))
-    u, r, plan = choose_degrees(work, world=world, heads=H, cost_model=cost, head_dim=head_dim, **common)
+    u, r, plan = choose_degrees(work, world=world, heads=H, cost_model=cost, head_dim=head_dim, local_blocks=True, **common)
     out.append(Config(f"dbsp-auto U{u}R{r}", "dbsp-auto", u, r, plan))
     return out
 

@@ -1516,3 +1516,16 @@ def test_deferred_cache_checks_head_plans_on_the_callers_thread():
     assert repaired is not planned and cache.repairs == 1 and repaired.imbalance() <= 1.01
     assert (cache.hits, cache.misses) == (3, 2) and 0 not in cache._pending  # the repaired plan holds for s1
     cache.clear()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_degree_choice_with_local_layouts_picks_what_the_full_scoring_picks(seed):
+    """With ``local_blocks=True`` the pruned degree choice (bounds, stopped balancings) still picks
+    the plan of the full scoring, and never a slower one than without local layouts."""
+    cost, s = _random_model_and_summary(seed, dense=seed >= 4)
+    scored = score_degrees(s, world=8, cost_model=cost, local_blocks=True)
+    best = min(scored, key=lambda c: (c.prediction.total_ms, -c.ulysses))
+    u, r, plan = choose_degrees(s, world=8, heads=16, cost_model=cost, local_blocks=True)
+    assert (u, r) == (best.ulysses, best.ring) and plan.fingerprint() == best.plan.fingerprint()
+    without = min(score_degrees(s, world=8, cost_model=cost), key=lambda c: (c.prediction.total_ms, -c.ulysses))
+    assert best.prediction.total_ms <= without.prediction.total_ms * (1 + 1e-9)

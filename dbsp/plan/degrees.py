@@ -20,7 +20,7 @@ from .._checks import check_positive_int
 from ..mask import SparseMask
 from . import _jit
 from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
-                      _layouts, _ring_key)
+                      _layouts, _moved, _pick, _ring_key)
 from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _stats, _steps,
                    _sum_groups, _summary_home_tiles, _unit_chunks, _unit_starts, _work_per_head)
 from .cost import CostModel, Prediction, _predictor, _rates_of
@@ -65,6 +65,7 @@ def score_degrees(
     element_bytes: int = 2,
     q_block: int | None = None,
     seq_len: int | None = None,
+    local_blocks: bool = False,
 ) -> list[DegreeChoice]:
     """Plan and score every factorisation ``world = ulysses * ring`` that the head count allows.
 
@@ -80,7 +81,7 @@ def score_degrees(
         heads: H, checked against the mask when given. Default: the mask's.
         cost_model: Default: :meth:`CostModel.default`.
         balance: plan with :func:`make_plan` (else the unbalanced identity layout). Default: True.
-        reward, uneven_heads: as in :func:`make_plan`.
+        reward, uneven_heads, local_blocks: as in :func:`make_plan`.
         head_dim, element_bytes: as in :meth:`CostModel.predict`.
 
     Returns:
@@ -88,11 +89,12 @@ def score_degrees(
     """
     return _scored(mask_or_work, world=world, heads=heads, cost_model=cost_model, balance=balance, reward=reward,
                    uneven_heads=uneven_heads, head_dim=head_dim, element_bytes=element_bytes, q_block=q_block,
-                   seq_len=seq_len, prune=False)
+                   seq_len=seq_len, prune=False, local_blocks=local_blocks)
 
 
 def _scored(mask_or_work, *, world, heads=None, cost_model=None, balance=True, reward=DEFAULT_REWARD, uneven_heads=False,
-            head_dim=128, element_bytes=2, q_block=None, seq_len=None, prune: bool) -> list[DegreeChoice]:
+            head_dim=128, element_bytes=2, q_block=None, seq_len=None, prune: bool,
+            local_blocks: bool = False) -> list[DegreeChoice]:
     """:func:`score_degrees`' argument checks, then :func:`_score`."""
     check_positive_int("world", world)
     cost_model = CostModel.default() if cost_model is None else cost_model
@@ -102,11 +104,12 @@ def _scored(mask_or_work, *, world, heads=None, cost_model=None, balance=True, r
     if heads is not None and check_positive_int("heads", heads) != w.heads:
         raise ValueError(f"heads={heads} but the mask has {w.heads} heads")
     return _score(w, world, cost_model, balance=balance, reward=_check_reward(reward), uneven_heads=uneven_heads,
-                  head_dim=head_dim, element_bytes=element_bytes, prune=prune)
+                  head_dim=head_dim, element_bytes=element_bytes, prune=prune, local=bool(local_blocks))
 
 
 def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
-           uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
+           uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool,
+           local: bool = False) -> list[DegreeChoice]:
     """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned in order
     of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
     are skipped (they cannot win), so the result holds the best candidate but not every one. On a
@@ -119,13 +122,14 @@ def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balan
     _MEMO.memo = {} if outer is None else outer
     try:
         return _score_now(w, world, cost_model, balance=balance, reward=reward, uneven_heads=uneven_heads,
-                          head_dim=head_dim, element_bytes=element_bytes, prune=prune)
+                          head_dim=head_dim, element_bytes=element_bytes, prune=prune, local=local)
     finally:
         _MEMO.memo = outer
 
 
 def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
-               uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool) -> list[DegreeChoice]:
+               uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool,
+           local: bool = False) -> list[DegreeChoice]:
     """:func:`_score` with the head-group memo in place."""
     predict = _predictor(cost_model, w, head_dim=head_dim, element_bytes=element_bytes)
     pairs = _candidates(world, w.heads, w.num_blocks, uneven_heads and balance)
@@ -155,7 +159,7 @@ def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, b
                 prune_for = lambda n, p=parts, limit=limit: _prune_moves(p, n, limit)  # noqa: E731
         try:
             plain, balanced = _score_pair(w, u, r, predict, reward=reward, uneven_heads=uneven_heads, balance=balance,
-                                          cost=(cost_model, head_dim), prune_for=prune_for)
+                                          cost=(cost_model, head_dim), prune_for=prune_for, local=local)
         except _Pruned:  # its block balancing showed that it cannot win
             continue
         choice = balanced if balance else plain
@@ -382,13 +386,13 @@ def _unit_layout(num_blocks: int, summary_ring: int, coarse: int, ring: int) -> 
 
 
 def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_heads: bool, balance: bool, stats: _Stats | None = None,
-                cost: "tuple[CostModel, int] | None" = None, prune_for=None):
+                cost: "tuple[CostModel, int] | None" = None, prune_for=None, local: bool = False):
     """``(unbalanced, balanced)`` DegreeChoices of one ``(U, R)`` from one set of passes.
 
     The unbalanced one exists where ``U`` divides the heads. The balanced one (with ``balance``)
-    is the faster, by the cost model, of the planner's choice, the layouts that move no blocks
-    and the local layout that moves few (:func:`_local_blocks`), so blocks move only where the
-    exchange pays for itself. With ``cost`` (the cost
+    is the faster, by the cost model, of the planner's choice and the layouts that move no blocks
+    (with ``local``, also the local layout that moves few, :func:`_local_blocks`, by its margin),
+    so blocks move only where the exchange pays for itself. With ``cost`` (the cost
     model and head_dim) and a mask where time and tile entries differ (dense heads), the
     time-weighted candidates (:func:`_timed_layouts`) compete too. ``prune_for``: as in
     :func:`_layouts` (then :class:`_Pruned` may be raised).
@@ -398,20 +402,23 @@ def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_head
         return DegreeChoice(u, r, plan, predict(plan)), None
     memo: dict[int, Prediction] = {}  # plan id -> prediction: the contiguous layout is scored twice
     predict = lambda p, f=predict: memo[id(p)] if id(p) in memo else memo.setdefault(id(p), f(p))  # noqa: E731
-    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for,
-                       local=True)
-    plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
-    chosen = min(layouts, key=_ring_key)
-    options = [chosen] + [p for p in layouts if p is not chosen]
+    rates = None
     if cost is not None:
         if not isinstance(w, WorkSummary) and stats is None:
             stats = _stats(w, r)
         rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1])
-        if rates is not None:
-            options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates,
-                                prune_for=prune_for, local=True)
-    pred, _, plan = min(((predict(p), n, p) for n, p in enumerate(options)), key=lambda x: (x[0].total_ms, x[0].imbalance, x[1]))
-    return plain, DegreeChoice(u, r, plan, pred)
+    # The local layout once: on time-weighted work where time and tile entries differ, else on tiles.
+    layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for,
+                       local=local and rates is None)
+    plain = DegreeChoice(u, r, layouts[0], predict(layouts[0])) if w.heads % u == 0 else None
+    chosen = min(layouts, key=_ring_key)
+    options = [chosen] + [p for p in layouts if p is not chosen and (_moved(p) == 0 or p.__dict__.get("_local"))]
+    if rates is not None:
+        options += _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, rates=rates,
+                            prune_for=prune_for, local=local)
+    order = {id(p): n for n, p in enumerate(options)}
+    plan = _pick(options, lambda p: (predict(p).total_ms, predict(p).imbalance, order[id(p)]))
+    return plain, DegreeChoice(u, r, plan, predict(plan))
 
 
 def choose_degrees(
