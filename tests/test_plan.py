@@ -1529,3 +1529,18 @@ def test_degree_choice_with_local_layouts_picks_what_the_full_scoring_picks(seed
     assert (u, r) == (best.ulysses, best.ring) and plan.fingerprint() == best.plan.fingerprint()
     without = min(score_degrees(s, world=8, cost_model=cost), key=lambda c: (c.prediction.total_ms, -c.ulysses))
     assert best.prediction.total_ms <= without.prediction.total_ms * (1 + 1e-9)
+
+
+def test_plan_cache_local_blocks_plans_as_choose_degrees_does():
+    """``PlanCache(local_blocks=True)``: a miss with ``world=`` plans what ``choose_degrees(...,
+    local_blocks=True)`` plans (here a local layout, which moves blocks), the default cache what
+    the default choice plans; a non-bool flag is refused."""
+    cost, s = _random_model_and_summary(0)
+    want = choose_degrees(s, world=8, heads=16, cost_model=cost, local_blocks=True)[2]
+    assert want.__dict__.get("_local")  # the case exercises a local layout
+    got = PlanCache(cost_model=cost, local_blocks=True).get(0, s, world=8)
+    assert got.fingerprint() == want.fingerprint()
+    plain = PlanCache(cost_model=cost).get(0, s, world=8)
+    assert plain.fingerprint() == choose_degrees(s, world=8, heads=16, cost_model=cost)[2].fingerprint() != want.fingerprint()
+    with pytest.raises(TypeError, match="local_blocks"):
+        PlanCache(local_blocks=1)

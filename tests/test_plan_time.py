@@ -261,4 +261,4 @@ def test_local_block_layout_moves_few_blocks_and_wins_where_the_exchange_is_dear
     assert _moved(make_plan(work, **kw, cost_model=cost, reward=math.inf, local_blocks=True)) == 0
     u, r, chosen = choose_degrees(work, world=8, heads=8, cost_model=cost, head_dim=D, q_block=64, seq_len=1182 * 64,
                                   local_blocks=True)
-    assert total(chosen) <= total(timed) * (1 + 1e-9) if (u, r) == (1, 8) else True
+    assert total(chosen) <= total(timed) * (1 + 1e-9)  # the degree choice weighs this U1R8 plan too

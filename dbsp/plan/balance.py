@@ -628,7 +628,7 @@ def _local_blocks(group_sum, groups: list[list[int]], heads_only: np.ndarray, ho
         return None  # even perfect balance (ring time = the largest group mean) saves under the margin
     q_owner, kv_owner, W = np.tile(home, (U, 1)), np.tile(home, (U, 1)), heads_only.copy()
     for k, g in enumerate(groups):
-        if _ring_time(heads_only[k]) <= target * int(heads_only[k].sum()) / R:
+        if rings[k] <= target * int(heads_only[k].sum()) / R:
             continue
         A = group_sum(g)
         q_owner[k], kv_owner[k], W[k] = _refine(A, A.astype(np.float64), home, home, home, R, target=target,
@@ -720,8 +720,8 @@ def make_plan(
             time (:func:`_local_blocks`); it must be predicted at least ``_LOCAL_MIN_GAIN`` (2%)
             faster than every other candidate. It pays where the ranks' frame ranges differ in
             work (``make_workload(region_skew=...)``): at Wan2.1-14B 720p, 8 emulated ranks, the
-            degree choice with it was 1.150x the best unbalanced configuration against 1.112x
-            without (README). Off by default: it costs 1-3 ms per degree choice on this CPU, about
+            degree choice with it was 1.131x the best unbalanced configuration against 1.119x
+            without, side by side on one H100 (README). Off by default: it costs 1-3 ms per degree choice on this CPU, about
             half as much again as the planning of a 50-step run (1.0% -> 1.5% of its attention).
             Default: False.
 

@@ -297,6 +297,9 @@ class PlanCache:
             only). Default: False.
         fast_check: check summaries with the precomputed check (above); ``False`` recomputes the
             tiles from scratch every time (the same ``rho_s``; for comparisons). Default: True.
+        local_blocks: re-plans also weigh the local block layout (:func:`make_plan`'s
+            ``local_blocks``; needs a cost model for fixed degrees, always used with ``world=``).
+            Default: False.
 
     Attributes:
         hits, misses: counts of decisions since construction (or :meth:`clear`).
@@ -327,12 +330,13 @@ class PlanCache:
         defer: bool = False,
         incremental: bool = False,
         fast_check: bool = True,
+        local_blocks: bool = False,
     ) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 1.0:
             raise ValueError(f"threshold must be a number >= 1.0 (P_s), got {threshold!r}")
         if not isinstance(defer, bool):
             raise TypeError(f"defer must be True or False, got {defer!r}")
-        for name, value in (("incremental", incremental), ("fast_check", fast_check)):
+        for name, value in (("incremental", incremental), ("fast_check", fast_check), ("local_blocks", local_blocks)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
         self.incremental, self.fast_check = incremental, fast_check
@@ -345,6 +349,7 @@ class PlanCache:
         self._worker: ThreadPoolExecutor | None = None
         self._options = {"reward": _check_reward(reward), "uneven_heads": bool(uneven_heads)}
         self._choice = {"cost_model": cost_model, "head_dim": head_dim, "element_bytes": element_bytes}
+        self._local = local_blocks
         self._plans: dict[Any, tuple[tuple, Plan, float]] = {}  # key -> (request, plan, limit)
         self.hits = 0
         self.misses = 0
@@ -488,9 +493,10 @@ class PlanCache:
             self.misses += 1
         if world is None:
             timed = self._choice if self._choice["cost_model"] is not None else {}
-            plan = _plan_from(w, ulysses=ulysses, ring=ring, **timed, **self._options)
+            plan = _plan_from(w, ulysses=ulysses, ring=ring, **timed, **self._options, local=self._local and bool(timed))
         else:
-            _, _, plan = choose_degrees(w, world=world, heads=w.heads, **self._choice, **self._options)
+            _, _, plan = choose_degrees(w, world=world, heads=w.heads, **self._choice, **self._options,
+                                        local_blocks=self._local)
         return self._keep(key, request, plan)
 
     def _keep(self, key, request: tuple, plan: Plan) -> Plan:
