@@ -741,11 +741,11 @@ def region_field(geometry: VideoGeometry, *, seed: int = 0, step: int = 0, num_s
     u = step / max(num_steps - 1, 1)
     dims = geometry.dims
     x = geometry.positions().to(torch.float64) / torch.tensor([max(n - 1, 1) for n in dims], dtype=torch.float64)
+    lo = torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)  # cycles over the grid: (time, rows, columns)
+    hi = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
     out = torch.empty(batch, geometry.video_tokens)
     for b in range(batch):
         g = torch.Generator().manual_seed(seed * 7_919 + b + 104_729)
-        lo = torch.tensor([0.3, 0.0, 0.0], dtype=torch.float64)
-        hi = torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
         freq = lo + (hi - lo) * torch.rand(6, 3, generator=g, dtype=torch.float64)
         phase = 2 * math.pi * torch.rand(6, generator=g, dtype=torch.float64)
         speed = torch.rand(6, generator=g, dtype=torch.float64) * 2 - 1
