@@ -11,11 +11,11 @@ shipped calibration), and ``source`` in the JSON says which came from where.
   problem of every rank, timed with the real kernel): a least-squares fit, in relative error, of
   ``ms = a + m [call mixes dense and sparse heads] + g [... and its dense heads are not consecutive]
   + sparse entries / r_s + dense entries / r_d`` (dense entries times ``1 + u`` where the key length
-  is not a multiple of 128) over the block-mask problems (dense entries are those of fully selected
-  heads, which ``sparse_attention`` sends to cuDNN). Sets ``call_overhead_us = a``,
-  ``mixed_overhead_us = m``, ``mixed_gather_us = g`` (0 when the CSV has no ``dense_consecutive``
-  column or no such call), a flat ``block_tflops`` at ``r_s``, ``dense_tflops = r_d`` and
-  ``dense_unaligned = 1 + u``.
+  is not a multiple of 128, and times the wave factor of ``--dense-sms``) over the block-mask
+  problems (dense entries are those of fully selected heads, which ``sparse_attention`` sends to
+  cuDNN). Sets ``call_overhead_us = a``, ``mixed_overhead_us = m``, ``mixed_gather_us = g`` (0 when
+  the CSV has no ``dense_consecutive`` column or no such call), a flat ``block_tflops`` at ``r_s``,
+  ``dense_tflops = r_d``, ``dense_unaligned = 1 + u`` and ``dense_sms``.
 * ``--gather`` (``gather_sweep.csv`` of ``benchmarks/sweep_gather.py``): ``fine_tflops`` from the
   fastest configuration per density of the ``--fine-mask`` kind (the autotuner's pick).
 * ``--kernels`` (``kernels.csv`` of ``benchmarks/bench_kernels.py``): block and fine curves from the
@@ -68,13 +68,14 @@ def _nonneg_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep.pop(int(np.argmin(coef)))
 
 
-def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, float, float, float, str]:
+def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None) -> tuple[float, float, float, float, float, float, str]:
     """``(a us, mixed us, gather us, sparse TFLOPS, dense TFLOPS, dense unaligned factor, summary)``
     from block-mask local problems.
 
     ``ms = a + mixed * [dense and sparse heads in the call] + gather * [... not consecutive] +
-    sparse entries / r_s + dense entries / r_d * (1 + u * [key length not a multiple of 128])``,
-    fitted in relative error with non-negative terms; the factor is ``1 + u``.
+    sparse entries / r_s + dense entries * waves / r_d * (1 + u * [key length not a multiple of
+    128])``, fitted in relative error with non-negative terms; the factor is ``1 + u``. ``waves``
+    is :meth:`CostModel.dense_waves` of the call's dense query tiles on ``sms`` SMs (1 for None).
     """
     block = [r for r in rows if r["kv_tile"] == r["q_block"] and "dense_entries" in r]
     if len(block) < 4:
@@ -84,6 +85,13 @@ def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, 
     sparse = np.array([float(r["entries"]) for r in block]) - dense
     n_dense, heads = (np.array([int(r[c]) for r in block]) for c in ("dense_heads", "heads"))
     mixed = ((n_dense > 0) & (n_dense < heads)).astype(np.float64)
+    # Whole waves of 128-query tiles: batch x dense heads x tiles of the query length (batch from the entries).
+    q_tokens = np.array([float(r["q_tokens"]) for r in block])
+    kv_tokens = np.array([float(r["kv_tokens"]) for r in block])
+    batch = np.where(n_dense > 0, np.rint(dense / np.maximum(n_dense * q_tokens * kv_tokens, 1.0)), 0.0)
+    probe = CostModel(block_tflops=[[0.0, 1.0]], fine_tflops=[[0.0, 1.0]], call_overhead_us=0.0, comm_latency_us=0.0,
+                      nvlink_gbps=1.0, internode_gbps=1.0, gpus_per_node=1, dense_sms=sms)
+    dense = dense * probe.dense_waves(batch * n_dense * np.ceil(q_tokens / 128))
     # Older CSVs lack the column: every mixed call then counts as consecutive (no gather term).
     scattered = mixed * np.array([r.get("dense_consecutive", "1") in ("0", 0) for r in block], dtype=np.float64)
     unaligned = np.array([int(r["kv_tokens"]) % 128 != 0 for r in block], dtype=np.float64)
@@ -94,7 +102,8 @@ def fit_problems(rows: list[dict], head_dim: int) -> tuple[float, float, float, 
     rel = np.abs(A @ coef / y - 1)
     flops = 4.0 * head_dim
     r_s, r_d = flops / (coef[2] * 1e-3) / 1e12, flops / (coef[3] * 1e-3) / 1e12
-    summary = (f"{len(block)} block-mask problems ({int(mixed.sum())} mixed, {int(scattered.sum())} of them with "
+    waves = f", dense SDPA in waves of {sms} query tiles" if sms else ""
+    summary = (f"{len(block)} block-mask problems{waves} ({int(mixed.sum())} mixed, {int(scattered.sum())} of them with "
                f"dense heads apart, {int(unaligned.sum())} with key lengths "
                f"not a multiple of 128): relative error median {np.median(rel):.3f}, 90th percentile "
                f"{np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
@@ -132,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--block-mask", default="64x64", help="--kernels: the block-mask kind. Default: 64x64")
     p.add_argument("--fine-mask", default="64x1", help="--kernels/--gather: the fine-grained kind. Default: 64x1")
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dense-sms", type=int, default=132,
+                   help="--problems: SMs of the GPU the problems were timed on (dense SDPA runs in waves of this many "
+                        "128-query tiles; CostModel.dense_sms); 0: no wave model. Default: 132 (H100/H200 SXM)")
     p.add_argument("--device", default="", help="the GPU the CSVs come from, for the source note")
     p.add_argument("--base", type=Path, default=None, help="calibration to start from. Default: the shipped one")
     p.add_argument("--out", type=Path, default=Path("dbsp/cost_model.json"))
@@ -146,14 +158,15 @@ def main(argv=None) -> int:
         notes.append(f"block and fine curves: bench_kernels.py {args.kernels.name} ({rows[0]['shape']}, random "
                      f"{args.block_mask} / {args.fine_mask} masks)")
     if args.problems:
-        a_us, mixed_us, gather_us, r_s, r_d, unaligned, summary = fit_problems(_rows(args.problems), args.head_dim)
+        sms = args.dense_sms or None
+        a_us, mixed_us, gather_us, r_s, r_d, unaligned, summary = fit_problems(_rows(args.problems), args.head_dim, sms)
         model = replace(model, call_overhead_us=round(a_us, 1), mixed_overhead_us=round(mixed_us, 1),
                         mixed_gather_us=round(gather_us, 1), block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))),
-                        dense_tflops=round(r_d, 1), dense_unaligned=round(unaligned, 3))
+                        dense_tflops=round(r_d, 1), dense_unaligned=round(unaligned, 3), dense_sms=sms)
         notes.append(f"per-call overhead {a_us:.0f} us (+{mixed_us:.0f} us for calls mixing dense and sparse heads, "
                      f"+{gather_us:.0f} us more where the dense heads are not consecutive), block {r_s:.0f} TFLOPS, "
                      f"dense heads {r_d:.0f} TFLOPS (x{unaligned:.3f} time for key lengths not a multiple of 128): "
-                     f"fit to bench_sp.py --emulate local problems ({args.problems.name}; {summary})")
+                     f"fit to bench_sp.py --emulate local problems ({args.problems}; {summary})")
         print(f"problems: a = {a_us:.1f} us, mixed +{mixed_us:.1f} us (+{gather_us:.1f} us apart), sparse {r_s:.1f} TFLOPS, "
               f"dense {r_d:.1f} TFLOPS, unaligned x{unaligned:.3f}; {summary}")
     if args.gather:

@@ -4,6 +4,7 @@ one time), interleaved timing, and the quick run's CSV columns the lead's GPU ru
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -98,32 +99,43 @@ def test_problem_rows_say_whether_dense_heads_are_consecutive():
 
 def test_calibration_recovers_the_mixed_call_terms():
     """calibrate_cost_model.fit_problems on problems timed by a known model (with noise-free
-    times) returns that model's overheads, rates and factors; rows without dense_consecutive fit
-    no gather term."""
+    times) returns that model's overheads, rates and factors, with and without dense SDPA's waves
+    of query tiles; rows without dense_consecutive fit no gather term."""
     import calibrate_cost_model as cal
 
     approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-6)  # noqa: E731
-
-    g = torch.Generator().manual_seed(3)
     a, m, gth, r_s, r_d, u, D = 30e-3, 50e-3, 400e-3, 400.0, 600.0, 0.1, 128  # ms, ms, ms, TFLOPS, TFLOPS
-    rows = []
-    for i in range(60):
-        heads = 5
-        nd = int(torch.randint(0, heads + 1, (1,), generator=g))
-        kv = 9472 if i % 3 else 9408
-        dense = nd * 9472 * kv
-        sparse = int(torch.randint(10**8, 10**9, (1,), generator=g)) * (heads - nd) // heads
-        mixed = 0 < nd < heads
-        apart = mixed and i % 2 == 0
-        ms = (a + (m if mixed else 0) + (gth if apart else 0) + 4 * D * sparse / (r_s * 1e9)
-              + 4 * D * dense * (1 + u * (kv % 128 != 0)) / (r_d * 1e9))
-        rows.append(dict(heads=str(heads), kv_tokens=str(kv), q_block="64", kv_tile="64", entries=str(sparse + dense),
-                         dense_entries=str(dense), dense_heads=str(nd), dense_consecutive=str(int(not apart)), ms=str(ms)))
-    a_us, m_us, g_us, rs, rd, unaligned, _ = cal.fit_problems(rows, D)
-    assert (a_us, m_us, g_us) == (approx(30.0), approx(50.0), approx(400.0))
-    assert (rs, rd, unaligned) == (approx(400.0), approx(600.0), approx(1.1))
+    sms = 132
+
+    def problems(waves: bool) -> list[dict]:
+        g = torch.Generator().manual_seed(3)
+        rows = []
+        for i in range(60):
+            heads, batch = 5, 1 + i % 2
+            q = (9472, 18944, 9344)[i % 3]  # 74, 148 and 73 query tiles of 128
+            nd = int(torch.randint(0, heads + 1, (1,), generator=g))
+            kv = 9472 if i % 4 else 9408
+            dense = batch * nd * q * kv
+            n = batch * nd * math.ceil(q / 128)  # dense query tiles: ceil(n / 132) waves of 132
+            slow = math.ceil(n / sms) * sms / n if waves and n else 1.0
+            sparse = int(torch.randint(10**8, 10**9, (1,), generator=g)) * (heads - nd) // heads
+            mixed = 0 < nd < heads
+            apart = mixed and i % 2 == 0
+            ms = (a + (m if mixed else 0) + (gth if apart else 0) + 4 * D * sparse / (r_s * 1e9)
+                  + 4 * D * dense * slow * (1 + u * (kv % 128 != 0)) / (r_d * 1e9))
+            rows.append(dict(heads=str(heads), q_tokens=str(q), kv_tokens=str(kv), q_block="64", kv_tile="64",
+                             entries=str(sparse + dense), dense_entries=str(dense), dense_heads=str(nd),
+                             dense_consecutive=str(int(not apart)), ms=str(ms)))
+        return rows
+
+    for rows, given in ((problems(False), None), (problems(True), sms)):
+        a_us, m_us, g_us, rs, rd, unaligned, _ = cal.fit_problems(rows, D, given)
+        assert (a_us, m_us, g_us) == (approx(30.0), approx(50.0), approx(400.0))
+        assert (rs, rd, unaligned) == (approx(400.0), approx(600.0), approx(1.1))
     old = [{k: v for k, v in r.items() if k != "dense_consecutive"} for r in rows]
-    assert cal.fit_problems(old, D)[2] == 0.0
+    assert cal.fit_problems(old, D, sms)[2] == 0.0
+    # Waves the fit does not know of: the model no longer fits exactly.
+    assert cal.fit_problems(rows, D)[4] != approx(600.0)
 
 
 def test_plan_only_prints_predictions_and_times_nothing(tmp_path, capsys):

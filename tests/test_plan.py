@@ -422,7 +422,8 @@ def test_cost_model_json_round_trip_and_errors(tmp_path):
     for (d, t) in shipped["fine_tflops"]:
         assert default.tflops(density=d, fine_grained=True) == pytest.approx(t)
     path = tmp_path / "cm.json"
-    m = model(block_tflops=[[0.1, 200.0], [0.5, 400.0]], dense_tflops=600.0, mixed_overhead_us=900.0, dense_unaligned=1.1)
+    m = model(block_tflops=[[0.1, 200.0], [0.5, 400.0]], dense_tflops=600.0, mixed_overhead_us=900.0, dense_unaligned=1.1,
+              dense_sms=132)
     m.to_json(path, device="test")
     assert CostModel.from_json(path) == m and json.loads(path.read_text())["device"] == "test"
     assert m.tflops(density=0.3, fine_grained=False) == pytest.approx(300.0)  # linear in between
@@ -508,6 +509,22 @@ def test_dense_heads_run_at_the_dense_rate():
             assert pred.rank_compute_ms[k][i] == pytest.approx(want)
     with pytest.raises(ValueError, match="dense_unaligned must be a finite number >= 1"):
         model(dense_unaligned=0.9)
+    # Waves: each rank's query chunk is 2 tiles of 128 tokens (256 and 244 tokens), so group 0's one
+    # dense head makes 2 query tiles: on 3 SMs one wave of 3 tiles, 1.5x the work; on 2 SMs exactly one.
+    assert model(dense_tflops=800.0, mixed_overhead_us=50.0, dense_sms=2).predict(plan, head_dim=D, dense_heads=(1,)) == \
+        model(dense_tflops=800.0, mixed_overhead_us=50.0).predict(plan, head_dim=D, dense_heads=(1,))
+    waved = model(dense_tflops=800.0, mixed_overhead_us=50.0, dense_sms=3).predict(plan, head_dim=D, dense_heads=(1,))
+    secs = (W - dense) * 4 * D / rate + dense * 1.5 * 4 * D / 800e12
+    for k in range(2):
+        for i in range(2):
+            mixed = 50e-6 if k == 0 else 0.0
+            want = sum(1e3 * (10e-6 + mixed + float(secs[k, i, j])) for j in range(2) if W[k, i, j] > 0)
+            assert waved.rank_compute_ms[k][i] == pytest.approx(want)
+    # Two batch elements make 4 tiles: two waves of 3, 6 / 4 = 1.5x again; 4 SMs: one wave, no loss.
+    assert model(dense_sms=3).dense_waves(np.array([0, 2, 4, 6, 7])).tolist() == pytest.approx([1.0, 1.5, 1.5, 1.0, 9 / 7])
+    assert model(dense_sms=4).dense_waves(4) == 1.0 and model().dense_waves(5) == 1.0
+    with pytest.raises(ValueError, match="dense_sms must be >= 1"):
+        model(dense_sms=0)
     # Without dense_tflops (or without dense heads) the prediction is the single-rate one.
     assert model().predict(plan, head_dim=D, dense_heads=(1,)) == model().predict(plan, head_dim=D)
     with pytest.raises(ValueError, match="dense_heads must be head ids"):

@@ -47,7 +47,9 @@ def compute_times(work, plan, model):
     """Independent oracle of the model's per-step compute ``C[k, i, t]`` (seconds), straight from its
     documented formula, head by head: sparse entries at the curve's rate, dense heads' at
     ``dense_tflops``, ``call_overhead`` per non-empty call plus ``mixed_overhead`` where the call's
-    group holds both kinds (and ``mixed_gather`` more where its dense heads are not consecutive)."""
+    group holds both kinds (and ``mixed_gather`` more where its dense heads are not consecutive).
+    With ``dense_sms``, a call's dense entries take whole waves: its dense heads times the 128-token
+    tiles of its query blocks, rounded up to a multiple of ``dense_sms``, over that count."""
     a = work.sum(0).numpy()
     H, S = a.shape[0], int(plan.seq_len)
     dense = {h for h in range(H) if a[h].sum() == S * S}
@@ -68,7 +70,12 @@ def compute_times(work, plan, model):
                 entries = [a[h][np.ix_(rows, cols)].sum() for h in group]
                 if sum(entries) == 0:
                     continue
-                sec = sum(e * 4 * D / (model.dense_tflops * 1e12 if h in dense else rate) for h, e in zip(group, entries))
+                waves = 1.0
+                if model.dense_sms is not None and at:
+                    q_tokens = sum(min(64, S - 64 * b) for b in rows)  # 64-token blocks, the last one partial
+                    n = len(at) * math.ceil(q_tokens / 128)
+                    waves = math.ceil(n / model.dense_sms) * model.dense_sms / n
+                sec = sum(e * 4 * D / (model.dense_tflops * 1e12 / waves if h in dense else rate) for h, e in zip(group, entries))
                 C[k, i, t] = sec + 1e-6 * (model.call_overhead_us + (model.mixed_overhead_us if mixed else 0.0)
                                            + (model.mixed_gather_us if apart else 0.0))
     return C
@@ -124,8 +131,11 @@ def test_without_a_cost_model_plans_are_those_of_the_tile_planner(n):
         assert natural(make_plan(s, ulysses=U, ring=R)).fingerprint() == OLD_FINGERPRINTS[n, "summary"]
 
 
+@pytest.mark.parametrize("sms", [None, 3])
 @pytest.mark.parametrize("n", range(len(CASES)))
-def test_time_plan_is_never_slower_than_the_tile_plan_and_keeps_true_tiles(n):
+def test_time_plan_is_never_slower_than_the_tile_plan_and_keeps_true_tiles(n, sms):
+    """Also with dense SDPA's waves (3 SMs: a call of 2 or 4 query tiles takes 1.5x its work)."""
+    model = dataclasses.replace(MODEL, dense_sms=sms)
     U, R, H, nb, nd, seed, partial = CASES[n]
     work, S = work_with_dense(H, nb, seed=seed, n_dense=nd, partial=partial)
     dense = dense_heads(work, q_block=64, seq_len=S)
@@ -133,15 +143,15 @@ def test_time_plan_is_never_slower_than_the_tile_plan_and_keeps_true_tiles(n):
     kw = dict(ulysses=U, ring=R, q_block=64, seq_len=S)
     inputs = [work] + ([summarize_work(work, q_block=64, seq_len=S, ring=R, coarse=2)] if R > 1 else [])
     for x in inputs:
-        tiles, timed = make_plan(x, **kw), make_plan(x, **kw, cost_model=MODEL, head_dim=D)
+        tiles, timed = make_plan(x, **kw), make_plan(x, **kw, cost_model=model, head_dim=D)
         timed.validate()
         assert torch.equal(timed.tile_work, tile_work(work, timed))  # tile_work stays the true tile entries
-        pt = MODEL.predict(tiles, head_dim=D, dense_heads=dense)
-        pw = MODEL.predict(timed, head_dim=D, dense_heads=dense)
+        pt = model.predict(tiles, head_dim=D, dense_heads=dense)
+        pw = model.predict(timed, head_dim=D, dense_heads=dense)
         assert pw.total_ms <= pt.total_ms * (1 + 1e-12)
         assert pw.imbalance == pytest.approx(timed.imbalance())  # the tile rho_s is unchanged in meaning
         # The model's own time rho_s is that of the independent per-step oracle.
-        C = compute_times(work, timed, MODEL)
+        C = compute_times(work, timed, model)
         assert pw.compute_imbalance == pytest.approx(ring_seconds(C) * U * R / C.sum(), rel=1e-9)
 
 
@@ -262,3 +272,19 @@ def test_local_block_layout_moves_few_blocks_and_wins_where_the_exchange_is_dear
     u, r, chosen = choose_degrees(work, world=8, heads=8, cost_model=cost, head_dim=D, q_block=64, seq_len=1182 * 64,
                                   local_blocks=True)
     assert total(chosen) <= total(timed) * (1 + 1e-9)  # the degree choice weighs this U1R8 plan too
+
+
+@pytest.mark.parametrize("U,R,sms,waves", [(2, 1, 2, 4 / 3), (2, 1, 3, 1.0), (1, 2, 5, 5 / 4), (2, 2, None, 1.0)])
+def test_time_weights_carry_the_mean_wave_factor_of_an_even_split(U, R, sms, waves):
+    """A dense head weighs ``sparse rate x waves / dense rate`` of a sparse one, where ``waves`` is the
+    wave factor of the dense heads split evenly over the U groups, on query chunks of S / R tokens:
+    2 dense heads, 6 blocks of 64 tokens: one head per group at U = 2 and R = 1 makes 3 tiles of 128
+    (2 SMs: 4 / 3; 3 SMs: 1); both heads at R = 2 make 2 x 2 tiles (5 SMs: 5 / 4)."""
+    from dbsp.plan.core import _as_work
+    from dbsp.plan.cost import _rates_of
+
+    work, S = work_with_dense(6, 6, seed=7, n_dense=2)
+    w = _as_work(work, q_block=64, seq_len=S)
+    rates = _rates_of(dataclasses.replace(MODEL, dense_sms=sms), w, work[0].sum((1, 2)).numpy(), D, ulysses=U, ring=R)
+    assert rates.dense.sum() == 2
+    assert rates.dense_w / rates.sparse == pytest.approx(0.436 * waves / 0.6285, abs=1 / 1024)

@@ -779,7 +779,7 @@ def _timed_layouts(w: "_Work | WorkSummary", *, ulysses: int, ring: int, cost_mo
         stats = _stats(w, ring)
     totals = _head_totals(w, stats)
     dense = tuple(int(h) for h in np.nonzero(_full_heads(w, totals))[0])
-    rates = _rates_of(cost_model, w, totals, head_dim)
+    rates = _rates_of(cost_model, w, totals, head_dim, ulysses=ulysses, ring=ring)
     # The local layout once: on time-weighted work where time and tile entries differ, else on tiles.
     layouts = _layouts(w, ulysses=ulysses, ring=ring, stats=stats, local=local and rates is None, **options)
     if rates is not None:

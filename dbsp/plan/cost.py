@@ -107,6 +107,10 @@ class CostModel:
             not a multiple of 128 (cuDNN's key tile: on H100 such calls run ~12% slower at the
             same work; a ring chunk of an odd number of 64-token blocks is one). Used with
             ``dense_tflops``. Default: 1.0.
+        dense_sms: the GPU's streaming multiprocessors (132 on H100 and H200 SXM). Dense SDPA runs
+            ``n = batch x dense heads x ceil(q tokens / 128)`` query tiles in waves of this many, so a
+            call's dense entries cost ``ceil(n / dense_sms) / (n / dense_sms)`` times more (a call of
+            133 tiles takes two waves). Used with ``dense_tflops``. None: no wave model. Default: None.
         source: where the numbers come from (free text; not compared).
     """
 
@@ -121,6 +125,7 @@ class CostModel:
     mixed_overhead_us: float = 0.0
     mixed_gather_us: float = 0.0
     dense_unaligned: float = 1.0
+    dense_sms: int | None = None
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -143,6 +148,8 @@ class CostModel:
         f = self.dense_unaligned
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f < 1:
             raise ValueError(f"dense_unaligned must be a finite number >= 1, got {f!r}")
+        if self.dense_sms is not None:
+            check_positive_int("dense_sms", self.dense_sms)
 
     # ------------------------------------------------------------------ loading
 
@@ -161,7 +168,7 @@ class CostModel:
             raise ValueError(f"{path}: cost model JSON lacks {missing}; it needs {list(cls._FIELDS)}")
         return cls(**{f: data[f] for f in cls._FIELDS}, dense_tflops=data.get("dense_tflops"),
                    mixed_overhead_us=data.get("mixed_overhead_us", 0.0), mixed_gather_us=data.get("mixed_gather_us", 0.0),
-                   dense_unaligned=data.get("dense_unaligned", 1.0),
+                   dense_unaligned=data.get("dense_unaligned", 1.0), dense_sms=data.get("dense_sms"),
                    source=str(data.get("source", path)))
 
     @classmethod
@@ -177,6 +184,8 @@ class CostModel:
             data["mixed_overhead_us"] = self.mixed_overhead_us
             data["mixed_gather_us"] = self.mixed_gather_us
             data["dense_unaligned"] = self.dense_unaligned
+            if self.dense_sms is not None:
+                data["dense_sms"] = self.dense_sms
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
     # ------------------------------------------------------------------ prediction
@@ -191,6 +200,17 @@ class CostModel:
         """The throughput curves as (densities, TFLOPS) arrays, by ``fine_grained``, built once."""
         return {fine: (np.array([d for d, _ in curve]), np.array([t for _, t in curve]))
                 for fine, curve in ((False, self.block_tflops), (True, self.fine_tflops))}
+
+    def dense_waves(self, tiles: "int | np.ndarray") -> "float | np.ndarray":
+        """Time factor of a dense SDPA call of ``tiles`` query tiles (``batch x heads x ceil(q
+        tokens / 128)``): whole waves of ``dense_sms`` tiles over the fractional count,
+        ``ceil(n / dense_sms) / (n / dense_sms)``; 1.0 for ``n = 0`` or without ``dense_sms``."""
+        n = np.asarray(tiles, dtype=np.float64)
+        if self.dense_sms is None:
+            out = np.ones_like(n)
+        else:
+            out = np.where(n > 0, np.ceil(n / self.dense_sms) * self.dense_sms / np.maximum(n, 1.0), 1.0)
+        return float(out) if out.ndim == 0 else out
 
     def _dense_tiles(self, plan: Plan, dense_heads, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``((U, R, R) score entries of the dense heads in each tile, (U,) dense heads per group,
@@ -260,6 +280,8 @@ class CostModel:
             seconds = W * (4.0 * head_dim) / rate
         else:
             slow = np.where(plan._chunk_tokens[1] % _CUDNN_KV_TILE != 0, self.dense_unaligned, 1.0)[:, None, :]  # (U, 1, R)
+            # Whole waves of query tiles, per rank's query chunk: (U, R, 1).
+            slow = slow * self.dense_waves((batch * dense_k)[:, None] * np.ceil(plan._chunk_tokens[0] / _CUDNN_Q_TILE))[:, :, None]
             seconds = (W - dense_w) * (4.0 * head_dim) / rate + dense_w * slow * (4.0 * head_dim) / (self.dense_tflops * 1e12)
         D = _steps(W)  # (U, R, R): D[k, i, t]
         overhead = np.full((U, 1, 1), self.call_overhead_us * 1e-6)
@@ -303,6 +325,8 @@ class CostModel:
 
 # cuDNN's key tile: dense calls with other key lengths pay CostModel.dense_unaligned.
 _CUDNN_KV_TILE = 128
+# cuDNN's query tile on H100: one per SM at a time (CostModel.dense_sms).
+_CUDNN_Q_TILE = 128
 
 
 _TIME_SCALE = 1024
@@ -317,7 +341,8 @@ class _Rates:
     curve's rate, so one entry of a dense head costs ``sparse_rate / dense_rate`` of a sparse one.
     The planner weighs the work in integers, sparse heads times ``sparse`` and dense heads times
     ``dense_w`` (``dense_w / sparse`` ~ that ratio), so its exact integer arithmetic carries over
-    and equal loads mean equal predicted kernel time. A dense head's work is known without
+    and equal loads mean equal predicted kernel time (with ``dense_sms``, on the mean wave factor:
+    :func:`_rates_of`). A dense head's work is known without
     reading it (every cell is ``batch x q tokens x kv tokens``), so weighing a group's summed work
     is one rank-1 correction, and so is undoing it for the plan's true ``tile_work``. ``mixed`` is
     the cost of one call that holds dense and sparse heads (``mixed_overhead_us``), in weighted entries.
@@ -371,10 +396,15 @@ class _Rates:
         return out // self.sparse
 
 
-def _rates_of(cost_model: "CostModel | None", w: "_Work | WorkSummary", totals: np.ndarray, head_dim: int) -> _Rates | None:
+def _rates_of(cost_model: "CostModel | None", w: "_Work | WorkSummary", totals: np.ndarray, head_dim: int, *,
+              ulysses: int = 1, ring: int = 1) -> _Rates | None:
     """The time weights of ``w`` under ``cost_model`` (``totals``: ``(H,)`` work per head), or None
     where time and tile entries order plans alike (no cost model, no ``dense_tflops``, no dense
-    heads and no mixed-call cost, or work too large for exact float64 sums at a useful scale)."""
+    heads and no mixed-call cost, or work too large for exact float64 sums at a useful scale).
+
+    With ``dense_sms``, the dense rate is slowed by the mean wave factor (:meth:`CostModel.dense_waves`)
+    of the dense heads split as evenly as possible over ``ulysses`` groups, on query chunks of
+    ``seq_len / ring`` tokens: weights are per head, so they carry the wave loss on average."""
     if cost_model is None or cost_model.dense_tflops is None:
         return None
     full = w.batch * w.seq_len * w.seq_len
@@ -389,7 +419,10 @@ def _rates_of(cost_model: "CostModel | None", w: "_Work | WorkSummary", totals: 
     scale = min(_TIME_SCALE, 2**52 // (full * H))
     if scale < 16:
         return None
-    dense_w = max(1, round(scale * rate / cost_model.dense_tflops))
+    counts = np.array([n // ulysses + (k < n % ulysses) for k in range(ulysses)])
+    tiles = w.batch * counts * math.ceil(_cdiv(w.seq_len, ring) / _CUDNN_Q_TILE)
+    waves = float((counts * cost_model.dense_waves(tiles)).sum()) / n
+    dense_w = max(1, round(scale * rate * waves / cost_model.dense_tflops))
     g = math.gcd(scale, dense_w)
     sparse, dense_w = scale // g, dense_w // g
     mixed = round(cost_model.mixed_overhead_us * 1e-6 * rate * 1e12 / (4.0 * head_dim) * sparse)

@@ -221,7 +221,7 @@ def _lower_bound_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarra
 def _entry_ms(cost: CostModel, w: "_Work | WorkSummary", totals: np.ndarray, head_dim: int) -> np.ndarray:
     """``(H,)`` float64: the least predicted milliseconds per tile entry of each head, as
     :meth:`CostModel.predict` rates them (dense heads at ``dense_tflops`` when modelled, without
-    the unaligned-key factor, which is >= 1; the others at the sparse curve's rate for their
+    the unaligned-key and wave factors, which are >= 1; the others at the sparse curve's rate for their
     density, which no plan changes)."""
     H, full = w.heads, w.batch * w.seq_len * w.seq_len
     dense = _full_heads(w, totals) if cost.dense_tflops is not None else np.zeros(H, dtype=bool)
@@ -248,7 +248,7 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     every tile is non-empty):
 
     * blocks at home: the cost model's ring time of those tiles (exact but for call overheads and
-      the unaligned-key factor);
+      the unaligned-key and wave factors);
     * blocks moved: the exchange's latency plus, for a ring time ``T``, the exchange of the fewest
       units every rank must send away so that no rank computes more than ``T`` (rank ``(k, i)``
       computes its query units' rows, ``sum_t`` of its step times, and its key units' columns,
@@ -277,7 +277,7 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
         sets = [(groups, True)]
     elif balance:
         sets.append((_balance_heads(totals.tolist(), counts, True), True))
-        rates = _rates_of(cost, s, totals, head_dim)
+        rates = _rates_of(cost, s, totals, head_dim, ulysses=u, ring=R)
         if rates is not None:
             sets.append((_balance_heads_timed((totals * rates.weights).tolist(), rates.dense, counts, True, R * R * rates.mixed), True))
     lat = cost.comm_latency_us * 1e-3
@@ -406,7 +406,7 @@ def _score_pair(w: _Work, u: int, r: int, predict, *, reward: float, uneven_head
     if cost is not None:
         if not isinstance(w, WorkSummary) and stats is None:
             stats = _stats(w, r)
-        rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1])
+        rates = _rates_of(cost[0], w, _head_totals(w, stats), cost[1], ulysses=u, ring=r)
     # The local layout once: on time-weighted work where time and tile entries differ, else on tiles.
     layouts = _layouts(w, ulysses=u, ring=r, reward=reward, uneven_heads=uneven_heads, stats=stats, prune_for=prune_for,
                        local=local and rates is None)
