@@ -659,7 +659,7 @@ def test_degree_choice_pruning_bounds_every_plan_and_keeps_the_winner(seed):
     full = torch.rand(heads, generator=g) < 0.3  # some heads fully dense
     work[0, full] = 64 * 64
     fast = model(dense_tflops=700.0, mixed_overhead_us=float(torch.randint(0, 400, (1,), generator=g)),
-                 nvlink_gbps=float(torch.randint(20, 400, (1,), generator=g)))
+                 nvlink_gbps=float(torch.randint(20, 400, (1,), generator=g)), dense_sms=(None, 3, 5)[seed % 3])
     S = nb * 64
     for src in (work, summarize_work(work, q_block=64, seq_len=S, ring=8)):
         w = _as_work(src, q_block=64, seq_len=S)
@@ -678,7 +678,8 @@ def test_summary_bound_is_below_every_scored_candidate(seed):
     """The summary bound (head groups, home tiles, units every rank must send away) is below the
     predicted time of the plan every candidate scores (balanced or not, uneven heads, any home
     bonus, dense heads with and without a mixed-call cost), and choose_degrees (pruned with it)
-    picks what the full scoring picks, plan and all."""
+    picks what the full scoring picks, plan and all; dense SDPA in waves of 3 or 7 query tiles or
+    none."""
     from dbsp.plan.degrees import _summary_bound_ms
 
     g = torch.Generator().manual_seed(100 + seed)
@@ -696,7 +697,7 @@ def test_summary_bound_is_below_every_scored_candidate(seed):
                  call_overhead_us=float(torch.randint(0, 2, (1,), generator=g)) * 10.0,
                  mixed_overhead_us=float(torch.randint(0, 300, (1,), generator=g)),
                  comm_latency_us=float(torch.randint(1, 60, (1,), generator=g)),
-                 nvlink_gbps=float(torch.randint(5, 400, (1,), generator=g)))
+                 nvlink_gbps=float(torch.randint(5, 400, (1,), generator=g)), dense_sms=(3, None, 7)[seed % 3])
     for coarse in (1, 2):
         s = summarize_work(work, q_block=64, seq_len=S, ring=8, coarse=coarse)
         for balance, uneven, reward in ((True, False, 2.0), (True, True, 0.0), (False, False, 2.0), (True, False, math.inf)):
@@ -716,7 +717,8 @@ def test_summary_bound_holds_for_plans_that_move_few_units(seed):
     """Oracle: CostModel.predict on explicit plans. For head groups of any make-up and layouts
     that send a few units away (the heaviest of the busiest ranks, as a cheap balancer would, or
     random ones; every rank keeps its block count), the predicted time is never below the bound
-    for plans with those groups that move units, and comes close to it (it is not vacuous)."""
+    for plans with those groups that move units, and comes close to it (it is not vacuous). Dense
+    SDPA runs in waves of 2 or 5 query tiles (even seeds) or without waves."""
     from dbsp.plan.balance import _build_plan
     from dbsp.plan.core import _head_counts, _home
     from dbsp.plan.cost import _predictor
@@ -730,7 +732,7 @@ def test_summary_bound_holds_for_plans_that_move_few_units(seed):
     tflops = 10 ** float(torch.empty(1).uniform_(-1.0, 2.0, generator=g))  # compute from far above to near the exchange
     cost = model(block_tflops=[[0.0, tflops], [1.0, tflops]], dense_tflops=1.5 * tflops, call_overhead_us=0.0,
                  mixed_overhead_us=float(torch.randint(0, 300, (1,), generator=g)), comm_latency_us=20.0,
-                 nvlink_gbps=float(torch.randint(1, 50, (1,), generator=g)))
+                 nvlink_gbps=float(torch.randint(1, 50, (1,), generator=g)), dense_sms=(2, None, 5, None)[seed % 4])
     s = summarize_work(work, q_block=64, seq_len=6000, ring=8, coarse=1 + seed % 2)
     predict = _predictor(cost, s, head_dim=128, element_bytes=2)
     sizes = np.diff(s._starts)
@@ -1561,3 +1563,48 @@ def test_plan_cache_local_blocks_plans_as_choose_degrees_does():
     assert plain.fingerprint() == choose_degrees(s, world=8, heads=16, cost_model=cost)[2].fingerprint() != want.fingerprint()
     with pytest.raises(TypeError, match="local_blocks"):
         PlanCache(local_blocks=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_wave_bounds_hold_for_every_layout_that_keeps_block_counts(seed):
+    """Oracle: CostModel.predict's wave factors of explicit plans (their chunks' token counts). The
+    degree choice's per-group least wave factor is at most every rank's factor in any layout that
+    keeps each rank's block count (random swaps, the partial last block included), and its home
+    factors are those of the home layout."""
+    from dbsp.plan.balance import _build_plan
+    from dbsp.plan.core import _head_counts, _home
+    from dbsp.plan.degrees import _wave_bounds
+
+    rng = np.random.default_rng(seed)
+    heads, S = 8, int(rng.integers(40, 60)) * 64 - int(rng.integers(1, 63))  # a partial last block
+    work = random_work(heads, -(-S // 64), seed=seed)
+    s = summarize_work(work, q_block=64, seq_len=S, ring=4, coarse=1)
+    cost = model(dense_tflops=600.0, dense_sms=int(rng.integers(2, 6)))
+    nb = s.num_blocks
+    tight = groups_seen = 0
+    for U, R in ((1, 4), (2, 2), (4, 1), (2, 4)):
+        counts = _head_counts(heads, U, False)
+        groups = np.arange(heads).reshape(U, -1).tolist()
+        n_dense = rng.integers(0, heads // U + 1, U)
+        at_home, least = _wave_bounds(cost, s, R, n_dense)
+        home = np.tile(_home(nb, R), (U, 1))
+        plan = _build_plan(ulysses=U, ring=R, heads=heads, q_block=64, seq_len=S, groups=groups, counts=counts,
+                           q_owner=home, kv_owner=home, tile_work=None)
+        assert np.array_equal(at_home, cost._waves_of(n_dense, plan._chunk_tokens[0], s.batch))
+        lowest = at_home.min(1)
+        for _ in range(40):
+            owner = home.copy()
+            for k in range(U):
+                for _ in range(int(rng.integers(1, 4))):
+                    x = nb - 1 if rng.random() < 0.5 else int(rng.integers(nb))  # often the partial block
+                    y = int(rng.integers(nb))
+                    owner[k, x], owner[k, y] = owner[k, y], owner[k, x]
+            plan = _build_plan(ulysses=U, ring=R, heads=heads, q_block=64, seq_len=S, groups=groups, counts=counts,
+                               q_owner=owner, kv_owner=owner, tile_work=None)
+            plan.validate()
+            got = cost._waves_of(n_dense, plan._chunk_tokens[0], s.batch)  # (U, R) as predict weighs them
+            assert (got >= least[:, None] * (1 - 1e-12)).all(), (U, R, got, least)
+            lowest = np.minimum(lowest, got.min(1))
+        tight += int(np.isclose(lowest, least).sum())
+        groups_seen += U
+    assert tight >= groups_seen - 1  # the layouts tried reach the least factor of (nearly) every group

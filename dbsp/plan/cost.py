@@ -206,11 +206,17 @@ class CostModel:
         tokens / 128)``): whole waves of ``dense_sms`` tiles over the fractional count,
         ``ceil(n / dense_sms) / (n / dense_sms)``; 1.0 for ``n = 0`` or without ``dense_sms``."""
         n = np.asarray(tiles, dtype=np.float64)
-        if self.dense_sms is None:
-            out = np.ones_like(n)
-        else:
-            out = np.where(n > 0, np.ceil(n / self.dense_sms) * self.dense_sms / np.maximum(n, 1.0), 1.0)
+        out = np.ones_like(n)
+        if self.dense_sms is not None:
+            np.divide(np.ceil(n / self.dense_sms) * self.dense_sms, n, out=out, where=n > 0)
         return float(out) if out.ndim == 0 else out
+
+    def _waves_of(self, dense_counts: np.ndarray, q_tokens: np.ndarray, batch: int) -> np.ndarray:
+        """``(U, R)`` time factors of the dense heads' entries in each rank's calls: :meth:`dense_waves`
+        of ``batch x the group's dense heads x 128-token tiles of the rank's query chunk``
+        (``dense_counts``: ``(U,)``; ``q_tokens``: ``(U, R)`` or ``(R,)``)."""
+        tiles = np.ceil(np.asarray(q_tokens, dtype=np.float64) / _CUDNN_Q_TILE)
+        return self.dense_waves((batch * np.asarray(dense_counts, dtype=np.float64))[:, None] * tiles)
 
     def _dense_tiles(self, plan: Plan, dense_heads, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """``((U, R, R) score entries of the dense heads in each tile, (U,) dense heads per group,
@@ -281,7 +287,7 @@ class CostModel:
         else:
             slow = np.where(plan._chunk_tokens[1] % _CUDNN_KV_TILE != 0, self.dense_unaligned, 1.0)[:, None, :]  # (U, 1, R)
             # Whole waves of query tiles, per rank's query chunk: (U, R, 1).
-            slow = slow * self.dense_waves((batch * dense_k)[:, None] * np.ceil(plan._chunk_tokens[0] / _CUDNN_Q_TILE))[:, :, None]
+            slow = slow * self._waves_of(dense_k, plan._chunk_tokens[0], batch)[:, :, None]
             seconds = (W - dense_w) * (4.0 * head_dim) / rate + dense_w * slow * (4.0 * head_dim) / (self.dense_tflops * 1e12)
         D = _steps(W)  # (U, R, R): D[k, i, t]
         overhead = np.full((U, 1, 1), self.call_overhead_us * 1e-6)
@@ -420,8 +426,7 @@ def _rates_of(cost_model: "CostModel | None", w: "_Work | WorkSummary", totals: 
     if scale < 16:
         return None
     counts = np.array([n // ulysses + (k < n % ulysses) for k in range(ulysses)])
-    tiles = w.batch * counts * math.ceil(_cdiv(w.seq_len, ring) / _CUDNN_Q_TILE)
-    waves = float((counts * cost_model.dense_waves(tiles)).sum()) / n
+    waves = float((counts * cost_model._waves_of(counts, [_cdiv(w.seq_len, ring)], w.batch)[:, 0]).sum()) / n
     dense_w = max(1, round(scale * rate * waves / cost_model.dense_tflops))
     g = math.gcd(scale, dense_w)
     sparse, dense_w = scale // g, dense_w // g

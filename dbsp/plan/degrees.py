@@ -21,7 +21,7 @@ from ..mask import SparseMask
 from . import _jit
 from .balance import (DEFAULT_REWARD, _MEMO, _Pruned, _balance_heads, _balance_heads_timed, _check_reward, _head_totals,
                       _layouts, _moved, _pick, _ring_key)
-from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _stats, _steps,
+from .core import (Plan, WorkSummary, _Stats, _Work, _as_work, _cdiv, _full_heads, _head_counts, _home, _stats, _steps,
                    _sum_groups, _summary_home_tiles, _unit_chunks, _unit_starts, _work_per_head)
 from .cost import CostModel, Prediction, _predictor, _rates_of
 
@@ -245,15 +245,18 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     dense heads) the time-balanced head groups (:func:`_layouts`), with blocks at home or moved in
     whole units. Per head group set, with every tile's time taken at its heads' least rate
     (:func:`_entry_ms`, plus the mixed-call cost of groups holding dense and sparse heads, whose
-    every tile is non-empty):
+    every tile is non-empty; with ``dense_sms``, dense heads' entries times their group's wave
+    factor, :meth:`CostModel.dense_waves`):
 
     * blocks at home: the cost model's ring time of those tiles (exact but for call overheads and
-      the unaligned-key and wave factors);
+      the unaligned-key factor), each rank's wave factor on its home chunk;
     * blocks moved: the exchange's latency plus, for a ring time ``T``, the exchange of the fewest
       units every rank must send away so that no rank computes more than ``T`` (rank ``(k, i)``
       computes its query units' rows, ``sum_t`` of its step times, and its key units' columns,
       which ring time bounds from below; sending a unit away lowers a rank's load by at most
-      that unit's work), minimised over ``T`` from the largest group mean upwards.
+      that unit's work), minimised over ``T`` from the largest group mean upwards; a group's
+      wave factor is its least over its ranks, on their block counts with and without the
+      partial last block.
 
     A ring time is at least each rank's row and column load, and the exchange is set by the
     largest count of units a rank sends, so the bound holds for every plan with those groups
@@ -286,11 +289,15 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     if u > 1:
         a2a = 1e3 * (2 * cost.comm_latency_us * 1e-6 + 4 * _cdiv(S, u * R) * H * token_bytes * (u - 1) / u / cost._bandwidth(u, u))
     tiles = _summary_home_tiles(s, R) * ms[:, None, None]  # (H, R, R) ms per head, blocks at home
+    waves = cost.dense_sms is not None and bool(dense.any())
+    if waves:  # dense heads' tiles take whole waves (CostModel.dense_sms): their own factor per group and rank
+        dense_tiles = tiles * dense[:, None, None]
+        tiles = tiles - dense_tiles
     bw = cost._bandwidth(R, u * R)
     mixed = cost.mixed_overhead_us * 1e-3 if cost.dense_tflops is not None and dense.any() else 0.0
     home = math.inf
     moved, ring = [math.inf] * len(sets), [0.0] * len(sets)
-    mixes, p2ps = [None] * len(sets), [None] * len(sets)
+    mixes, p2ps, group_mss = [None] * len(sets), [None] * len(sets), [None] * len(sets)
     block_ms = 2 * s.q_block * token_bytes / bw * 1e3
     for n, (gs, may_move) in enumerate(sets):
         heads_k = np.array([len(g) for g in gs], dtype=np.float64)
@@ -298,6 +305,11 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
         if mixed:
             mix[:] = [mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs]
         C = _sum_groups(tiles, gs) + mix[:, None, None]  # (U, R, R)
+        group_ms = np.broadcast_to(ms, (len(gs), H))  # (U, H) least ms per entry of each group's heads
+        if waves:
+            at_home, least = _wave_bounds(cost, s, R, np.array([int(dense[g].sum()) for g in gs]))
+            C = C + at_home[:, :, None] * _sum_groups(dense_tiles, gs)
+            group_ms = ms * np.where(dense, least[:, None], 1.0)
         if R == 1:
             home = min(home, a2a + float(C.max()))
             continue
@@ -306,14 +318,15 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
         if groups is None:
             home = min(home, a2a + float((np.maximum(steps[:, :-1], p2p[:, None]).sum(1) + steps[:, -1]).max()))
         if may_move and reward != math.inf:
-            bound, ring[n] = _moved_bound_ms(s, gs, ms, mix, R, p2p, block_ms, lat, moves)
+            bound, ring[n] = _moved_bound_ms(s, gs, group_ms, mix, R, p2p, block_ms, lat, moves)
             moved[n] = a2a + bound
+        group_mss[n] = group_ms
 
     def tighten() -> float:
         """The bound again with ``moves=True``, reusing this call's groups and tiles."""
         for n, (gs, may_move) in enumerate(sets):
             if R > 1 and may_move and reward != math.inf:
-                bound, ring[n] = _moved_bound_ms(s, gs, ms, mixes[n], R, p2ps[n], block_ms, lat, True)
+                bound, ring[n] = _moved_bound_ms(s, gs, group_mss[n], mixes[n], R, p2ps[n], block_ms, lat, True)
                 moved[n] = a2a + bound
         return min([home] + moved)
 
@@ -322,17 +335,30 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     return min([home] + moved)
 
 
+def _wave_bounds(cost: CostModel, s: WorkSummary, R: int, n_dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``((U, R) wave factors of each group's dense heads with blocks at home, (U,) each group's
+    least factor over the layouts that keep every rank's block count)``
+    (:meth:`CostModel.dense_waves`; ``n_dense``: ``(U,)`` dense heads per group). Such a layout may
+    hand the partial last block to any rank, so each rank's chunk is its blocks in tokens, with or
+    without the tokens that block lacks."""
+    full = np.bincount(_home(s.num_blocks, R), minlength=R) * s.q_block  # (R,) tokens of whole blocks per rank
+    short = s.num_blocks * s.q_block - s.seq_len  # tokens the partial last block lacks
+    at_home = cost._waves_of(n_dense, full - short * (np.arange(R) == R - 1), s.batch)  # the last rank holds it
+    least = np.minimum(cost._waves_of(n_dense, full, s.batch), cost._waves_of(n_dense, full - short, s.batch)).min(1)
+    return at_home, least
+
+
 def _moved_bound_ms(s: WorkSummary, groups: list[list[int]], ms: np.ndarray, mix: np.ndarray, R: int, p2p: np.ndarray,
                     block_ms: float, lat: float, moves: bool = True) -> tuple[float, float]:
     """:func:`_summary_bound_ms`' bound on exchange + ring time of plans with ``groups`` that move
-    units, and its bound on their ring time alone. ``ms``: ``(H,)`` per entry; ``mix``: ``(U,)``
+    units, and its bound on their ring time alone. ``ms``: ``(U, H)`` per entry of each group's heads; ``mix``: ``(U,)``
     per call; ``block_ms``: the exchange time of one block of one head (both ways). ``moves=False``:
     one unit moved, the ring time at its bound (no sorting)."""
     U, H = len(groups), s.heads
     idx, chunk = _movable_units(s, R)  # (R, n) movable units of each home chunk (NU: none), (R + 1,)
     weigh = np.zeros((U, H))
     for k, g in enumerate(groups):
-        weigh[k, g] = ms[g]
+        weigh[k, g] = ms[k, g]
     heads_k = weigh.astype(bool).sum(1).astype(np.float64)
     per_group = weigh @ s._head_totals.astype(np.float64)  # (U,) ms of each group's work
     mean = max(float(per_group[k]) / R + R * mix[k] for k in range(U))
