@@ -248,8 +248,8 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     every tile is non-empty; with ``dense_sms``, dense heads' entries times their group's wave
     factor, :meth:`CostModel.dense_waves`):
 
-    * blocks at home: the cost model's ring time of those tiles (exact but for call overheads and
-      the unaligned-key factor), each rank's wave factor on its home chunk;
+    * blocks at home: the cost model's ring time of those tiles (exact but for the unaligned-key
+      factor), each rank's wave factor on its home chunk;
     * blocks moved: the exchange's latency plus, for a ring time ``T``, the exchange of the fewest
       units every rank must send away so that no rank computes more than ``T`` (rank ``(k, i)``
       computes its query units' rows, ``sum_t`` of its step times, and its key units' columns,
@@ -288,7 +288,9 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     a2a = 0.0
     if u > 1:
         a2a = 1e3 * (2 * cost.comm_latency_us * 1e-6 + 4 * _cdiv(S, u * R) * H * token_bytes * (u - 1) / u / cost._bandwidth(u, u))
-    tiles = _summary_home_tiles(s, R) * ms[:, None, None]  # (H, R, R) ms per head, blocks at home
+    home_work = _summary_home_tiles(s, R)  # (H, R, R) entries per head, blocks at home
+    tiles = home_work * ms[:, None, None]  # (H, R, R) ms
+    call = cost.call_overhead_us * 1e-3  # per non-empty tile
     waves = cost.dense_sms is not None and bool(dense.any())
     if waves:  # dense heads' tiles take whole waves (CostModel.dense_sms): their own factor per group and rank
         dense_tiles = tiles * dense[:, None, None]
@@ -305,6 +307,8 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
         if mixed:
             mix[:] = [mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs]
         C = _sum_groups(tiles, gs) + mix[:, None, None]  # (U, R, R)
+        if call:
+            C = C + call * (_sum_groups(home_work, gs) > 0)
         group_ms = np.broadcast_to(ms, (len(gs), H))  # (U, H) least ms per entry of each group's heads
         if waves:
             at_home, least = _wave_bounds(cost, s, R, np.array([int(dense[g].sum()) for g in gs]))
