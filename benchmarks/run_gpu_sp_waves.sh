@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The 8-rank emulation with the wave-aware cost model (dense SDPA in waves of 132 query tiles,
+# dbsp/cost_model.json): every workload, 2 layers, 7 rounds. With OLD_CM=<json>, then the skewed
+# and regional workloads planned and predicted with that calibration, on the same machine.
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/machine.txt
+timeout ${T_EMU:-330} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --repeats 7 --out $OUT/sp > $OUT/sp_emulated8.log 2>&1
+echo "rc $?"
+rm -f $OUT/sp/*.pt
+grep -E "best fixed|speedup|target|agrees|deviation" $OUT/sp_emulated8.log
+if [ -n "${OLD_CM:-}" ]; then
+  timeout ${T_OLD:-220} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --repeats 7 --workloads skewed,regional \
+    --cost-model "$OLD_CM" --out /tmp/sp_old > $OUT/sp_emulated8_oldcm.log 2>&1
+  echo "rc $?"
+  grep -E "best fixed|speedup|target|agrees|deviation" $OUT/sp_emulated8_oldcm.log
+fi
