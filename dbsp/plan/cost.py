@@ -331,7 +331,8 @@ class CostModel:
 
 # cuDNN's key tile: dense calls with other key lengths pay CostModel.dense_unaligned.
 _CUDNN_KV_TILE = 128
-# cuDNN's query tile on H100: one per SM at a time (CostModel.dense_sms).
+# Dense SDPA's query tile for CostModel.dense_sms: 128-token tiles, one per SM at a time, fit the
+# H100's measured calls best (benchmarks/calibrate_cost_model.py; 64 or 256 at one per SM fit worse).
 _CUDNN_Q_TILE = 128
 
 

@@ -303,15 +303,15 @@ def _summary_bound_ms(cost: CostModel, s: WorkSummary, u: int, r: int, *, reward
     block_ms = 2 * s.q_block * token_bytes / bw * 1e3
     for n, (gs, may_move) in enumerate(sets):
         heads_k = np.array([len(g) for g in gs], dtype=np.float64)
-        mix = mixes[n] = np.zeros(len(gs))  # (U,) per call: groups holding dense and sparse heads
-        if mixed:
-            mix[:] = [mixed if 0 < int(dense[g].sum()) < len(g) else 0.0 for g in gs]
+        n_dense = np.array([int(dense[g].sum()) for g in gs])
+        # (U,) per call: groups holding dense and sparse heads
+        mix = mixes[n] = np.where((n_dense > 0) & (n_dense < heads_k), mixed, 0.0)
         C = _sum_groups(tiles, gs) + mix[:, None, None]  # (U, R, R)
         if call:
             C = C + call * (_sum_groups(home_work, gs) > 0)
         group_ms = np.broadcast_to(ms, (len(gs), H))  # (U, H) least ms per entry of each group's heads
         if waves:
-            at_home, least = _wave_bounds(cost, s, R, np.array([int(dense[g].sum()) for g in gs]))
+            at_home, least = _wave_bounds(cost, s, R, n_dense)
             C = C + at_home[:, :, None] * _sum_groups(dense_tiles, gs)
             group_ms = ms * np.where(dense, least[:, None], 1.0)
         if R == 1:
