@@ -85,13 +85,11 @@ def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None) -> tup
     sparse = np.array([float(r["entries"]) for r in block]) - dense
     n_dense, heads = (np.array([int(r[c]) for r in block]) for c in ("dense_heads", "heads"))
     mixed = ((n_dense > 0) & (n_dense < heads)).astype(np.float64)
-    # Whole waves of 128-query tiles: batch x dense heads x tiles of the query length (batch from the entries).
+    # Whole waves of query tiles, as CostModel.predict counts them (the batch from the entries).
     q_tokens = np.array([float(r["q_tokens"]) for r in block])
     kv_tokens = np.array([float(r["kv_tokens"]) for r in block])
     batch = np.where(n_dense > 0, np.rint(dense / np.maximum(n_dense * q_tokens * kv_tokens, 1.0)), 0.0)
-    probe = CostModel(block_tflops=[[0.0, 1.0]], fine_tflops=[[0.0, 1.0]], call_overhead_us=0.0, comm_latency_us=0.0,
-                      nvlink_gbps=1.0, internode_gbps=1.0, gpus_per_node=1, dense_sms=sms)
-    dense = dense * probe.dense_waves(batch * n_dense * np.ceil(q_tokens / 128))
+    dense = dense * replace(CostModel.default(), dense_sms=sms)._waves_of(batch * n_dense, q_tokens[:, None], 1)[:, 0]
     # Older CSVs lack the column: every mixed call then counts as consecutive (no gather term).
     scattered = mixed * np.array([r.get("dense_consecutive", "1") in ("0", 0) for r in block], dtype=np.float64)
     unaligned = np.array([int(r["kv_tokens"]) % 128 != 0 for r in block], dtype=np.float64)
