@@ -239,10 +239,13 @@ class ProblemSet:
         ids = torch.nonzero(dense).reshape(-1).tolist()
         # Consecutive dense heads reach SDPA as a view; others are gathered (a copy) in mixed calls.
         consecutive = not ids or ids == list(range(ids[0], ids[-1] + 1))
+        sparse = torch.nonzero(~dense).reshape(-1)
+        shape = sparse_shape(sub.select_heads(sparse)) if sparse.numel() else dict(row_peak=0.0, contiguity=0.0)
         return dict(heads=int(heads.numel()), q_tokens=int(q_tok.numel()), kv_tokens=int(kv_tok.numel()),
                     q_block=sub.q_block, kv_tile=sub.kv_tile, lse=int(lse), rows=self.live[p],
                     entries=int(work.sum()), dense_heads=int(dense.sum()), dense_entries=int(work[:, dense].sum()),
-                    dense_consecutive=int(consecutive),
+                    dense_consecutive=int(consecutive), sparse_row_peak=shape["row_peak"],
+                    sparse_contiguity=shape["contiguity"],
                     density=round(sub.density(), 4), ms=round(self.ms[p], 4), spread=round(self.spread[p], 4))
 
     def spread_summary(self) -> str:
@@ -252,6 +255,21 @@ class ProblemSet:
             return "no problems timed"
         return (f"timing spread (relative IQR over {self.repeats} interleaved rounds): median {100 * statistics.median(xs):.2f}%, "
                 f"90th percentile {100 * xs[int(0.9 * (len(xs) - 1))]:.2f}%, max {100 * xs[-1]:.2f}%")
+
+
+def sparse_shape(mask: SparseMask) -> dict:
+    """Two shape features of a (sparse heads') mask for ``sp_problems.csv``, so that the cost
+    model's residuals can be checked against them: ``row_peak``, the largest query-block row's
+    tile count over the mean row's (the kernel's longest program), and ``contiguity``, the share of
+    kept tiles whose left neighbour in the row is kept too (runs of keys read in order)."""
+    counts = mask.row_counts().reshape(-1).double()
+    idx = mask.indices.long()
+    if idx.numel() == 0:
+        return dict(row_peak=0.0, contiguity=0.0)
+    rows = mask._entry_rows()
+    adjacent = (rows[1:] == rows[:-1]) & (idx[1:] == idx[:-1] + 1)
+    return dict(row_peak=round(float(counts.max() / counts.mean()), 4),
+                contiguity=round(float(adjacent.sum()) / idx.numel(), 4))
 
 
 @dataclass

@@ -75,8 +75,27 @@ def test_quick_emulation_run_writes_the_rho_columns(tmp_path, capsys):
     problems = list(csv.DictReader((tmp_path / "sp_problems.csv").open()))
     assert problems and "spread" in problems[0]
     assert all(r["dense_consecutive"] in ("0", "1") for r in problems)
+    assert all(0.0 <= float(r["sparse_contiguity"]) <= 1.0 and float(r["sparse_row_peak"]) >= 0.0 for r in problems)
+    assert any(float(r["sparse_row_peak"]) >= 1.0 for r in problems)
     assert "timing spread (relative IQR over 2 interleaved rounds)" in log
     assert log.count("target 2 (measured rho_s within 5% of the planner's predicted-time rho_s)") == len(bench_sp.WORKLOADS)
+
+
+def test_sparse_shape_features_by_hand():
+    """bench_sp.sparse_shape on a hand-made mask: 2 heads, 3 rows of 6 tiles. Rows keep (0, 1, 2),
+    (4,), (1, 3) and (0, 1, 2, 3, 4, 5), (), (5,): 13 tiles, 7 of them right after a kept tile
+    of their row (2 + 0 + 0 + 5 + 0 + 0); the longest row has 6 tiles against a mean of 13 / 6."""
+    keep = [[(0, 1, 2), (4,), (1, 3)], [(0, 1, 2, 3, 4, 5), (), (5,)]]
+    tiles = torch.zeros(1, 2, 3, 6, dtype=torch.bool)
+    for h, rows in enumerate(keep):
+        for i, cols in enumerate(rows):
+            tiles[0, h, i, list(cols)] = True
+    mask = SparseMask.from_dense(tiles, q_block=16, kv_tile=16, seq_len_q=48, seq_len_kv=96)
+    got = bench_sp.sparse_shape(mask)
+    assert got == dict(row_peak=round(6 / (13 / 6), 4), contiguity=round(7 / 13, 4))
+    empty = SparseMask.from_dense(torch.zeros(1, 1, 3, 6, dtype=torch.bool), q_block=16, kv_tile=16, seq_len_q=48,
+                                  seq_len_kv=96)
+    assert bench_sp.sparse_shape(empty) == dict(row_peak=0.0, contiguity=0.0)
 
 
 def test_problem_rows_say_whether_dense_heads_are_consecutive():
