@@ -55,6 +55,7 @@ import csv
 import hashlib
 import itertools
 import os
+import random
 import statistics
 import sys
 import time
@@ -156,21 +157,25 @@ class ProblemSet:
     identical work share one entry and one time: an even layout measures as even.
 
     :meth:`time` times every problem added since the last call, interleaved: one warm-up call
-    each (autotuning), then ``repeats`` rounds that each call every problem once in turn
-    (alternating direction, so no problem always runs first or last), one timing per call (CUDA
-    events on GPU, ``perf_counter`` on CPU; inputs are gathered outside the timed region). The
-    time of a problem is its median over the rounds, so a drift of the GPU's clock during the run
-    shifts every problem alike. ``spread[p]`` is the relative interquartile range of its rounds.
+    each (autotuning), then ``repeats`` rounds that each call every problem once, in a fresh
+    random order every round (seeded), one timing per call (CUDA events on GPU, ``perf_counter``
+    on CPU; inputs are gathered outside the timed region). The time of a problem is its median
+    over the rounds, so a drift of the GPU's clock during the run shifts every problem alike, and
+    the shuffle keeps a problem from always following the same neighbour (a heavy call before it
+    leaves the GPU hotter and its clock lower). ``spread[p]`` is the relative interquartile range
+    of its rounds and ``samples[p]`` the rounds' times in round order (:func:`rho_interval`).
     """
 
-    def __init__(self, w, *, repeats: int, warmup: bool = True, features: list | None = None):
+    def __init__(self, w, *, repeats: int, warmup: bool = True, features: list | None = None, seed: int = 0):
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.w, self.repeats, self.warmup, self.features = w, repeats, warmup, features
+        self._rng = random.Random(seed)
         self._index: dict[tuple, list[int]] = {}
         self._specs: list[tuple] = []  # (heads, q token ids, kv token ids, sub-mask, lse)
         self.ms: list[float | None] = []
         self.spread: list[float] = []
+        self.samples: list[list[float]] = []
         self.live: list[int] = []  # non-empty (batch, head, query block) rows: kernel programs with work
 
     def __len__(self) -> int:
@@ -189,6 +194,7 @@ class ProblemSet:
         self._specs.append((heads, q_tok, kv_tok, sub, lse))
         self.ms.append(None)
         self.spread.append(0.0)
+        self.samples.append([])
         self.live.append(int((sub.offsets[..., 1:] > sub.offsets[..., :-1]).sum()))
         return len(self._specs) - 1
 
@@ -218,12 +224,11 @@ class ProblemSet:
         if self.warmup:
             for p in todo:
                 self._once(p, timed=False)
-        samples: dict[int, list[float]] = {p: [] for p in todo}
-        for r in range(self.repeats):
-            for p in todo if r % 2 == 0 else todo[::-1]:
-                samples[p].append(self._once(p, timed=True))
+        for _ in range(self.repeats):
+            for p in self._rng.sample(todo, len(todo)):
+                self.samples[p].append(self._once(p, timed=True))
         for p in todo:
-            xs = samples[p]
+            xs = self.samples[p]
             med = statistics.median(xs)
             q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (med, med, med)
             self.ms[p], self.spread[p] = med, ((q3 - q1) / med if med > 0 else 0.0)
@@ -345,6 +350,35 @@ def step_times(ids: torch.Tensor, problems: ProblemSet) -> tuple[torch.Tensor, t
     return steps, rows
 
 
+def rho_interval(ids: torch.Tensor, problems: ProblemSet, *, draws: int = 400, level: float = 0.9,
+                 seed: int = 0) -> tuple[float, float]:
+    """How far timing noise alone moves ``Emulated.rho_measured``: its central ``level`` interval
+    over ``draws`` bootstrap resamples of the timing rounds.
+
+    A draw picks ``repeats`` rounds with replacement, the same rounds for every problem (a round is
+    one pass over all of them, so its problems share the GPU's state), takes each problem's median
+    over them and recomputes rho_s from the steps of ``ids``. ``(rho, rho)`` when the rounds agree.
+    """
+    used = sorted({int(p) for p in ids[ids >= 0].tolist()})
+    if not used:
+        return 1.0, 1.0
+    times = torch.tensor([problems.samples[p] for p in used], dtype=torch.float64)  # (problems, rounds)
+    n_rounds = times.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(n_rounds, (draws, n_rounds), generator=gen)
+    # Median as statistics.median takes it (the mean of the middle two of an even count).
+    ms = times[:, picks].sort(dim=-1).values  # (problems, draws, rounds)
+    ms = 0.5 * (ms[..., (n_rounds - 1) // 2] + ms[..., n_rounds // 2])
+    where = {p: j for j, p in enumerate(used)}
+    col = torch.tensor([where.get(int(p), 0) for p in ids.reshape(-1).tolist()])
+    steps = ms.T[:, col].reshape(draws, *ids.shape) * (ids >= 0)  # (draws, U, R, R)
+    mean = steps.sum(-1).mean(dim=(1, 2))
+    rho = steps.max(dim=2).values.sum(-1).max(dim=1).values / mean.clamp_min(1e-30)
+    rho = torch.where(mean > 0, rho, torch.ones_like(rho))
+    lo, hi = torch.quantile(rho, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
 def local_steps(cfg: Config, w, mask: SparseMask, problems: ProblemSet, *, ranks=None):
     """Collect and time the local problems of ``ranks`` under ``cfg`` (problems timed before are
     reused); returns ``(steps, rows, slice_ms, layouts)`` as :func:`collect` and :func:`step_times`."""
@@ -458,6 +492,7 @@ def run_emulate(args) -> int:
                 tiled, pred = _predicted(cfg, mask, work, cost, w, full_heads, w.q.element_size())
                 rho_plan = tiled.imbalance()
                 rho_model = pred.compute_imbalance  # the cost model's own per-step compute times
+                rho_lo, rho_hi = rho_interval(ids, pset)
                 results[(kind, layer, cfg.name)] = em
                 tiles.append(_tile_record(kind, layer, cfg, mask, tiled, em, live))
                 rows.append(dict(
@@ -466,6 +501,7 @@ def run_emulate(args) -> int:
                     all_to_all_ms=round(em.all_to_all_ms, 3), exchange_ms=round(em.exchange_ms, 3), slice_ms=round(em.slice_ms, 3),
                     max_rank_ms=round(float(em.rank_ms.max()), 3), mean_rank_ms=round(float(em.rank_ms.mean()), 3),
                     rho_planned=round(rho_plan, 4), rho_model=round(rho_model, 4), rho_measured=round(em.rho_measured, 4),
+                    rho_measured_lo=round(rho_lo, 4), rho_measured_hi=round(rho_hi, 4),
                     max_over_mean=round(em.max_over_mean, 4), predicted_ms=round(pred.total_ms, 3),
                     moved_tokens=em.moved_tokens,
                 ))
@@ -549,6 +585,14 @@ def _summarise(rows: list[dict], results: dict, args, out: Path) -> None:
               f"planner balances): max deviation {100 * max(errs_model):.1f}% (layer {worst['layer']} {worst['config']}: "
               f"{worst['rho_measured']:.3f} vs {worst['rho_model']:.3f}), median {100 * statistics.median(errs_model):.1f}%; "
               f"in tile entries: max {100 * max(errs):.1f}%, median {100 * statistics.median(errs):.1f}%")
+        # Timing noise alone: the measured rho_s's 90% interval over resampled rounds (rho_interval).
+        noisy = [r for r in mine if r["family"].startswith("dbsp") and "rho_measured_lo" in r]
+        if noisy:
+            reach = sum(r["rho_measured_lo"] <= 1.05 * r["rho_model"] and r["rho_measured_hi"] >= r["rho_model"] / 1.05
+                        for r in noisy)
+            print(f"  timing noise: the worst row's measured rho_s spans {worst['rho_measured_lo']:.3f}-"
+                  f"{worst['rho_measured_hi']:.3f} over resampled rounds (90%); {reach}/{len(noisy)} dbsp rows' "
+                  f"intervals reach within 5% of the prediction")
         target = {
             "skewed": ("target 1: >= 1.5x", 1.5),
             "regional": ("target 1 (skewed): >= 1.5x", 1.5),

@@ -48,6 +48,47 @@ def test_identical_problems_share_one_entry_and_one_time():
     assert "3 interleaved rounds" in ps.spread_summary()
 
 
+def test_rounds_call_every_problem_once_in_a_fresh_order():
+    """ProblemSet.time: each round calls every problem exactly once, and the order changes from
+    round to round, so no problem keeps one neighbour (an alternating order gives each problem at
+    most 2 distinct predecessors; 6 shuffled rounds of 8 give every problem at least 3 here)."""
+    w = _workload()
+    toks = torch.arange(160)
+    ps = bench_sp.ProblemSet(w, repeats=6, warmup=False, seed=1)
+    for h in range(8):
+        tiles = torch.zeros(1, 1, 10, 10, dtype=torch.bool)
+        tiles[..., : h + 1] = True  # 8 distinct problems
+        ps.add(torch.tensor([0]), toks, toks, SparseMask.from_dense(tiles, q_block=16, kv_tile=16, seq_len_q=160,
+                                                                       seq_len_kv=160), False)
+    calls = []
+    ps._once = lambda p, timed: calls.append(p) or float(p + 1)  # noqa: E731
+    ps.time()
+    rounds = [calls[8 * r: 8 * (r + 1)] for r in range(6)]
+    assert len(calls) == 48 and all(sorted(r) == list(range(8)) for r in rounds)
+    before = {p: {r[r.index(p) - 1] for r in rounds if r.index(p) > 0} for p in range(8)}
+    assert all(len(b) >= 3 for b in before.values()), before
+    assert ps.samples == [[p + 1.0] * 6 for p in range(8)] and ps.ms == [p + 1.0 for p in range(8)]
+
+
+def test_rho_interval_by_hand():
+    """bench_sp.rho_interval on U1R2 with steps (0, 1) on ring rank 0 and (2, empty) on rank 1,
+    timed in 2 rounds: a draw resamples 2 rounds, so (0, 0), (1, 1) and, half of the time, one of
+    each (the median of 2 is their mean). Round 0 times (1, 2, 3): ranks 3 and 3, steps' maxima
+    3 + 2, rho 5 / 3. Round 1 (2, 2, 1): ranks 4 and 1, maxima 2 + 2, rho 4 / 2.5. Their mean
+    (1.5, 2, 2): ranks 3.5 and 2, maxima 2 + 2, rho 4 / 2.75, lower than both rounds. So the 90%
+    interval is (4 / 2.75, 5 / 3); rounds that agree give one value, rho_measured's."""
+    ids = torch.tensor([[[0, 1], [2, -1]]])
+    ps = bench_sp.ProblemSet(_workload(), repeats=2, warmup=False)
+    ps.samples = [[1.0, 2.0], [2.0, 2.0], [3.0, 1.0]]
+    lo, hi = bench_sp.rho_interval(ids, ps, draws=2000)
+    assert lo == pytest.approx(4 / 2.75) and hi == pytest.approx(5 / 3)
+    ps.samples = [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [3.0, 3.0, 3.0]]
+    ps.ms, ps.live = [1.0, 2.0, 3.0], [1, 1, 1]
+    steps, _ = bench_sp.step_times(ids, ps)
+    em = bench_sp.Emulated(bench_sp.Config("ring", "ring", 1, 2), steps, 0.0, 0.0, 0.0, 0.0, 0)
+    assert bench_sp.rho_interval(ids, ps) == pytest.approx((em.rho_measured, em.rho_measured)) == (5 / 3, 5 / 3)
+
+
 def test_ranks_with_identical_work_measure_as_balanced():
     """A full mask on U4R2 (cpu-tiny: 4 heads, 20 blocks): every rank has one head and 10 x 10
     blocks at every step, so all problems are one and rho_s measured is exactly 1."""
@@ -69,7 +110,8 @@ def test_quick_emulation_run_writes_the_rho_columns(tmp_path, capsys):
     assert bench_sp.main(["--emulate", "8", "--quick", "--out", str(tmp_path)]) == 0
     log = capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "sp.csv").open()))
-    assert {"rho_planned", "rho_model", "rho_measured"} <= set(rows[0])
+    assert {"rho_planned", "rho_model", "rho_measured", "rho_measured_lo", "rho_measured_hi"} <= set(rows[0])
+    assert all(float(r["rho_measured_lo"]) <= float(r["rho_measured_hi"]) for r in rows)
     full = [r for r in rows if r["workload"] == "full" and r["U"] == "4"]
     assert full and all(float(r["rho_measured"]) == 1.0 for r in full)
     problems = list(csv.DictReader((tmp_path / "sp_problems.csv").open()))
