@@ -673,6 +673,25 @@ def test_degree_choice_pruning_bounds_every_plan_and_keeps_the_winner(seed):
         assert (u, r) == (best.ulysses, best.ring) and plan == best.plan
 
 
+def test_degree_choice_scores_the_ring_free_candidate_first(monkeypatch):
+    """choose_degrees plans R = 1 first whatever the bounds' order (its plan is a head balancing
+    only, and its time lets the summary bounds skip the others): the first candidate scored has
+    R = 1, and the pick is the full scoring's."""
+    from dbsp.plan import degrees
+
+    work = synthetic_work(heads=8, seq_len=4096, frames=4, seed=3)
+    work[0, :3] = 64 * 64  # three fully dense heads
+    s = summarize_work(work, q_block=64, seq_len=4096, ring=8)
+    cm = model(dense_tflops=700.0, mixed_overhead_us=50.0, dense_sms=5, nvlink_gbps=1000.0)
+    seen, real = [], degrees._score_pair
+    monkeypatch.setattr(degrees, "_score_pair", lambda w, u, r, *a, **k: seen.append((u, r)) or real(w, u, r, *a, **k))
+    u, r, plan = choose_degrees(s, world=8, heads=8, cost_model=cm)
+    assert seen[0][1] == 1 and len(set(seen)) == len(seen)
+    monkeypatch.setattr(degrees, "_score_pair", real)
+    best = min(score_degrees(s, world=8, cost_model=cm), key=lambda c: (c.prediction.total_ms, -c.ulysses))
+    assert (u, r) == (best.ulysses, best.ring) and plan == best.plan
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_summary_bound_is_below_every_scored_candidate(seed):
     """The summary bound (head groups, home tiles, units every rank must send away) is below the

@@ -110,8 +110,9 @@ def _scored(mask_or_work, *, world, heads=None, cost_model=None, balance=True, r
 def _score(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, balance: bool, reward: float,
            uneven_heads: bool, head_dim: int, element_bytes: int, prune: bool,
            local: bool = False) -> list[DegreeChoice]:
-    """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned in order
-    of :func:`_lower_bound_ms` and those whose bound exceeds the best predicted time found so far
+    """:func:`score_degrees` on checked arguments. With ``prune``, candidates are planned ``R = 1``
+    first (a head balancing only: cheap, and a time to beat), then in order of
+    :func:`_lower_bound_ms`, and those whose bound exceeds the best predicted time found so far
     are skipped (they cannot win), so the result holds the best candidate but not every one. On a
     summary, once a time is found, each later candidate with ``R > 1`` is first held to the tighter
     :func:`_summary_bound_ms`, then planned with :func:`_prune_moves`, which stops a block
@@ -139,7 +140,7 @@ def _score_now(w: "_Work | WorkSummary", world: int, cost_model: CostModel, *, b
     if prune:
         totals = _work_per_head(w)
         bounds = {p: _lower_bound_ms(cost_model, w, totals, *p, head_dim=head_dim, element_bytes=element_bytes) for p in pairs}
-        pairs = sorted(pairs, key=lambda p: (bounds[p], -p[0]))
+        pairs = sorted(pairs, key=lambda p: (p[1] > 1, bounds[p], -p[0]))  # R = 1 first: cheap, a time to beat
     out: list[DegreeChoice] = []
     best = math.inf
     for u, r in pairs:
@@ -463,9 +464,9 @@ def choose_degrees(
 
     Scores the allowed factorisations as :func:`score_degrees` does (same keyword options) and
     returns the one with the least predicted time (ties: the larger ``ulysses``, fewer ring steps).
-    Candidates are planned in order of a lower bound on their predicted time (the all-to-all, and
-    the mean rank compute or the ring transfers, whichever is larger); those whose bound exceeds
-    the best time found are not planned, since they cannot win. From a :class:`WorkSummary` the
+    Candidates are planned ``ring = 1`` first, then in order of a lower bound on their predicted
+    time (the all-to-all, and the mean rank compute or the ring transfers, whichever is larger);
+    those whose bound exceeds the best time found are not planned, since they cannot win. From a :class:`WorkSummary` the
     bound also knows the planner's head groups, the home tiles and, for plans that move blocks,
     the units every rank must send away to reach a ring time (:func:`_summary_bound_ms`), and a
     candidate's block balancing stops as soon as the blocks it has moved make it slower than the
