@@ -12,8 +12,10 @@ tokens the layout moves (measured from the layout), and the ring P2P of each ste
 that step's compute (a step lasts ``max(slowest rank's compute, transfer)``). Local problems are
 keyed by content (shapes, dtype, the sub-mask's selected tiles), so identical work on several
 ranks or configurations is one problem with one time; all distinct problems of a layer are timed
-interleaved (a warm-up call each, then ``--repeats`` rounds over all of them, CUDA events per
-call, median per problem; see ``ProblemSet``), and the log reports the spread of the rounds.
+interleaved (a warm-up call each, then ``--repeats`` rounds over all of them in a fresh random
+order each, CUDA events per call, median per problem; see ``ProblemSet``), and the log reports the
+spread of the rounds and, per configuration, the range that timing noise alone gives its measured
+rho_s (``rho_measured_lo``/``_hi`` in ``sp.csv``, :func:`rho_interval`).
 
 dbsp plans are made with the cost model (``make_plan(cost_model=...)``): they balance predicted
 *time* (dense heads run on cuDNN faster per entry; calls mixing dense and sparse heads pay an
