@@ -26,19 +26,25 @@ from dbsp.plan import CostModel, dense_heads
 from dbsp.video import get_shape, make_workload
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> float:
+    """Prints the comparison; returns the largest difference between a rebuilt prediction's rho_s
+    and the run's ``rho_model`` (0 when the rebuild is exact, as on CPU runs)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="folder with the run's sp.csv")
     parser.add_argument("--planned-with", required=True, help="the calibration JSON the run planned with")
     parser.add_argument("--cost-model", default=None, help="the other calibration. Default: dbsp/cost_model.json")
     parser.add_argument("--workloads", default="skewed,mild,regional,full")
     parser.add_argument("--layers", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="the settings of bench_sp.py --quick (its CPU smoke run)")
+    args = parser.parse_args(argv)
+    shape_name, q_block, top_p, dense_above = "wan14b-720p", 64, 0.9, bench_sp.DENSE_CROSSOVER
+    if args.quick:
+        shape_name, args.layers, q_block, top_p, dense_above = "cpu-tiny", 1, 16, 0.6, None
     used = CostModel.from_json(args.planned_with)
     other = CostModel.default() if args.cost_model is None else CostModel.from_json(args.cost_model)
     rows = list(csv.DictReader(open(Path(args.run) / "sp.csv")))
-    mask_args = argparse.Namespace(q_block=64, kv_tile=64, top_p=0.9, dense_above=bench_sp.DENSE_CROSSOVER)
-    shape, cpu = get_shape("wan14b-720p"), torch.device("cpu")
+    mask_args = argparse.Namespace(q_block=q_block, kv_tile=q_block, top_p=top_p, dense_above=dense_above)
+    shape, cpu = get_shape(shape_name), torch.device("cpu")
     check = 0.0
     for kind in args.workloads.split(","):
         devs = {"run's": [], "other": []}
@@ -67,6 +73,7 @@ def main() -> None:
             print(f"  {kind}, target 2 with the {name} calibration: max {100 * worst[0]:.1f}% (layer {worst[1]} {worst[2]}), "
                   f"median {100 * statistics.median(x[0] for x in d):.1f}%")
     print(f"rebuilt vs the run's rho_model: largest difference {check:.4f}")
+    return check
 
 
 if __name__ == "__main__":

@@ -208,3 +208,27 @@ def test_plan_only_prints_predictions_and_times_nothing(tmp_path, capsys):
     assert any(n.startswith("dbsp-auto") for n in names) and any(n.startswith("ring U1R8") for n in names)
     assert all(float(x[-1]) > 0 for x in lines)
     assert not list(tmp_path.iterdir())
+
+
+def test_rescore_rebuilds_the_runs_predictions_exactly(tmp_path, capsys):
+    """benchmarks/rescore_sp.py on a quick CPU run: the configurations it rebuilds predict the
+    run's rho_model exactly (to sp.csv's 4 decimals) with the run's calibration, not with another
+    (a per-call overhead of 500 us), which it reports beside it (both lines per workload)."""
+    import json
+
+    import rescore_sp
+    from importlib import resources
+
+    assert bench_sp.main(["--emulate", "8", "--quick", "--out", str(tmp_path)]) == 0
+    shipped = json.loads(resources.files("dbsp").joinpath("cost_model.json").read_text())
+    (tmp_path / "used.json").write_text(json.dumps(shipped))
+    (tmp_path / "other.json").write_text(json.dumps({**shipped, "call_overhead_us": 500.0}))
+    capsys.readouterr()
+    check = rescore_sp.main(["--run", str(tmp_path), "--planned-with", str(tmp_path / "used.json"),
+                             "--cost-model", str(tmp_path / "other.json"), "--quick"])
+    log = capsys.readouterr().out
+    assert check <= 5e-5 + 1e-12  # sp.csv rounds rho_model to 4 decimals
+    assert log.count("target 2 with the run's calibration") == log.count("target 2 with the other calibration") == 4
+    # Rebuilt with a calibration the run did not use, the predictions no longer match.
+    wrong = rescore_sp.main(["--run", str(tmp_path), "--planned-with", str(tmp_path / "other.json"), "--quick"])
+    assert wrong > 5e-5 + 1e-12
