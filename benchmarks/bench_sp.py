@@ -99,6 +99,11 @@ class Config:
         return self.family in ("ulysses", "ring", "usp")
 
 
+# --quick (the CPU smoke run): tiny and sparse enough that plans differ; CPU timings say nothing
+# about GPUs.
+QUICK = dict(shape="cpu-tiny", layers=1, repeats=2, q_block=16, top_p=0.6, dense_above=None)
+
+
 def degrees(world: int, heads: int, num_blocks: int) -> list[tuple[int, int]]:
     """Every (U, R) with U * R = world, U dividing the heads and R at most the blocks; U descending."""
     return [(u, world // u) for u in range(world, 0, -1) if world % u == 0 and heads % u == 0 and world // u <= num_blocks]
@@ -145,6 +150,20 @@ def layout_of(cfg: Config, rank: int, mask: SparseMask, device):
 
 def _key_digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(t.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def call_ms(fn, device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events around it on GPU, the host clock on CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()  # timing only
+    return start.elapsed_time(end)
 
 
 class ProblemSet:
@@ -206,19 +225,11 @@ class ProblemSet:
         q = w.q.index_select(1, q_tok).index_select(2, heads)
         kk = w.k.index_select(1, kv_tok).index_select(2, heads)
         vv = w.v.index_select(1, kv_tok).index_select(2, heads)
+        call = lambda: sparse_attention(q, kk, vv, sub, return_lse=lse)  # noqa: E731
         if not timed:
-            sparse_attention(q, kk, vv, sub, return_lse=lse)
+            call()
             return 0.0
-        if w.q.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            sparse_attention(q, kk, vv, sub, return_lse=lse)
-            end.record()
-            end.synchronize()  # timing only
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        sparse_attention(q, kk, vv, sub, return_lse=lse)
-        return 1e3 * (time.perf_counter() - t0)
+        return call_ms(call, w.q.device)
 
     def time(self) -> None:
         """Time every problem not timed yet (class docstring); fills ``ms`` and ``spread``."""
@@ -899,8 +910,9 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 3 if args.real else 5
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.quick:  # tiny and sparse enough that plans differ; CPU timings say nothing about GPUs
-        args.shape, args.layers, args.repeats, args.q_block, args.top_p, args.dense_above = "cpu-tiny", 1, 2, 16, 0.6, None
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
         args.kv_tile = min(args.kv_tile, args.q_block)
     return run_real(args) if args.real else run_emulate(args)
 

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> float:
     args = parser.parse_args(argv)
     shape_name, q_block, top_p, dense_above = "wan14b-720p", 64, 0.9, bench_sp.DENSE_CROSSOVER
     if args.quick:
-        shape_name, args.layers, q_block, top_p, dense_above = "cpu-tiny", 1, 16, 0.6, None
+        q = bench_sp.QUICK
+        shape_name, args.layers, q_block, top_p, dense_above = q["shape"], q["layers"], q["q_block"], q["top_p"], q["dense_above"]
     used = CostModel.from_json(args.planned_with)
     other = CostModel.default() if args.cost_model is None else CostModel.from_json(args.cost_model)
     rows = list(csv.DictReader(open(Path(args.run) / "sp.csv")))

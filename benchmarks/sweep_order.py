@@ -25,7 +25,6 @@ import csv
 import heapq
 import random
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from dbsp.attention import _schedule, _triton
 from dbsp.predict import predict_mask
 from dbsp.video import get_shape, make_workload
 
-from bench_sp import WORKLOADS
+from bench_sp import WORKLOADS, call_ms
 
 SLOTS, PROGRAM_COST = 264, 2.0
 
@@ -52,20 +51,6 @@ def makespan(durations: list[float]) -> float:
     for d in durations:
         heapq.heappush(slots, heapq.heappop(slots) + d)
     return max(slots)
-
-
-def timed(fn, dev: torch.device) -> float:
-    """ms of one call: CUDA events on GPU, the host clock on CPU."""
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return 1e3 * (time.perf_counter() - t0)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    b.synchronize()  # timing only
-    return a.elapsed_time(b)
 
 
 def main() -> None:
@@ -112,7 +97,7 @@ def main() -> None:
                     for _ in range(args.rounds):
                         for name in rng.sample(list(variants), len(variants)):
                             o32 = variants[name].to(torch.int32)
-                            times[name].append(timed(lambda: _triton(q, k, v, sub, scale, q.dtype, order=o32, nnz=nnz), dev))
+                            times[name].append(call_ms(lambda: _triton(q, k, v, sub, scale, q.dtype, order=o32, nnz=nnz), dev))
                     ms = {n: statistics.median(t) for n, t in times.items()}
                     flat = counts.reshape(-1).double().cpu()
                     model = {}
@@ -127,6 +112,9 @@ def main() -> None:
                     rows_out.append(row)
                     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             del w, mask
+    if not rows_out:
+        print("no call holds a sparse head: nothing timed")
+        return
     ratios = [r["global_over_per_head"] for r in rows_out]
     print(f"\nglobal / per-head over {len(ratios)} calls: median {statistics.median(ratios):.4f}, min {min(ratios):.4f}, "
           f"max {max(ratios):.4f}; total per-head {sum(r['per_head_ms'] for r in rows_out):.2f} ms, global "
