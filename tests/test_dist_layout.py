@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dbsp import SparseMask, reference_attention
-from dbsp.dist import merge_attention
+from dbsp.dist import merge_attention, merge_attention_
 from dbsp.dist.layout import (
     block_token_ids,
     block_tokens,
@@ -143,6 +143,74 @@ def test_merge_attention_is_exact_and_nan_free():
     finite = torch.isfinite(ref_lse)
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12)
     assert torch.equal(out[:, 8:16], torch.zeros_like(out[:, 8:16]))
+
+
+def _two_parts(B, S, H, D, *, dtype=torch.float32, seed=0):
+    """Attention over two disjoint key sets (reference backend) with rows empty in A, in B and in
+    both; NaN where a part selects nothing; and the union's attention, the oracle."""
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(3))
+    nq = -(-S // 8)
+    dense = torch.rand(B, H, nq, S) < 0.3
+    dense[:, :, 0] = False  # block 0 selects nothing at all
+    dense[:, 0, 1, : S // 2] = False  # head 0, block 1: nothing in part A
+    dense[:, 1 % H, 2, S // 2 :] = False  # nothing in part B
+    part_a = dense.clone()
+    part_a[..., S // 2 :] = False
+    sizes = dict(q_block=8, kv_tile=1, seq_len_q=S, seq_len_kv=S)
+    parts = []
+    for d in (part_a, dense & ~part_a):
+        o, l = reference_attention(q, k, v, SparseMask.from_dense(d, **sizes))
+        o = torch.where(torch.isinf(l).transpose(1, 2)[..., None], float("nan"), o)  # never to be read
+        parts.append((o.to(dtype), l.float()))
+    return parts, reference_attention(q, k, v, SparseMask.from_dense(dense, **sizes))
+
+
+@pytest.mark.parametrize("b_dtype, transposed", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+def test_merge_kernel_matches_merge_attention(b_dtype, transposed):
+    """The one-pass Triton merge (interpreter on CPU) equals merge_attention to float32 rounding
+    and the union's attention: empty rows give 0 and -inf, NaN in an empty part is never read,
+    part B may be a strided view (cuDNN's output layout) in a lower precision."""
+    from dbsp.kernels.merge import merge_into
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    B, S, H, D = 2, 37, 3, 24  # D not a power of two; 37 tokens: a partial last block
+    ((out_a, lse_a), (out_b, lse_b)), (ref, ref_lse) = _two_parts(B, S, H, D)
+    out_b = out_b.to(b_dtype)
+    if transposed:
+        out_b = out_b.transpose(1, 2).contiguous().transpose(1, 2)
+    want, want_lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    out, lse = out_a.to(dev), lse_a.to(dev)
+    merge_into(out, lse, out_b.to(dev), lse_b.to(dev), block_rows=4)
+    out, lse = out.cpu(), lse.cpu()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.allclose(out, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert torch.allclose(lse[finite], want_lse[finite], atol=1e-6, rtol=1e-6)
+    tol = 1e-2 if b_dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(out.double(), ref, atol=tol) and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert torch.equal(out[:, :8], torch.zeros_like(out[:, :8]))  # block 0: empty in both parts
+
+
+def test_merge_attention_in_place_equals_merge_attention():
+    """merge_attention_ writes merge_attention's result into the running tensors and returns them;
+    tensors that cannot hold the merge are refused."""
+    ((out_a, lse_a), (out_b, lse_b)), _ = _two_parts(1, 30, 2, 8, seed=1)
+    want, want_lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    out, lse = out_a.clone(), lse_a.clone()
+    got, got_lse = merge_attention_(out, lse, out_b, lse_b)
+    assert got is out and got_lse is lse
+    if out.is_cuda:  # pragma: no cover - the kernel path rounds its own way
+        assert torch.allclose(out, want, atol=1e-6)
+    else:
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    with pytest.raises(TypeError, match="must be torch.float32"):
+        merge_attention_(out_a.bfloat16(), lse_a, out_b, lse_b)
+    with pytest.raises(TypeError, match="must be torch.float64"):
+        merge_attention_(out_a.clone(), lse_a.clone(), out_b.double(), lse_b)
+    with pytest.raises(ValueError, match="one shape"):
+        merge_attention_(out_a.clone(), lse_a.clone(), out_b[:, :-1], lse_b)
 
 
 def test_local_masks_are_cached_per_mask_and_released_with_it():

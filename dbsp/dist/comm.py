@@ -2,6 +2,7 @@
 
 Every collective here returns new tensors (nothing is written in place into an input), and every
 asynchronous handle is waited on by the code that created it, right before the data is used.
+:func:`merge_attention_` is the one in-place function: it updates a running result the caller owns.
 """
 
 from __future__ import annotations
@@ -171,3 +172,50 @@ def merge_attention(
     # An empty part may hold anything in out (e.g. an uninitialised buffer): zero it, never 0 * NaN.
     out = torch.where(wa > 0, out_a.to(dtype) * wa, 0.0) + torch.where(wb > 0, out_b.to(dtype) * wb, 0.0)
     return out, lse
+
+
+def merge_attention_(
+    out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the partial attention ``(out_b, lse_b)`` into the running ``(out, lse)`` in place.
+
+    The result is :func:`merge_attention`'s (same formula, same handling of empty rows), written
+    into ``out`` and ``lse``. On a CUDA device with Triton, float32 ``out`` and ``lse`` are updated
+    by one kernel that reads ``out`` and ``out_b`` once and writes ``out`` once
+    (:mod:`dbsp.kernels.merge`; it agrees with :func:`merge_attention` to float32 rounding). The
+    ring merges each step this way. Elsewhere the out-of-place result is copied back.
+
+    Args:
+        out: ``(B, L, H, D)`` running output, float32 or float64, written in place.
+        lse: ``(B, H, L)`` its log-sum-exp, ``out``'s dtype, written in place.
+        out_b, lse_b: the part to add (any floating dtype that ``out``'s holds exactly).
+
+    Returns:
+        ``(out, lse)``, the same tensors.
+    """
+    B, L, H, D = out.shape
+    if out_b.shape != out.shape or lse.shape != (B, H, L) or lse_b.shape != (B, H, L):
+        raise ValueError(f"merge_attention_ needs out and out_b of one shape (B, L, H, D) and lse, lse_b of (B, H, L); "
+                         f"got {tuple(out.shape)}, {tuple(lse.shape)}, {tuple(out_b.shape)}, {tuple(lse_b.shape)}")
+    dtype = torch.promote_types(torch.promote_types(out.dtype, out_b.dtype), torch.float32)
+    if out.dtype != dtype or lse.dtype != dtype:
+        raise TypeError(f"merge_attention_ writes into out and lse, which must be {dtype} to hold the merge of "
+                        f"{out.dtype} and {out_b.dtype} parts; got out {out.dtype}, lse {lse.dtype}")
+    if len({t.device for t in (out, lse, out_b, lse_b)}) != 1:
+        raise ValueError("merge_attention_ needs all four tensors on one device")
+    if out.is_cuda and dtype == torch.float32 and lse_b.dtype == torch.float32 and _merge_kernel() is not None:
+        _merge_kernel()(out, lse, out_b, lse_b)
+        return out, lse
+    merged, merged_lse = merge_attention(out, lse, out_b, lse_b)
+    out.copy_(merged)
+    lse.copy_(merged_lse)
+    return out, lse
+
+
+def _merge_kernel():
+    """:func:`dbsp.kernels.merge.merge_into`, or None without Triton."""
+    try:
+        from ..kernels.merge import merge_into
+    except ImportError:
+        return None
+    return merge_into

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..attention import sparse_attention
-from .comm import merge_attention, ring_pass
+from .comm import merge_attention_, ring_pass
 from .groups import SPGroups, check_one_degree
 
 
@@ -99,7 +99,8 @@ def _ring_forward(q, k, v, spec: RingSpec):
             # float32 partials: the merge rounds once at the end instead of once per step.
             o, l = sparse_attention(q, kv[0], kv[1], mask, scale=spec.scale, return_lse=True, backend=spec.backend,
                                     out_dtype=acc)
-            out, lse = (o, l.to(acc)) if out is None else merge_attention(out, lse, o, l)
+            # The first part becomes the running result (fresh tensors of this call); later ones merge into it.
+            out, lse = (o, l.to(acc)) if out is None else merge_attention_(out, lse, o, l)
         if pending is not None:
             kv = pending.wait()
     if out is None:  # no step selected anything: every row is empty
