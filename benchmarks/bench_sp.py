@@ -5,8 +5,9 @@ Two modes:
 ``--emulate P`` (one GPU; results are *emulated*): for every configuration and every one of the P
 ranks, the rank's exact local work under the layout (its heads, its query blocks, each ring step's
 key/value blocks, the sub-masks the runtime builds) is timed with the real kernel, i.e. whatever
-``dbsp.sparse_attention`` dispatches to (Triton on CUDA; dense SDPA for full heads when no lse is
-needed). Communication comes from the cost model's stated bandwidth and latency
+``dbsp.sparse_attention`` dispatches to (Triton on CUDA; dense SDPA for full heads), and in a ring
+as the ring runs it: float32 output with the lse, merged into the running result after the
+rank's first step with work. Communication comes from the cost model's stated bandwidth and latency
 (``dbsp/cost_model.json``): the Ulysses all-to-all of q, k, v and o, the block exchange of the
 tokens the layout moves (measured from the layout), and the ring P2P of each step, overlapped with
 that step's compute (a step lasts ``max(slowest rank's compute, transfer)``). Local problems are
@@ -68,7 +69,7 @@ import torch
 import torch.distributed as dist
 
 from dbsp import SparseMask, sparse_attention
-from dbsp.dist import SPGroups, sp_attention
+from dbsp.dist import SPGroups, merge_attention_, sp_attention
 from dbsp.dist.layout import block_token_ids, rank_layout, shard_sizes
 from dbsp.dist.predict import predict_mask_sharded
 from dbsp.plan import CostModel, Plan, choose_degrees, dense_heads, make_plan
@@ -169,13 +170,16 @@ def call_ms(fn, device: torch.device) -> float:
 class ProblemSet:
     """The distinct local problems of a layer, keyed by content and timed interleaved.
 
-    A local problem is one rank's kernel call at one ring step: ``sparse_attention`` of its query
-    tokens and heads against one key chunk, under its sub-mask. Its time depends on the shapes,
-    the dtype, whether the lse is returned and the sub-mask's content (which tiles are selected,
-    hence which heads are dense), not on which heads or tokens they are. :meth:`add` keys a
-    problem on exactly that (sizes, dtype, lse, the sub-mask's block sizes and lengths, a hash of
-    its offsets; candidates with the same key are compared index by index), so ranks with
-    identical work share one entry and one time: an even layout measures as even.
+    A local problem is one rank's work at one ring step, as the runtime does it: ``sparse_attention``
+    of its query tokens and heads against one key chunk, under its sub-mask; in a ring (``lse``)
+    with float32 output and the lse, and, at a step after the rank's first with work (``merge``),
+    the merge of that output into the running one (``merge_attention_``, into a float32 buffer of
+    the same shape kept per shape). Its time depends on the shapes, the dtype, ``lse``, ``merge``
+    and the sub-mask's content (which tiles are selected, hence which heads are dense), not on
+    which heads or tokens they are. :meth:`add` keys a problem on exactly that (sizes, dtype, lse,
+    merge, the sub-mask's block sizes and lengths, a hash of its offsets; candidates with the same
+    key are compared index by index), so ranks with identical work share one entry and one time:
+    an even layout measures as even.
 
     :meth:`time` times every problem added since the last call, interleaved: one warm-up call
     each (autotuning), then ``repeats`` rounds that each call every problem once, in a fresh
@@ -193,7 +197,8 @@ class ProblemSet:
         self.w, self.repeats, self.warmup, self.features = w, repeats, warmup, features
         self._rng = random.Random(seed)
         self._index: dict[tuple, list[int]] = {}
-        self._specs: list[tuple] = []  # (heads, q token ids, kv token ids, sub-mask, lse)
+        self._specs: list[tuple] = []  # (heads, q token ids, kv token ids, sub-mask, lse, merge)
+        self._running: dict[tuple, tuple] = {}  # (tokens, heads) -> the running (out, lse) merged into
         self.ms: list[float | None] = []
         self.spread: list[float] = []
         self.samples: list[list[float]] = []
@@ -202,17 +207,21 @@ class ProblemSet:
     def __len__(self) -> int:
         return len(self._specs)
 
-    def add(self, heads: torch.Tensor, q_tok: torch.Tensor, kv_tok: torch.Tensor, sub: SparseMask, lse: bool) -> int:
-        """The id of this problem (a new one only if no equal problem was added before)."""
+    def add(self, heads: torch.Tensor, q_tok: torch.Tensor, kv_tok: torch.Tensor, sub: SparseMask, lse: bool,
+            merge: bool = False) -> int:
+        """The id of this problem (a new one only if no equal problem was added before); ``merge``
+        needs ``lse``."""
+        if merge and not lse:
+            raise ValueError("a merged step is a ring step: merge=True needs lse=True")
         B, S, H, D = self.w.q.shape
-        key = (int(heads.numel()), int(q_tok.numel()), int(kv_tok.numel()), bool(lse), str(self.w.q.dtype), B, D,
+        key = (int(heads.numel()), int(q_tok.numel()), int(kv_tok.numel()), bool(lse), bool(merge), str(self.w.q.dtype), B, D,
                sub.q_block, sub.kv_tile, sub.seq_len_q, sub.seq_len_kv, int(sub.indices.numel()), _key_digest(sub.offsets))
         same = self._index.setdefault(key, [])
         for p in same:
             if torch.equal(self._specs[p][3].indices, sub.indices):
                 return p
         same.append(len(self._specs))
-        self._specs.append((heads, q_tok, kv_tok, sub, lse))
+        self._specs.append((heads, q_tok, kv_tok, sub, lse, merge))
         self.ms.append(None)
         self.spread.append(0.0)
         self.samples.append([])
@@ -220,16 +229,31 @@ class ProblemSet:
         return len(self._specs) - 1
 
     def _once(self, p: int, timed: bool) -> float:
-        heads, q_tok, kv_tok, sub, lse = self._specs[p]
+        heads, q_tok, kv_tok, sub, lse, merge = self._specs[p]
         w = self.w
         q = w.q.index_select(1, q_tok).index_select(2, heads)
         kk = w.k.index_select(1, kv_tok).index_select(2, heads)
         vv = w.v.index_select(1, kv_tok).index_select(2, heads)
-        call = lambda: sparse_attention(q, kk, vv, sub, return_lse=lse)  # noqa: E731
+        if not lse:
+            call = lambda: sparse_attention(q, kk, vv, sub)  # noqa: E731
+        else:
+            running = self._running_for(q) if merge else None
+
+            def call():
+                o, l = sparse_attention(q, kk, vv, sub, return_lse=True, out_dtype=torch.float32)
+                if running is not None:
+                    merge_attention_(*running, o, l)
         if not timed:
             call()
             return 0.0
         return call_ms(call, w.q.device)
+
+    def _running_for(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A running ``(out, lse)`` of ``q``'s shape to merge into (its values do not matter)."""
+        B, L, H, D = q.shape
+        if (L, H) not in self._running:
+            self._running[L, H] = (torch.zeros(B, L, H, D, device=q.device), torch.zeros(B, H, L, device=q.device))
+        return self._running[L, H]
 
     def time(self) -> None:
         """Time every problem not timed yet (class docstring); fills ``ms`` and ``spread``."""
@@ -250,7 +274,7 @@ class ProblemSet:
 
     def _feature(self, p: int) -> dict:
         """One row of ``sp_problems.csv`` (the cost model's calibration input)."""
-        heads, q_tok, kv_tok, sub, lse = self._specs[p]
+        heads, q_tok, kv_tok, sub, lse, merge = self._specs[p]
         # Heads whose every tile is selected go to dense SDPA (cuDNN) under backend="auto".
         counts, work = sub.row_counts(), sub.work()
         dense = (counts == sub.num_kv_tiles).all(dim=2).all(dim=0)
@@ -259,8 +283,8 @@ class ProblemSet:
         consecutive = not ids or ids == list(range(ids[0], ids[-1] + 1))
         sparse = torch.nonzero(~dense).reshape(-1)
         shape = sparse_shape(sub.select_heads(sparse)) if sparse.numel() else dict(row_peak=0.0, contiguity=0.0)
-        return dict(heads=int(heads.numel()), q_tokens=int(q_tok.numel()), kv_tokens=int(kv_tok.numel()),
-                    q_block=sub.q_block, kv_tile=sub.kv_tile, lse=int(lse), rows=self.live[p],
+        return dict(batch=int(self.w.q.shape[0]), heads=int(heads.numel()), q_tokens=int(q_tok.numel()), kv_tokens=int(kv_tok.numel()),
+                    q_block=sub.q_block, kv_tile=sub.kv_tile, lse=int(lse), merge=int(merge), rows=self.live[p],
                     entries=int(work.sum()), dense_heads=int(dense.sum()), dense_entries=int(work[:, dense].sum()),
                     dense_consecutive=int(consecutive), sparse_row_peak=shape["row_peak"],
                     sparse_contiguity=shape["contiguity"],
@@ -345,11 +369,13 @@ def collect(cfg: Config, w, mask: SparseMask, problems: ProblemSet, *, ranks=Non
         slice_ms = max(slice_ms, 1e3 * (time.perf_counter() - t0))
         heads = torch.as_tensor(lay.heads, device=w.q.device)
         q_tok = block_token_ids(lay.q_blocks[i], S, mask.q_block).to(w.q.device)
+        merged = False  # a step after the rank's first with work merges into the running result
         for t, sub in enumerate(subs):
             if sub is None:
                 continue
             kv_tok = block_token_ids(lay.kv_blocks[(i + t) % R], S, mask.q_block).to(w.q.device)
-            ids[k, i, t] = problems.add(heads, q_tok, kv_tok, sub, R > 1)
+            ids[k, i, t] = problems.add(heads, q_tok, kv_tok, sub, R > 1, merge=merged)
+            merged = R > 1
     return ids, slice_ms, layouts
 
 

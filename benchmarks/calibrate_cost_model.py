@@ -10,12 +10,14 @@ shipped calibration), and ``source`` in the JSON says which came from where.
 * ``--problems`` (``sp_problems.csv`` of ``benchmarks/bench_sp.py --emulate``: every distinct local
   problem of every rank, timed with the real kernel): a least-squares fit, in relative error, of
   ``ms = a + m [call mixes dense and sparse heads] + g [... and its dense heads are not consecutive]
-  + sparse entries / r_s + dense entries / r_d`` (dense entries times ``1 + u`` where the key length
-  is not a multiple of 128, and times the wave factor of ``--dense-sms``) over the block-mask
+  + sparse entries / r_s + dense entries / r_d + [ring step that merges] merge bytes / b_m`` (dense
+  entries times ``1 + u`` where the key length is not a multiple of 128, and times the wave factor
+  of ``--dense-sms``; merge bytes as ``CostModel.merge_gbps`` counts them) over the block-mask
   problems (dense entries are those of fully selected heads, which ``sparse_attention`` sends to
   cuDNN). Sets ``call_overhead_us = a``, ``mixed_overhead_us = m``, ``mixed_gather_us = g`` (0 when
   the CSV has no ``dense_consecutive`` column or no such call), a flat ``block_tflops`` at ``r_s``,
-  ``dense_tflops = r_d``, ``dense_unaligned = 1 + u`` and ``dense_sms``.
+  ``dense_tflops = r_d``, ``dense_unaligned = 1 + u``, ``dense_sms`` and ``merge_gbps = b_m`` (None
+  when the CSV has no ``merge`` column, from runs before the emulation timed the ring's merges).
 * ``--gather`` (``gather_sweep.csv`` of ``benchmarks/sweep_gather.py``): ``fine_tflops`` from the
   fastest configuration per density of the ``--fine-mask`` kind (the autotuner's pick).
 * ``--kernels`` (``kernels.csv`` of ``benchmarks/bench_kernels.py``): block and fine curves from the
@@ -68,14 +70,17 @@ def _nonneg_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:
         keep.pop(int(np.argmin(coef)))
 
 
-def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None) -> tuple[float, float, float, float, float, float, str]:
-    """``(a us, mixed us, gather us, sparse TFLOPS, dense TFLOPS, dense unaligned factor, summary)``
-    from block-mask local problems.
+def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None
+                 ) -> tuple[float, float, float, float, float, float, float | None, str]:
+    """``(a us, mixed us, gather us, sparse TFLOPS, dense TFLOPS, dense unaligned factor, merge GB/s
+    or None, summary)`` from block-mask local problems.
 
     ``ms = a + mixed * [dense and sparse heads in the call] + gather * [... not consecutive] +
     sparse entries / r_s + dense entries * waves / r_d * (1 + u * [key length not a multiple of
-    128])``, fitted in relative error with non-negative terms; the factor is ``1 + u``. ``waves``
-    is :meth:`CostModel.dense_waves` of the call's dense query tiles on ``sms`` SMs (1 for None).
+    128]) + [merge] * merge bytes / b_m``, fitted in relative error with non-negative terms; the
+    factor is ``1 + u``. ``waves`` is :meth:`CostModel.dense_waves` of the call's dense query tiles
+    on ``sms`` SMs (1 for None). Merge bytes: ``4 x batch x q tokens x heads x (3 D + 3)``; GB/s is
+    None without merging rows (or when the fit drops the term).
     """
     block = [r for r in rows if r["kv_tile"] == r["q_block"] and "dense_entries" in r]
     if len(block) < 4:
@@ -93,7 +98,9 @@ def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None) -> tup
     # Older CSVs lack the column: every mixed call then counts as consecutive (no gather term).
     scattered = mixed * np.array([r.get("dense_consecutive", "1") in ("0", 0) for r in block], dtype=np.float64)
     unaligned = np.array([int(r["kv_tokens"]) % 128 != 0 for r in block], dtype=np.float64)
-    A = np.stack([np.ones_like(y), mixed, sparse, dense, dense * unaligned, scattered], axis=1)
+    merges = np.array([int(r.get("merge", 0)) * 4.0 * int(r.get("batch", 1)) * int(r["q_tokens"]) * int(r["heads"])
+                       * (3 * head_dim + 3) for r in block])
+    A = np.stack([np.ones_like(y), mixed, sparse, dense, dense * unaligned, scattered, merges], axis=1)
     coef = _nonneg_lstsq(A / y[:, None], np.ones_like(y))  # minimises relative error
     if coef[2] <= 0 or coef[3] <= 0:
         raise SystemExit(f"the fit has no throughput term ({coef}); the problems do not determine the model")
@@ -105,8 +112,9 @@ def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None) -> tup
                f"dense heads apart, {int(unaligned.sum())} with key lengths "
                f"not a multiple of 128): relative error median {np.median(rel):.3f}, 90th percentile "
                f"{np.quantile(rel, 0.9):.3f}, max {rel.max():.3f}")
+    merge_gbps = float(1e-6 / coef[6]) if coef[6] > 0 else None  # coef: ms per byte
     return (float(1e3 * coef[0]), float(1e3 * coef[1]), float(1e3 * coef[5]), float(r_s), float(r_d),
-            float(1 + coef[4] / coef[3]), summary)
+            float(1 + coef[4] / coef[3]), merge_gbps, summary)
 
 
 def gather_curve(rows: list[dict], mask: str) -> tuple[tuple[float, float], ...]:
@@ -157,16 +165,19 @@ def main(argv=None) -> int:
                      f"{args.block_mask} / {args.fine_mask} masks)")
     if args.problems:
         sms = args.dense_sms or None
-        a_us, mixed_us, gather_us, r_s, r_d, unaligned, summary = fit_problems(_rows(args.problems), args.head_dim, sms)
+        a_us, mixed_us, gather_us, r_s, r_d, unaligned, merge_gbps, summary = fit_problems(
+            _rows(args.problems), args.head_dim, sms)
         model = replace(model, call_overhead_us=round(a_us, 1), mixed_overhead_us=round(mixed_us, 1),
                         mixed_gather_us=round(gather_us, 1), block_tflops=((0.0, round(r_s, 1)), (1.0, round(r_s, 1))),
-                        dense_tflops=round(r_d, 1), dense_unaligned=round(unaligned, 3), dense_sms=sms)
+                        dense_tflops=round(r_d, 1), dense_unaligned=round(unaligned, 3), dense_sms=sms,
+                        merge_gbps=None if merge_gbps is None else round(merge_gbps, 1))
+        merged = "no ring merges timed" if merge_gbps is None else f"ring merges at {merge_gbps:.0f} GB/s"
         notes.append(f"per-call overhead {a_us:.0f} us (+{mixed_us:.0f} us for calls mixing dense and sparse heads, "
                      f"+{gather_us:.0f} us more where the dense heads are not consecutive), block {r_s:.0f} TFLOPS, "
-                     f"dense heads {r_d:.0f} TFLOPS (x{unaligned:.3f} time for key lengths not a multiple of 128): "
-                     f"fit to bench_sp.py --emulate local problems ({args.problems}; {summary})")
+                     f"dense heads {r_d:.0f} TFLOPS (x{unaligned:.3f} time for key lengths not a multiple of 128), "
+                     f"{merged}: fit to bench_sp.py --emulate local problems ({args.problems}; {summary})")
         print(f"problems: a = {a_us:.1f} us, mixed +{mixed_us:.1f} us (+{gather_us:.1f} us apart), sparse {r_s:.1f} TFLOPS, "
-              f"dense {r_d:.1f} TFLOPS, unaligned x{unaligned:.3f}; {summary}")
+              f"dense {r_d:.1f} TFLOPS, unaligned x{unaligned:.3f}, {merged}; {summary}")
     if args.gather:
         model = replace(model, fine_tflops=gather_curve(_rows(args.gather), args.fine_mask))
         notes.append(f"fine curve: sweep_gather.py {args.gather.name} (random {args.fine_mask} masks, fastest configuration)")

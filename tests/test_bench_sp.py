@@ -98,12 +98,37 @@ def test_ranks_with_identical_work_measure_as_balanced():
     cfg = bench_sp.Config("usp U4R2", "usp", 4, 2)
     ps = bench_sp.ProblemSet(w, repeats=2, warmup=False)
     ids, _, layouts = bench_sp.collect(cfg, w, mask, ps)
-    assert (ids == ids[0, 0, 0]).all() and len(ps) == 1
+    # Two problems: every rank's first step, and its second, which also merges.
+    assert (ids[..., 0] == ids[0, 0, 0]).all() and (ids[..., 1] == ids[0, 0, 1]).all() and len(ps) == 2
+    assert [spec[5] for spec in ps._specs] == [False, True]
     ps.time()
     steps, rows = bench_sp.step_times(ids, ps)
     em = bench_sp.model_comm(cfg, steps, layouts, w, mask, latency_ms=0.0, a2a_bytes_s=1e12, p2p_bytes_s=1e12)
     assert em.rho_measured == 1.0 and em.max_over_mean == 1.0
     assert (rows == rows[0, 0, 0]).all() and rows[0, 0, 0] == B * 1 * 10
+
+
+def test_a_ring_step_merges_after_the_ranks_first_step_with_work():
+    """U1R2 on cpu-tiny (20 blocks, 10 a rank): rank 0's queries select only rank 1's keys, so its
+    step 0 is empty and its step 1 is its first with work (no merge); rank 1 works at both steps and
+    merges at step 1. The timed call of a merging step leaves the running buffer changed."""
+    w = _workload()
+    B, S, H, _ = w.q.shape
+    tiles = torch.zeros(B, H, 20, 20, dtype=torch.bool)
+    tiles[:, :, :10, 10:] = True  # rank 0's queries: rank 1's keys only
+    tiles[:, :, 10:, :] = True  # rank 1's queries: every key
+    mask = SparseMask.from_dense(tiles, q_block=16, kv_tile=16, seq_len_q=S, seq_len_kv=S)
+    ps = bench_sp.ProblemSet(w, repeats=1, warmup=False)
+    ids, _, _ = bench_sp.collect(bench_sp.Config("ring U1R2", "ring", 1, 2), w, mask, ps)
+    assert ids[0, 0, 0] == -1 and ids[0, 0, 1] >= 0 and (ids[0, 1] >= 0).all()
+    merges = {(i, t): ps._specs[int(ids[0, i, t])][5] for i, t in ((0, 1), (1, 0), (1, 1))}
+    assert merges == {(0, 1): False, (1, 0): False, (1, 1): True}
+    ps.time()
+    (out, lse), = ps._running.values()
+    assert not bool((out == 0).all()) and bool(torch.isfinite(lse).all())
+    with pytest.raises(ValueError, match="merge=True needs lse=True"):
+        ps.add(torch.tensor([0]), torch.arange(16), torch.arange(16), SparseMask.full(B, 1, 16, 16, q_block=16, kv_tile=16),
+               False, merge=True)
 
 
 def test_quick_emulation_run_writes_the_rho_columns(tmp_path, capsys):
@@ -117,6 +142,7 @@ def test_quick_emulation_run_writes_the_rho_columns(tmp_path, capsys):
     problems = list(csv.DictReader((tmp_path / "sp_problems.csv").open()))
     assert problems and "spread" in problems[0]
     assert all(r["dense_consecutive"] in ("0", "1") for r in problems)
+    assert {r["merge"] for r in problems} == {"0", "1"} and all(r["lse"] == "1" for r in problems if r["merge"] == "1")
     assert all(0.0 <= float(r["sparse_contiguity"]) <= 1.0 and float(r["sparse_row_peak"]) >= 0.0 for r in problems)
     assert any(float(r["sparse_row_peak"]) >= 1.0 for r in problems)
     assert "timing spread (relative IQR over 2 interleaved rounds)" in log
@@ -160,12 +186,14 @@ def test_problem_rows_say_whether_dense_heads_are_consecutive():
 
 def test_calibration_recovers_the_mixed_call_terms():
     """calibrate_cost_model.fit_problems on problems timed by a known model (with noise-free
-    times) returns that model's overheads, rates and factors, with and without dense SDPA's waves
-    of query tiles; rows without dense_consecutive fit no gather term."""
+    times) returns that model's overheads, rates, factors and merge speed, with and without dense
+    SDPA's waves of query tiles; rows without dense_consecutive fit no gather term, rows without
+    merge no merge speed."""
     import calibrate_cost_model as cal
 
     approx = lambda x: pytest.approx(x, rel=1e-6, abs=1e-6)  # noqa: E731
     a, m, gth, r_s, r_d, u, D = 30e-3, 50e-3, 400e-3, 400.0, 600.0, 0.1, 128  # ms, ms, ms, TFLOPS, TFLOPS
+    merge_gbps = 1500.0
     sms = 132
 
     def problems(waves: bool) -> list[dict]:
@@ -182,19 +210,23 @@ def test_calibration_recovers_the_mixed_call_terms():
             sparse = int(torch.randint(10**8, 10**9, (1,), generator=g)) * (heads - nd) // heads
             mixed = 0 < nd < heads
             apart = mixed and i % 2 == 0
+            merge = i % 5 < 2
+            merge_bytes = 4 * batch * q * heads * (3 * D + 3)
             ms = (a + (m if mixed else 0) + (gth if apart else 0) + 4 * D * sparse / (r_s * 1e9)
-                  + 4 * D * dense * slow * (1 + u * (kv % 128 != 0)) / (r_d * 1e9))
-            rows.append(dict(heads=str(heads), q_tokens=str(q), kv_tokens=str(kv), q_block="64", kv_tile="64",
-                             entries=str(sparse + dense), dense_entries=str(dense), dense_heads=str(nd),
-                             dense_consecutive=str(int(not apart)), ms=str(ms)))
+                  + 4 * D * dense * slow * (1 + u * (kv % 128 != 0)) / (r_d * 1e9) + merge * merge_bytes / (merge_gbps * 1e6))
+            rows.append(dict(batch=str(batch), heads=str(heads), q_tokens=str(q), kv_tokens=str(kv), q_block="64",
+                             kv_tile="64", entries=str(sparse + dense), dense_entries=str(dense), dense_heads=str(nd),
+                             dense_consecutive=str(int(not apart)), merge=str(int(merge)), ms=str(ms)))
         return rows
 
     for rows, given in ((problems(False), None), (problems(True), sms)):
-        a_us, m_us, g_us, rs, rd, unaligned, _ = cal.fit_problems(rows, D, given)
+        a_us, m_us, g_us, rs, rd, unaligned, gbps, _ = cal.fit_problems(rows, D, given)
         assert (a_us, m_us, g_us) == (approx(30.0), approx(50.0), approx(400.0))
-        assert (rs, rd, unaligned) == (approx(400.0), approx(600.0), approx(1.1))
+        assert (rs, rd, unaligned, gbps) == (approx(400.0), approx(600.0), approx(1.1), approx(merge_gbps))
     old = [{k: v for k, v in r.items() if k != "dense_consecutive"} for r in rows]
     assert cal.fit_problems(old, D, sms)[2] == 0.0
+    unmerged = [{k: v for k, v in r.items() if k != "merge"} for r in rows if r["merge"] == "0"]
+    assert cal.fit_problems(unmerged, D, sms)[6] is None and cal.fit_problems(unmerged, D, sms)[3] == approx(400.0)
     # Waves the fit does not know of: the model no longer fits exactly.
     assert cal.fit_problems(rows, D)[4] != approx(600.0)
 

@@ -423,7 +423,7 @@ def test_cost_model_json_round_trip_and_errors(tmp_path):
         assert default.tflops(density=d, fine_grained=True) == pytest.approx(t)
     path = tmp_path / "cm.json"
     m = model(block_tflops=[[0.1, 200.0], [0.5, 400.0]], dense_tflops=600.0, mixed_overhead_us=900.0, dense_unaligned=1.1,
-              dense_sms=132)
+              dense_sms=132, merge_gbps=1200.0)
     m.to_json(path, device="test")
     assert CostModel.from_json(path) == m and json.loads(path.read_text())["device"] == "test"
     assert m.tflops(density=0.3, fine_grained=False) == pytest.approx(300.0)  # linear in between
@@ -467,6 +467,37 @@ def test_cost_model_against_hand_formulas():
     big = Plan.identity(ulysses=1, ring=16, heads=4, q_block=64, seq_len=64 * 16)
     slow = model(call_overhead_us=0.0).predict(big.with_tile_work(torch.zeros(1, 4, 16, 16, dtype=torch.int32)), head_dim=D)
     assert slow.ring_ms == pytest.approx(1e3 * 15 * (5e-6 + 2 * 64 * 4 * D * 2 / 10e9))
+
+
+def test_ring_merges_cost_their_bytes_after_each_ranks_first_step():
+    """With merge_gbps, every ring step with work after the rank's first adds 4 B Lq H (3 D + 3)
+    bytes at that speed to the rank's compute; without it (or at R = 1) merges cost nothing."""
+    D, S, B = 128, 500, 2  # 8 blocks of 64, the last partial: ring chunks of 256 and 244 tokens
+    work = torch.cat([random_work(4, 8, seed=6), random_work(4, 8, seed=7)])
+    work[:, 0, :4, :4] = 0  # head 0 on ring rank 0: nothing at step 0 (its own chunk)
+    plan = Plan.identity(ulysses=2, ring=2, heads=4, q_block=64, seq_len=S).with_tile_work(work)
+    W = plan.tile_work
+    assert W[0, 0, 0] > 0  # head 1 keeps group 0's rank 0 busy at step 0
+    work[:, 1, :4, :4] = 0
+    empty_first = Plan.identity(ulysses=2, ring=2, heads=4, q_block=64, seq_len=S).with_tile_work(work)
+    assert empty_first.tile_work[0, 0, 0] == 0
+    toks = [256, 244]
+    for p in (plan, empty_first):
+        base = model().predict(p, head_dim=D, batch=B)
+        merged = model(merge_gbps=500.0).predict(p, head_dim=D, batch=B)
+        W = p.tile_work
+        for k in range(2):
+            for i in range(2):
+                steps = [int(W[k, i, (i + t) % 2]) > 0 for t in range(2)]
+                merges = sum(steps[1:]) if steps[0] else max(0, sum(steps) - 1)
+                heads = 2  # per rank
+                want = base.rank_compute_ms[k][i] + 1e3 * merges * 4 * B * toks[i] * heads * (3 * D + 3) / 500e9
+                assert merged.rank_compute_ms[k][i] == pytest.approx(want)
+        assert merged.ring_ms > base.ring_ms
+    one = make_plan(work, ulysses=2, ring=1, q_block=64, seq_len=S)
+    assert model(merge_gbps=500.0).predict(one, head_dim=D, batch=B) == model().predict(one, head_dim=D, batch=B)
+    with pytest.raises(ValueError, match="merge_gbps must be None or a finite number > 0"):
+        model(merge_gbps=0.0)
 
 
 def test_dense_heads_run_at_the_dense_rate():

@@ -111,6 +111,11 @@ class CostModel:
             ``n = batch x dense heads x ceil(q tokens / 128)`` query tiles in waves of this many, so a
             call's dense entries cost ``ceil(n / dense_sms) / (n / dense_sms)`` times more (a call of
             133 tiles takes two waves). Used with ``dense_tflops``. None: no wave model. Default: None.
+        merge_gbps: speed of the ring's merge, GB/s of the bytes it moves. Every ring step after a
+            rank's first step with work merges its partial output into the running one
+            (:func:`dbsp.dist.merge_attention_`): ``4 x batch x q tokens x heads x (3 D + 3)`` bytes
+            (float32 output and lse read and written, the step's read), on that rank's clock. None:
+            merges cost nothing (the model of calibrations that predate it). Default: None.
         source: where the numbers come from (free text; not compared).
     """
 
@@ -126,6 +131,7 @@ class CostModel:
     mixed_gather_us: float = 0.0
     dense_unaligned: float = 1.0
     dense_sms: int | None = None
+    merge_gbps: float | None = None
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +156,9 @@ class CostModel:
             raise ValueError(f"dense_unaligned must be a finite number >= 1, got {f!r}")
         if self.dense_sms is not None:
             check_positive_int("dense_sms", self.dense_sms)
+        g = self.merge_gbps
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0):
+            raise ValueError(f"merge_gbps must be None or a finite number > 0, got {g!r}")
 
     # ------------------------------------------------------------------ loading
 
@@ -169,7 +178,7 @@ class CostModel:
         return cls(**{f: data[f] for f in cls._FIELDS}, dense_tflops=data.get("dense_tflops"),
                    mixed_overhead_us=data.get("mixed_overhead_us", 0.0), mixed_gather_us=data.get("mixed_gather_us", 0.0),
                    dense_unaligned=data.get("dense_unaligned", 1.0), dense_sms=data.get("dense_sms"),
-                   source=str(data.get("source", path)))
+                   merge_gbps=data.get("merge_gbps"), source=str(data.get("source", path)))
 
     @classmethod
     def default(cls) -> "CostModel":
@@ -186,6 +195,8 @@ class CostModel:
             data["dense_unaligned"] = self.dense_unaligned
             if self.dense_sms is not None:
                 data["dense_sms"] = self.dense_sms
+        if self.merge_gbps is not None:
+            data["merge_gbps"] = self.merge_gbps
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
     # ------------------------------------------------------------------ prediction
@@ -233,6 +244,15 @@ class CostModel:
         q, kv = (t.astype(np.float64) for t in plan._chunk_tokens)  # (U, R) tokens of each rank's chunks
         out = (batch * counts)[:, None, None] * (q[:, :, None] * kv[:, None, :])
         return out, counts, consecutive
+
+    def _merges(self, D: np.ndarray, plan: Plan, head_dim: int, batch: int) -> np.ndarray:
+        """``(U, R, R)`` seconds of the ring's merges: at each step with work (``D[k, i, t] > 0``)
+        after the rank's first, its running output and lse merge with the step's (class doc)."""
+        work = D > 0
+        merging = work & (np.cumsum(work, axis=2) > 1)
+        heads = np.array(plan.heads_per_rank, dtype=np.float64)[:, None]  # (U, 1)
+        nbytes = 4.0 * batch * plan._chunk_tokens[0].astype(np.float64) * heads * (3 * head_dim + 3)  # (U, R)
+        return np.where(merging, (nbytes / (self.merge_gbps * 1e9))[:, :, None], 0.0)
 
     def _bandwidth(self, group: int, span: int) -> float:
         """Bytes/s of a group of ``group`` ranks spread over ``span`` consecutive global ranks."""
@@ -296,6 +316,8 @@ class CostModel:
             extra = self.mixed_overhead_us + np.where(consecutive, 0.0, self.mixed_gather_us)
             overhead = overhead + np.where(mixed, extra * 1e-6, 0.0)[:, None, None]
         compute = np.where(D > 0, overhead + _steps(seconds), 0.0)
+        if R > 1 and self.merge_gbps is not None:
+            compute = compute + self._merges(D, plan, head_dim, batch)
         lat = self.comm_latency_us * 1e-6
         heads_k = np.array(plan.heads_per_rank, dtype=np.float64)
         ring_bw = self._bandwidth(R, U * R)
