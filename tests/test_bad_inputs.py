@@ -216,7 +216,27 @@ CASES = [
     Case("top_p outside (0, 1]", "predict_mask(q, k, top_p=0.0)",
          lambda: __import__("dbsp.predict", fromlist=["predict_mask"]).predict_mask(*qkv()[:2], q_block=16, kv_tile=16, top_p=0.0),
          ValueError, r"top_p must lie in \(0, 1\], got 0.0"),
+    # The ring's in-place merge (dbsp.dist.merge_attention_).
+    Case("merge parts of different shapes", "merge_attention_(out, lse, out_b[:, :-1], lse_b)",
+         lambda: merge_into_parts(cut=True), ValueError,
+         r"merge_attention_ needs out and out_b of one shape \(B, L, H, D\) and lse, lse_b of \(B, H, L\); got \(1, 40, 2, 16\), "
+         r"\(1, 2, 40\), \(1, 39, 2, 16\), \(1, 2, 40\)"),
+    Case("merge into a running result that cannot hold it", "merge_attention_(out.bfloat16(), lse, out_b, lse_b)",
+         lambda: merge_into_parts(running=torch.bfloat16), TypeError,
+         r"merge_attention_ writes into out and lse, which must be torch.float32 to hold the merge of torch.bfloat16 and "
+         r"torch.float32 parts; got out torch.bfloat16, lse torch.float32"),
+    Case("merge parts on different devices", "merge_attention_(out, lse, out_b.to('meta'), lse_b)",
+         lambda: merge_into_parts(meta=True), ValueError, r"merge_attention_ needs all four tensors on one device"),
 ]
+
+
+def merge_into_parts(*, cut=False, running=torch.float32, meta=False):
+    from dbsp.dist import merge_attention_
+
+    out, out_b = (torch.zeros(1, 40, 2, 16) for _ in range(2))
+    lse, lse_b = torch.zeros(1, 2, 40), torch.zeros(1, 2, 40)
+    out_b = out_b[:, :-1] if cut else out_b.to("meta") if meta else out_b
+    return merge_attention_(out.to(running), lse, out_b, lse_b)
 
 KINDS = [c.kind for c in CASES]
 

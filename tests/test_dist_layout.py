@@ -17,7 +17,7 @@ from dbsp.dist.layout import (
     sub_masks,
     token_exchange,
 )
-from harness import random_mask, token_mask
+from harness import build_for_hopper, random_mask, token_mask
 
 
 def test_shard_sizes_match_tensor_split():
@@ -162,25 +162,28 @@ def _two_parts(B, S, H, D, *, dtype=torch.float32, seed=0):
     for d in (part_a, dense & ~part_a):
         o, l = reference_attention(q, k, v, SparseMask.from_dense(d, **sizes))
         o = torch.where(torch.isinf(l).transpose(1, 2)[..., None], float("nan"), o)  # never to be read
-        parts.append((o.to(dtype), l.float()))
+        parts.append((o.to(dtype).contiguous(), l.float()))
     return parts, reference_attention(q, k, v, SparseMask.from_dense(dense, **sizes))
 
 
-@pytest.mark.parametrize("b_dtype, transposed", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, True)])
+@pytest.mark.parametrize("b_dtype, transposed", [(torch.float32, ""), (torch.float32, "b"), (torch.bfloat16, "ab")])
 def test_merge_kernel_matches_merge_attention(b_dtype, transposed):
     """The one-pass Triton merge (interpreter on CPU) equals merge_attention to float32 rounding
     and the union's attention: empty rows give 0 and -inf, NaN in an empty part is never read,
-    part B may be a strided view (cuDNN's output layout) in a lower precision."""
+    either part may be a strided view (cuDNN's output layout; the ring's running result starts as
+    its first step's output), part B in a lower precision."""
     from dbsp.kernels.merge import merge_into
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, S, H, D = 2, 37, 3, 24  # D not a power of two; 37 tokens: a partial last block
     ((out_a, lse_a), (out_b, lse_b)), (ref, ref_lse) = _two_parts(B, S, H, D)
     out_b = out_b.to(b_dtype)
-    if transposed:
-        out_b = out_b.transpose(1, 2).contiguous().transpose(1, 2)
+    heads_outer = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731  (B, H, L, D) memory
+    out_a = heads_outer(out_a) if "a" in transposed else out_a
+    out_b = heads_outer(out_b) if "b" in transposed else out_b
     want, want_lse = merge_attention(out_a, lse_a, out_b, lse_b)
     out, lse = out_a.to(dev), lse_a.to(dev)
+    assert out.is_contiguous() != ("a" in transposed)
     merge_into(out, lse, out_b.to(dev), lse_b.to(dev), block_rows=4)
     out, lse = out.cpu(), lse.cpu()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -191,6 +194,29 @@ def test_merge_kernel_matches_merge_attention(b_dtype, transposed):
     tol = 1e-2 if b_dtype == torch.bfloat16 else 1e-5
     assert torch.allclose(out.double(), ref, atol=tol) and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     assert torch.equal(out[:, :8], torch.zeros_like(out[:, :8]))  # block 0: empty in both parts
+
+
+_MERGE_CUBIN = """
+import triton
+from triton.compiler import ASTSource
+from dbsp.kernels import merge as M
+
+n = 0
+for b_type in ("*fp32", "*bf16", "*fp16"):
+    for ints in ("i32", "i64"):  # Triton passes ints past 2**31 (rows, strides of big outputs) as i64
+        types = {"out_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": b_type, "l_ptr": "*fp32"}
+        sig = {a: "constexpr" if a in ("TINY", "BLOCK_R", "BLOCK_D") else types.get(a, ints) for a in M._merge_kernel.arg_names}
+        src = ASTSource(M._merge_kernel, sig, constexprs=dict(TINY=M._TINY, BLOCK_R=16, BLOCK_D=128))
+        assert triton.compile(src, target=_target).asm["cubin"]
+        n += 1
+print(n)
+"""
+
+
+def test_merge_kernel_compiles_to_an_sm90_binary():
+    """The merge kernel goes through Triton's whole pipeline to an sm_90 binary on the CPU (the
+    interpreter checks no types): float32, bfloat16 and float16 parts, 32- and 64-bit sizes."""
+    assert build_for_hopper(_MERGE_CUBIN).split()[-1] == "6"
 
 
 def test_merge_attention_in_place_equals_merge_attention():

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbsp import SparseMask, reference_attention, sparse_attention
-from dbsp.dist import merge_attention
+from dbsp.dist import merge_attention, merge_attention_
 from dbsp.dist.layout import block_token_ids, sub_masks
 from dbsp.plan import PlanCache, Plan, choose_degrees, imbalance_ratio, make_plan, tile_work
 from harness import assert_lowp_close, max_abs_err, sdpa_oracle, token_mask
@@ -358,6 +358,19 @@ def test_merge_attention_of_disjoint_parts_is_exact(case):
     ref, ref_lse = reference_attention(q, k, v, mask)
     assert max_abs_err(out, ref) < 1e-12 and max_abs_err(lse, ref_lse) < 1e-12
     assert not bool(torch.isnan(out).any())
+    # In place, the same bits; the one-pass kernel on float32 parts, the same to float32 rounding.
+    running = (out_a.clone(), lse_a.to(out_a.dtype).clone())
+    got = merge_attention_(*running, out_b, lse_b)
+    assert got[0] is running[0] and got[1] is running[1]
+    assert torch.equal(running[0], out) and torch.equal(running[1], lse)
+    from dbsp.kernels.merge import merge_into
+
+    f32 = out_a.float(), lse_a.float(), out_b.float(), lse_b.float()
+    want, want_lse = merge_attention(*f32)
+    merge_into(*f32)
+    assert max_abs_err(f32[0], want) < 1e-5 and torch.equal(torch.isneginf(f32[1]), torch.isneginf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert max_abs_err(f32[1][finite], want_lse[finite]) < 1e-5
 
 
 # ---------------------------------------------------------------------------------- planner
