@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# The ring's one-pass merge on the GPU: its tests (native Triton), bench_merge.py (PyTorch merge vs
-# the kernel, and one U1R8 ring rank's steps with each), then the 8-rank emulation, which now times
-# every ring step with its merge (run_gpu_sp_regional.sh; REPEATS, T_EMU as there). Results under $OUT.
+# The ring's one-pass merge on the GPU, in one call (~7-8 min on an H100):
+#  1. its tests (native Triton) and bench_merge.py (PyTorch merge vs the kernel; one U1R8 ring rank);
+#  2. the 8-rank emulation, which times every ring step with its merge (REPEATS rounds, default 11),
+#     planned with the shipped calibration;
+#  3. calibrate_cost_model.py on that run's problems (merge_gbps fitted) -> $OUT/cost_model_merge.json;
+#  4. the emulation again (REPEATS2 rounds, default 7), planned and predicted with that calibration.
+# Results under $OUT (8 files).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 {
   timeout 180 python3 -m pytest -q tests/test_dist_layout.py -k merge 2>&1 | tail -4
   echo "tests rc ${PIPESTATUS[0]}"
-  timeout 180 python3 benchmarks/bench_merge.py --out $OUT/merge 2>&1
+  timeout 120 python3 benchmarks/bench_merge.py --out $OUT 2>&1
   echo "bench_merge rc $?"
 } > $OUT/merge.log
 cat $OUT/merge.log
-bash benchmarks/run_gpu_sp_regional.sh
-rm -f $OUT/sp/sp_speedup.png
+timeout ${T_EMU:-270} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --repeats ${REPEATS:-11} --out $OUT/sp > $OUT/sp_emulated8.log 2>&1
+echo "emulation rc $?"
+grep -E "best fixed|speedup|target|agrees|deviation|noise" $OUT/sp_emulated8.log
+python3 benchmarks/calibrate_cost_model.py --problems $OUT/sp/sp_problems.csv --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+  --out $OUT/cost_model_merge.json 2>&1 | tail -2
+timeout ${T_EMU2:-200} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --repeats ${REPEATS2:-7} --cost-model $OUT/cost_model_merge.json \
+  --out /tmp/sp_merge_cm > $OUT/sp_emulated8_merge_cm.log 2>&1
+echo "emulation with the refit rc $?"
+grep -E "best fixed|speedup|target|agrees|deviation|noise" $OUT/sp_emulated8_merge_cm.log
+mv $OUT/sp/sp.csv $OUT/sp/sp_problems.csv $OUT/sp/sp_ranks.csv $OUT/ 2>/dev/null
+rm -rf $OUT/sp
