@@ -5,7 +5,8 @@
 Shapes: one rank's running output under each ring layout of 8 ranks at Wan2.1-14B 720p (40 heads,
 75,600 tokens, D 128): U1R8 (9,450 tokens x 40 heads), U2R4 (18,900 x 20), U4R2 (37,800 x 10).
 Part B is float32, either contiguous (the kernel's output) or a transposed view (cuDNN's layout
-for dense heads). Each variant is timed with ``triton.testing.do_bench`` (L2 flushed between
+for dense heads). The kernel runs at its shipped rows per program (``merge.BLOCK_ROWS``) and at
+the others of ``SWEEP_ROWS``. Each variant is timed with ``triton.testing.do_bench`` (L2 flushed between
 calls), in ``--rounds`` rounds of a fresh random order (median); the kernel's result is checked
 against PyTorch's. Also times one ring rank's whole local work at U1R8 (8 steps of
 ``sparse_attention`` at 64x64 density 0.3 with float32 output and lse, plus the 7 merges), with
@@ -25,9 +26,12 @@ from triton.testing import do_bench
 
 from dbsp import SparseMask, sparse_attention
 from dbsp.dist import merge_attention, merge_attention_
+from dbsp.kernels import merge
 
 LAYOUTS = {"U1R8": (9450, 40), "U2R4": (18900, 20), "U4R2": (37800, 10)}
 RING_RANK = (9450, 40, 8)  # one U1R8 rank: query tokens, heads, ring steps
+SWEEP_ROWS = (4, 8, 16, 32, 64)
+DEVICE = "cuda"
 
 
 def parts(L: int, H: int, D: int, *, transposed: bool, device, seed: int = 0):
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_merge.py times CUDA kernels; no GPU here")
-    dev, D = torch.device("cuda"), 128
+    dev, D = torch.device(DEVICE), 128
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}", flush=True)
     rows = []
     for name, (L, H) in LAYOUTS.items():
@@ -64,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             acc, acc_lse = out.clone(), lse.clone()  # merging into it again and again is fine for timing
             variants = {
                 "torch": lambda: merge_attention(out, lse, o, lb),
-                "kernel": lambda: merge_attention_(acc, acc_lse, o, lb),
+                f"kernel r{merge.BLOCK_ROWS}": lambda: merge_attention_(acc, acc_lse, o, lb),
             }
+            for rows_per in SWEEP_ROWS:  # the kernel's rows per program, against the shipped setting
+                if rows_per != merge.BLOCK_ROWS:
+                    variants[f"kernel r{rows_per}"] = lambda n=rows_per: merge.merge_into(acc, acc_lse, o, lb, block_rows=n)
             samples = {v: [] for v in variants}
             for _ in range(args.rounds):
                 for v in random.sample(list(variants), len(variants)):
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 ms = statistics.median(xs)
                 rows.append(dict(what="merge", layout=name, part_b="transposed" if transposed else "contiguous",
                                  variant=v, ms=round(ms, 4), gbps=round(moved / ms / 1e6, 1), max_err=f"{err:.1e}"))
-                print(f"  merge {name} ({L} x {H} heads), part B {rows[-1]['part_b']:<10}: {v:<6} {ms:7.3f} ms "
+                print(f"  merge {name} ({L} x {H} heads), part B {rows[-1]['part_b']:<10}: {v:<10} {ms:7.3f} ms "
                       f"({rows[-1]['gbps']:7.1f} GB/s of the kernel's bytes)", flush=True)
     rows += ring_rank(dev, D, args)
     path = Path(args.out)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The ring's one-pass merge on the GPU, in one call (~7-8 min on an H100):
 #  1. its tests (native Triton) and bench_merge.py (PyTorch merge vs the kernel; one U1R8 ring rank);
+#     profile_slicing.py (what a call spends cutting a new mask into local masks);
 #  2. the 8-rank emulation, which times every ring step with its merge (REPEATS rounds, default 11),
 #     planned with the shipped calibration;
 #  3. calibrate_cost_model.py on that run's problems (merge_gbps fitted) -> $OUT/cost_model_merge.json;
@@ -13,6 +14,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
   echo "tests rc ${PIPESTATUS[0]}"
   timeout 120 python3 benchmarks/bench_merge.py --out $OUT 2>&1
   echo "bench_merge rc $?"
+  timeout 90 python3 benchmarks/profile_slicing.py --heads 40 2>&1
+  echo "profile_slicing rc $?"
 } > $OUT/merge.log
 cat $OUT/merge.log
 timeout ${T_EMU:-270} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --repeats ${REPEATS:-11} --out $OUT/sp > $OUT/sp_emulated8.log 2>&1

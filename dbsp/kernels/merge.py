@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 _TINY = torch.finfo(torch.float32).tiny
+BLOCK_ROWS = 16
+"""Rows per program (not yet tuned on a GPU: ``benchmarks/bench_merge.py`` sweeps it)."""
 
 
 @triton.jit
@@ -59,17 +61,19 @@ def _merge_kernel(
     tl.store(a_at, m + tl.log(total), mask=live)
 
 
-def merge_into(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor, *, block_rows: int = 16) -> None:
+def merge_into(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor, *, block_rows: int | None = None) -> None:
     """Merge ``(o, l)`` into ``(out, lse)`` in place (module docstring).
 
     ``out`` ``(B, L, H, D)`` and ``lse`` ``(B, H, L)`` are float32 and writable; ``o`` has the
     same shape in any floating dtype, ``l`` the lse's shape. The caller checks shapes and devices
-    (:func:`dbsp.dist.merge_attention_` does).
+    (:func:`dbsp.dist.merge_attention_` does). ``block_rows``: rows per program, a power of two
+    (default :data:`BLOCK_ROWS`).
     """
     B, L, H, D = out.shape
     rows = B * L * H
     if rows == 0:
         return
+    block_rows = BLOCK_ROWS if block_rows is None else block_rows
     block_d = triton.next_power_of_2(D)
     grid = (triton.cdiv(rows, block_rows),)
     _merge_kernel[grid](
