@@ -16,7 +16,6 @@ must move (out read and written, part B read, both lse read, lse written). Write
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import statistics
 from pathlib import Path
@@ -27,6 +26,8 @@ from triton.testing import do_bench
 from dbsp import SparseMask, sparse_attention
 from dbsp.dist import merge_attention, merge_attention_
 from dbsp.kernels import merge
+
+from bench_sp import write_csv
 
 LAYOUTS = {"U1R8": (9450, 40), "U2R4": (18900, 20), "U4R2": (37800, 10)}
 RING_RANK = (9450, 40, 8)  # one U1R8 rank: query tokens, heads, ring steps
@@ -87,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += ring_rank(dev, D, args)
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / "merge.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path / "merge.csv", rows)
     print(f"wrote {path / 'merge.csv'}")
     return 0
 

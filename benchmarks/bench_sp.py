@@ -556,9 +556,9 @@ def run_emulate(args) -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "sp.csv", rows)
-    _write_csv(out / "sp_ranks.csv", rank_rows)
-    _write_csv(out / "sp_problems.csv", problems)
+    write_csv(out / "sp.csv", rows)
+    write_csv(out / "sp_ranks.csv", rank_rows)
+    write_csv(out / "sp_problems.csv", problems)
     torch.save(tiles, out / "sp_tiles.pt")
     _summarise(rows, results, args, out)
     return 0
@@ -574,7 +574,8 @@ def _tile_record(kind: str, layer: int, cfg: Config, mask: SparseMask, tiled: Pl
                 exchange_ms=em.exchange_ms, ring_ms=em.ring_ms, total_ms=em.total_ms)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a CSV with the first row's keys as the header (nothing written for no rows)."""
     if not rows:
         return
     with open(path, "w", newline="") as f:
@@ -865,10 +866,10 @@ def run_real(args) -> int:
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_csv(out / "sp_real.csv", rows)
-        _write_csv(out / "sp_real_ranks.csv", rank_rows)
-        _write_csv(out / "sp_real_comm.csv", comm)
-        _write_csv(out / "sp_real_problems.csv", [dict(rank=r, **p) for r, ps in enumerate(gathered) for p in ps])
+        write_csv(out / "sp_real.csv", rows)
+        write_csv(out / "sp_real_ranks.csv", rank_rows)
+        write_csv(out / "sp_real_comm.csv", comm)
+        write_csv(out / "sp_real_problems.csv", [dict(rank=r, **p) for r, ps in enumerate(gathered) for p in ps])
         _summarise_real(rows, P, name, cuda)
         print(f"wrote sp_real.csv, sp_real_ranks.csv, sp_real_comm.csv, sp_real_problems.csv to {out}")
     dist.destroy_process_group()

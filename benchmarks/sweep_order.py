@@ -21,7 +21,6 @@ units on 264 slots: 132 SMs x 2 programs), the tail this predicts. Writes ``orde
 from __future__ import annotations
 
 import argparse
-import csv
 import heapq
 import random
 import statistics
@@ -33,7 +32,7 @@ from dbsp.attention import _schedule, _triton
 from dbsp.predict import predict_mask
 from dbsp.video import get_shape, make_workload
 
-from bench_sp import WORKLOADS, call_ms
+from bench_sp import WORKLOADS, call_ms, write_csv
 
 SLOTS, PROGRAM_COST = 264, 2.0
 
@@ -123,10 +122,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "order.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows_out[0]))
-            writer.writeheader()
-            writer.writerows(rows_out)
+        write_csv(out / "order.csv", rows_out)
 
 
 if __name__ == "__main__":
