@@ -203,8 +203,9 @@ def merge_attention_(
                         f"{out.dtype} and {out_b.dtype} parts; got out {out.dtype}, lse {lse.dtype}")
     if len({t.device for t in (out, lse, out_b, lse_b)}) != 1:
         raise ValueError("merge_attention_ needs all four tensors on one device")
-    if out.is_cuda and dtype == torch.float32 and lse_b.dtype == torch.float32 and _merge_kernel() is not None:
-        _merge_kernel()(out, lse, out_b, lse_b)
+    kernel = _triton_merge() if out.is_cuda and dtype == torch.float32 and lse_b.dtype == torch.float32 else None
+    if kernel is not None:
+        kernel(out, lse, out_b, lse_b)
         return out, lse
     merged, merged_lse = merge_attention(out, lse, out_b, lse_b)
     out.copy_(merged)
@@ -212,7 +213,7 @@ def merge_attention_(
     return out, lse
 
 
-def _merge_kernel():
+def _triton_merge():
     """:func:`dbsp.kernels.merge.merge_into`, or None without Triton."""
     try:
         from ..kernels.merge import merge_into
