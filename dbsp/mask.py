@@ -507,10 +507,12 @@ def _offsets_from_counts(counts: torch.Tensor, B: int, H: int, mq: int) -> torch
     return flat[gather].reshape(B, H, mq + 1)
 
 
-def _segments(start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
-    """Concatenated ``arange(start[i], stop[i])`` for all i, without a Python loop."""
+def _segments(start: torch.Tensor, stop: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Concatenated ``arange(start[i], stop[i])`` for all i, without a Python loop. ``total``: the
+    sum of the lengths where the caller knows it (read from the device here otherwise, the call's
+    one device read)."""
     lengths = stop - start
-    total = int(lengths.sum())
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=start.device), lengths)
+    total = int(lengths.sum()) if total is None else total
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=start.device), lengths, output_size=total)
     first = torch.cumsum(lengths, 0) - lengths
     return torch.arange(total, device=start.device) - first[seg] + start[seg]

@@ -98,6 +98,33 @@ def test_sub_masks_equal_the_token_picture(S, kv_tile):
             assert torch.equal(token_mask(sub), expected)
 
 
+def test_sub_masks_read_the_device_twice_and_match_without_nonzero_static(monkeypatch):
+    """sub_masks sizes its variable-length results from two reads (the rows' entry total and the
+    groups' sizes): no nonzero or bincount, each a device read on CUDA, at any ring degree. Where
+    torch has no nonzero_static kernel it falls back to nonzero, with the same sub-masks."""
+    S, M, R = 200, 16, 8
+    rng = random.Random(7)
+    mask = random_mask(1, 3, S, S, q_block=M, kv_tile=4, density=0.4)
+    nb = -(-S // M)
+    kv_groups, q_blocks = _random_partition(nb, R, rng), sorted(rng.sample(range(nb), 6))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        subs = sub_masks(mask, q_blocks, kv_groups)
+    ops = [e.name for e in prof.events()]
+    assert ops.count("aten::nonzero") == ops.count("aten::bincount") == 0
+    # One scalar read of the entries' total, one of the host-side owner check (never on the device).
+    assert ops.count("aten::_local_scalar_dense") == 2
+    assert sum(s is not None for s in subs) >= 2
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::nonzero_static' with arguments from the 'CUDA' backend")
+
+    monkeypatch.setattr(torch, "nonzero_static", missing)
+    for got, want in zip(sub_masks(mask, q_blocks, kv_groups), subs):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(got.offsets, want.offsets) and torch.equal(got.indices, want.indices)
+
+
 def test_sub_masks_with_all_blocks_is_the_mask_itself():
     mask = random_mask(1, 2, 50, 50, q_block=8, kv_tile=2)
     (sub,) = sub_masks(mask, list(range(7)), [list(range(7))])

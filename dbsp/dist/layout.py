@@ -243,8 +243,11 @@ def sub_masks(
     start = mask.offsets[:, :, rows].reshape(-1)  # (B * H * nq,)
     stop = mask.offsets[:, :, rows + 1].reshape(-1)
     counts = stop - start
-    tiles = mask.indices[_segments(start, stop)].to(torch.int64)  # entries of the selected rows, row-major
-    row_of = torch.repeat_interleave(torch.arange(B * H * nq, device=dev), counts)
+    # Two device reads in all (this total, and the groups' sizes below): the other variable-size
+    # results are sized by them, so the device's queue never drains in between.
+    total = int(counts.sum())
+    tiles = mask.indices[_segments(start, stop, total)].to(torch.int64)  # entries of the selected rows, row-major
+    row_of = torch.repeat_interleave(torch.arange(B * H * nq, device=dev), counts, output_size=total)
     owner = torch.full((mask.num_kv_blocks,), -1, dtype=torch.int64)
     local = torch.zeros(mask.num_kv_blocks, dtype=torch.int64)
     for g, blocks in enumerate(kv_groups):
@@ -257,14 +260,15 @@ def sub_masks(
     entry_owner = owner.to(dev)[kb]
     # Local key blocks keep their order, so local tile ids stay sorted within each row.
     entry_tile = local.to(dev)[kb] * per + tiles % per
-    per_group = torch.bincount(entry_owner, minlength=n_groups).tolist()
+    per_group = torch.zeros(n_groups, dtype=torch.int64, device=dev).index_add_(0, entry_owner, torch.ones_like(entry_owner))
+    per_group = per_group.tolist()
     out: list[SparseMask | None] = []
     for g in range(n_groups):
         if per_group[g] == 0 or seq_kv[g] == 0:
             out.append(None)
             continue
-        sel = entry_owner == g
-        row_counts = torch.bincount(row_of[sel], minlength=B * H * nq)
+        sel = _where_true(entry_owner == g, per_group[g])  # row-major, as the entries are
+        row_counts = torch.zeros(B * H * nq, dtype=torch.int64, device=dev).index_add_(0, row_of[sel], torch.ones_like(sel))
         out.append(
             SparseMask._unchecked(
                 _offsets_from_counts(row_counts, B, H, nq),
@@ -276,6 +280,15 @@ def sub_masks(
             )
         )
     return out
+
+
+def _where_true(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` true entries of the 1-D ``flags``, ascending, without a device read
+    where torch can (``nonzero_static``; torch builds without its CUDA kernel use ``nonzero``)."""
+    try:
+        return torch.nonzero_static(flags, size=count).reshape(-1)
+    except NotImplementedError:
+        return torch.nonzero(flags).reshape(-1)
 
 
 @dataclass(frozen=True, eq=False)
