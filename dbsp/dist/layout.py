@@ -260,15 +260,15 @@ def sub_masks(
     entry_owner = owner.to(dev)[kb]
     # Local key blocks keep their order, so local tile ids stay sorted within each row.
     entry_tile = local.to(dev)[kb] * per + tiles % per
-    per_group = torch.zeros(n_groups, dtype=torch.int64, device=dev).index_add_(0, entry_owner, torch.ones_like(entry_owner))
-    per_group = per_group.tolist()
+    ones = torch.ones_like(entry_owner)
+    per_group = torch.zeros(n_groups, dtype=torch.int64, device=dev).index_add_(0, entry_owner, ones).tolist()
     out: list[SparseMask | None] = []
     for g in range(n_groups):
         if per_group[g] == 0 or seq_kv[g] == 0:
             out.append(None)
             continue
         sel = _where_true(entry_owner == g, per_group[g])  # row-major, as the entries are
-        row_counts = torch.zeros(B * H * nq, dtype=torch.int64, device=dev).index_add_(0, row_of[sel], torch.ones_like(sel))
+        row_counts = torch.zeros(B * H * nq, dtype=torch.int64, device=dev).index_add_(0, row_of[sel], ones[: sel.numel()])
         out.append(
             SparseMask._unchecked(
                 _offsets_from_counts(row_counts, B, H, nq),
