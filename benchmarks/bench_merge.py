@@ -26,6 +26,7 @@ from triton.testing import do_bench
 from dbsp import SparseMask, sparse_attention
 from dbsp.dist import merge_attention, merge_attention_
 from dbsp.kernels import merge
+from dbsp.plan import CostModel
 
 from bench_sp import write_csv
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for v in random.sample(list(variants), len(variants)):
                     samples[v].append(do_bench(variants[v], rep=args.repeats))
-            moved = 4 * (3 * out.numel() + 3 * lse.numel())
+            moved = CostModel.merge_bytes(1, L, H, D)
             for v, xs in samples.items():
                 ms = statistics.median(xs)
                 rows.append(dict(what="merge", layout=name, part_b="transposed" if transposed else "contiguous",

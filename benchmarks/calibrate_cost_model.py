@@ -79,7 +79,7 @@ def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None
     sparse entries / r_s + dense entries * waves / r_d * (1 + u * [key length not a multiple of
     128]) + [merge] * merge bytes / b_m``, fitted in relative error with non-negative terms; the
     factor is ``1 + u``. ``waves`` is :meth:`CostModel.dense_waves` of the call's dense query tiles
-    on ``sms`` SMs (1 for None). Merge bytes: ``4 x batch x q tokens x heads x (3 D + 3)``; GB/s is
+    on ``sms`` SMs (1 for None). Merge bytes: :meth:`CostModel.merge_bytes`; GB/s is
     None without merging rows (or when the fit drops the term).
     """
     block = [r for r in rows if r["kv_tile"] == r["q_block"] and "dense_entries" in r]
@@ -98,8 +98,8 @@ def fit_problems(rows: list[dict], head_dim: int, sms: int | None = None
     # Older CSVs lack the column: every mixed call then counts as consecutive (no gather term).
     scattered = mixed * np.array([r.get("dense_consecutive", "1") in ("0", 0) for r in block], dtype=np.float64)
     unaligned = np.array([int(r["kv_tokens"]) % 128 != 0 for r in block], dtype=np.float64)
-    merges = np.array([int(r.get("merge", 0)) * 4.0 * int(r.get("batch", 1)) * int(r["q_tokens"]) * int(r["heads"])
-                       * (3 * head_dim + 3) for r in block])
+    merges = np.array([int(r.get("merge", 0)) * CostModel.merge_bytes(int(r.get("batch", 1)), int(r["q_tokens"]),
+                                                                       int(r["heads"]), head_dim) for r in block])
     A = np.stack([np.ones_like(y), mixed, sparse, dense, dense * unaligned, scattered, merges], axis=1)
     coef = _nonneg_lstsq(A / y[:, None], np.ones_like(y))  # minimises relative error
     if coef[2] <= 0 or coef[3] <= 0:

@@ -113,8 +113,7 @@ class CostModel:
             133 tiles takes two waves). Used with ``dense_tflops``. None: no wave model. Default: None.
         merge_gbps: speed of the ring's merge, GB/s of the bytes it moves. Every ring step after a
             rank's first step with work merges its partial output into the running one
-            (:func:`dbsp.dist.merge_attention_`): ``4 x batch x q tokens x heads x (3 D + 3)`` bytes
-            (float32 output and lse read and written, the step's read), on that rank's clock. None:
+            (:func:`dbsp.dist.merge_attention_`): :meth:`merge_bytes` bytes, on that rank's clock. None:
             merges cost nothing (the model of calibrations that predate it). Default: None.
         source: where the numbers come from (free text; not compared).
     """
@@ -245,13 +244,20 @@ class CostModel:
         out = (batch * counts)[:, None, None] * (q[:, :, None] * kv[:, None, :])
         return out, counts, consecutive
 
+    @staticmethod
+    def merge_bytes(batch, q_tokens, heads, head_dim: int):
+        """Bytes one ring merge moves (what ``merge_gbps`` is a speed of): the float32 running
+        output and lse read and written and the step's read, ``4 x batch x q tokens x heads x (3 D
+        + 3)``. Takes numbers or numpy arrays (elementwise)."""
+        return 4.0 * batch * np.asarray(q_tokens, dtype=np.float64) * heads * (3 * head_dim + 3)
+
     def _merges(self, D: np.ndarray, plan: Plan, head_dim: int, batch: int) -> np.ndarray:
         """``(U, R, R)`` seconds of the ring's merges: at each step with work (``D[k, i, t] > 0``)
         after the rank's first, its running output and lse merge with the step's (class doc)."""
         work = D > 0
         merging = work & (np.cumsum(work, axis=2) > 1)
         heads = np.array(plan.heads_per_rank, dtype=np.float64)[:, None]  # (U, 1)
-        nbytes = 4.0 * batch * plan._chunk_tokens[0].astype(np.float64) * heads * (3 * head_dim + 3)  # (U, R)
+        nbytes = self.merge_bytes(batch, plan._chunk_tokens[0], heads, head_dim)  # (U, R)
         return np.where(merging, (nbytes / (self.merge_gbps * 1e9))[:, :, None], 0.0)
 
     def _bandwidth(self, group: int, span: int) -> float:
