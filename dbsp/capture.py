@@ -212,10 +212,12 @@ class Capture:
 
     @property
     def layers(self) -> list[int]:
+        """Layer indices held, ascending."""
         return sorted({layer for layer, _ in self._parts})
 
     @property
     def steps(self) -> list[int]:
+        """Step indices held, ascending."""
         return sorted({step for _, step in self._parts})
 
     def get(self, layer: int, step: int, *, device: torch.device | str | None = None) -> CaptureEntry:

@@ -67,9 +67,11 @@ class WanConfig:
 
     @property
     def tokens(self) -> int:
+        """Video tokens: frames x height x width."""
         return self.frames * self.height * self.width
 
     def describe(self) -> str:
+        """One line naming the config's sizes."""
         return (
             f"{self.name}: {self.layers} blocks, {self.heads} heads x {self.head_dim}, ffn {self.ffn_dim}, "
             f"{self.frames}x{self.height}x{self.width} = {self.tokens} video tokens, {self.text_tokens} text tokens"
@@ -128,11 +130,13 @@ class RunResult:
     coverage: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (H, Mq, Mk) of the last step
 
     def to_numpy(self) -> dict:
+        """The result as numpy arrays and plain values (what the demo saves between runs)."""
         return {"latents": [x.numpy() for x in self.latents], "seconds": self.seconds, "records": self.records,
                 "coverage": {k: v.numpy() for k, v in self.coverage.items()}}
 
     @classmethod
     def from_numpy(cls, data: dict) -> "RunResult":
+        """The inverse of :meth:`to_numpy`."""
         return cls([torch.from_numpy(x) for x in data["latents"]], data["seconds"], data["records"],
                    {k: torch.from_numpy(v) for k, v in data["coverage"].items()})
 
@@ -402,6 +406,7 @@ def _dtype(args, device: torch.device) -> torch.dtype:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``python -m dbsp demo`` to ``parser``."""
     parser.add_argument("--model", choices=sorted(WAN_CONFIGS), default="tiny",
                         help="transformer config, random weights. Default: tiny (runs on CPU in well under 2 minutes)")
     parser.add_argument("--frames", type=int, default=None, help="latent-token grid override (after patchify)")
@@ -445,6 +450,7 @@ def _check_args(args) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run ``python -m dbsp demo`` with parsed ``args``; returns the exit status."""
     missing = [name for name in ("diffusers", "matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"the demo needs diffusers, matplotlib and tqdm (missing: {', '.join(missing)}); "

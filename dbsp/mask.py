@@ -176,10 +176,12 @@ class SparseMask:
 
     @property
     def batch(self) -> int:
+        """B, the batch size."""
         return self.offsets.shape[0]
 
     @property
     def heads(self) -> int:
+        """H, the number of heads."""
         return self.offsets.shape[1]
 
     @property
@@ -204,6 +206,7 @@ class SparseMask:
 
     @property
     def device(self) -> torch.device:
+        """The device of ``offsets`` and ``indices``."""
         return self.indices.device
 
     @property

@@ -31,6 +31,7 @@ def load_mask_or_work(path: Path) -> SparseMask | torch.Tensor:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``python -m dbsp plan`` to ``parser``."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--mask", type=Path, help="torch.save file: a work tensor or a dict of SparseMask fields")
     src.add_argument("--workload", help="a synthetic workload of dbsp.simulate instead, e.g. wan14b-720p")
@@ -47,6 +48,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run ``python -m dbsp plan`` with parsed ``args``; returns the exit status."""
     if args.mask is not None:
         source = load_mask_or_work(args.mask)
         w = _as_work(source, q_block=args.q_block, seq_len=args.seq_len)

@@ -921,6 +921,7 @@ class PredictorStats:
 
     @property
     def calls(self) -> int:
+        """All calls: dense + hits + misses."""
         return self.dense + self.hits + self.misses
 
     @property
@@ -995,6 +996,7 @@ class MaskPredictor:
 
     @property
     def stats(self) -> PredictorStats:
+        """Calls so far: dense steps, reuse hits and fresh predictions (misses)."""
         return PredictorStats(self._dense, self._hits, self._misses)
 
     def last_change(self, layer: Hashable = 0) -> float:

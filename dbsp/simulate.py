@@ -304,6 +304,7 @@ def plot(rows: list[SimRow], path: Path, *, title: str) -> None:
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``python -m dbsp simulate`` to ``parser``."""
     parser.add_argument("--workload", default="wan14b-720p", choices=sorted(WORKLOADS), help="Default: wan14b-720p")
     parser.add_argument("--gpus", type=_parse_gpus, default=_parse_gpus("8,16,...,1024"),
                         help="GPU counts: 8,16,32 or 8,16,...,1024 (doubling). Default: 8,16,...,1024")
@@ -315,6 +316,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Run ``python -m dbsp simulate`` with parsed ``args``: print the table, write CSV/PNG to ``--out``. Returns 0."""
     cost_model = CostModel.default() if args.cost_model is None else CostModel.from_json(args.cost_model)
     t0 = time.perf_counter()
     wl, work = workload_work(args.workload, seed=args.seed, step=args.step)

@@ -80,6 +80,7 @@ class VideoGeometry:
 
     @property
     def dims(self) -> tuple[int, int, int]:
+        """``(frames, height, width)`` of the latent token grid."""
         return (self.frames, self.height, self.width)
 
     def positions(self, *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -283,6 +284,7 @@ class TokenOrder:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the order permutes (the sequence length S)."""
         return self.perm.numel()
 
     def apply(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -371,18 +373,22 @@ class Workload:
 
     @property
     def batch(self) -> int:
+        """B."""
         return self.q.shape[0]
 
     @property
     def seq_len(self) -> int:
+        """S, video plus text tokens."""
         return self.q.shape[1]
 
     @property
     def heads(self) -> int:
+        """H."""
         return self.q.shape[2]
 
     @property
     def head_dim(self) -> int:
+        """D."""
         return self.q.shape[3]
 
     def __repr__(self) -> str:

@@ -180,6 +180,7 @@ class SPGroups(MeshPosition):
 
     @property
     def device_type(self) -> str:
+        """The mesh's device type (``"cuda"`` or ``"cpu"``)."""
         return self.mesh.device_type
 
     def device(self) -> torch.device:

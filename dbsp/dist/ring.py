@@ -57,6 +57,7 @@ class RingSpec:
 
     @property
     def ring(self) -> int:
+        """R, the ring degree (one key/value chunk per ring rank)."""
         return len(self.kv_lens)
 
     def chunk_at(self, step: int) -> int:

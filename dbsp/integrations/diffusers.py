@@ -337,18 +337,22 @@ class DbspHandle:
 
     @property
     def predictor(self):
+        """The mask source (as passed to :func:`apply`, or the default predictor)."""
         return self._state.policy
 
     @property
     def planner(self) -> PlanCache | None:
+        """The ``PlanCache`` (sequence parallel), or None."""
         return self._state.planner
 
     @property
     def groups(self):
+        """The ``SPGroups`` (or ``{(U, R): SPGroups}``), or None."""
         return self._state.groups
 
     @property
     def dense_steps(self) -> int:
+        """Denoising steps that run dense attention."""
         return self._state.dense_steps
 
     @property

@@ -567,6 +567,8 @@ class TritonPasses:
             k.stride(0), k.stride(1), k.stride(2))
 
     def stats(self, gs: int, ng: int):
+        """Pass 1 (as ``_TorchPasses.stats``): per group the max tile log-mass and the sum of
+        exp(log-mass - max), ``(R, ng)`` each."""
         assert (gs, ng) == (self.gs, self.ng), "group layout must match the kernels'"
         R = self.BH * self.mq
         gmax = torch.empty(R, ng, device=self.k.device, dtype=torch.float32)
@@ -592,6 +594,8 @@ class TritonPasses:
         return lse, theta
 
     def candidates(self, lse: torch.Tensor, theta: torch.Tensor, count: bool = True):
+        """Pass 2 (as ``_TorchPasses.candidates``): mass ``(R, T)`` and, with ``count`` (else None),
+        count ``(R, T)`` of tiles with log-mass >= ``theta``."""
         R, T = theta.shape
         mass = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.float32)
         cnt = torch.empty(R, self.nchunk, T, device=theta.device, dtype=torch.int32) if count else mass
