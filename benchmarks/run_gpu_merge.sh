@@ -5,7 +5,7 @@
 #  2. the 8-rank emulation, which times every ring step with its merge (REPEATS rounds, default 11),
 #     planned with the shipped calibration;
 #  3. calibrate_cost_model.py on that run's problems (merge_gbps fitted) -> $OUT/cost_model_merge.json;
-#  4. the emulation again (REPEATS2 rounds, default 7), planned and predicted with that calibration.
+#  4. the emulation again (REPEATS2 rounds, default 7; 0 skips it), planned and predicted with that calibration.
 # Results under $OUT (8 files).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -23,9 +23,11 @@ echo "emulation rc $?"
 grep -E "best fixed|speedup|target|agrees|deviation|noise" $OUT/sp_emulated8.log
 python3 benchmarks/calibrate_cost_model.py --problems $OUT/sp/sp_problems.csv --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
   --out $OUT/cost_model_merge.json 2>&1 | tail -2
-timeout ${T_EMU2:-200} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --repeats ${REPEATS2:-7} --cost-model $OUT/cost_model_merge.json \
-  --out /tmp/sp_merge_cm > $OUT/sp_emulated8_merge_cm.log 2>&1
-echo "emulation with the refit rc $?"
-grep -E "best fixed|speedup|target|agrees|deviation|noise" $OUT/sp_emulated8_merge_cm.log
+if [ "${REPEATS2:-7}" != 0 ]; then  # REPEATS2=0 skips it (rescore_sp.py re-predicts step 2's plans on CPU instead)
+  timeout ${T_EMU2:-200} python3 benchmarks/bench_sp.py --emulate 8 --layers 2 --repeats ${REPEATS2:-7} --cost-model $OUT/cost_model_merge.json \
+    --out /tmp/sp_merge_cm > $OUT/sp_emulated8_merge_cm.log 2>&1
+  echo "emulation with the refit rc $?"
+  grep -E "best fixed|speedup|target|agrees|deviation|noise" $OUT/sp_emulated8_merge_cm.log
+fi
 mv $OUT/sp/sp.csv $OUT/sp/sp_problems.csv $OUT/sp/sp_ranks.csv $OUT/ 2>/dev/null
 rm -rf $OUT/sp
