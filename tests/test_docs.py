@@ -31,7 +31,8 @@ def _undocumented(module_name: str) -> list[str]:
             continue  # constants, and what the module imports from elsewhere
         if obj.__module__ != module_name and getattr(module, "__all__", None) is None:
             continue  # checked where it is defined
-        if not (obj.__doc__ or "").strip():
+        doc = (obj.__doc__ or "").strip()
+        if not doc or (inspect.isclass(obj) and doc.startswith(f"{obj.__name__}(")):  # dataclasses write their signature
             missing.append(f"{module_name}.{name}")
         if inspect.isclass(obj):
             for attr, value in vars(obj).items():
