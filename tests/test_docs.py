@@ -24,12 +24,13 @@ def _public_modules() -> list[str]:
 def _undocumented(module_name: str) -> list[str]:
     module = importlib.import_module(module_name)
     missing = []
-    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+    exported = getattr(module, "__all__", None)
+    names = exported or [n for n in vars(module) if not n.startswith("_")]
     for name in names:
         obj = getattr(module, name)
         if not (inspect.isfunction(obj) or inspect.isclass(obj)) or not obj.__module__.startswith("dbsp"):
             continue  # constants, and what the module imports from elsewhere
-        if obj.__module__ != module_name and getattr(module, "__all__", None) is None:
+        if obj.__module__ != module_name and exported is None:
             continue  # checked where it is defined
         doc = (obj.__doc__ or "").strip()
         if not doc or (inspect.isclass(obj) and doc.startswith(f"{obj.__name__}(")):  # dataclasses write their signature
